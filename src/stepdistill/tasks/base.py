@@ -1,0 +1,81 @@
+"""The Task interface: everything the pipeline needs to know about one dataset.
+
+A task loads examples (from the hub, the paper's file layout or a user's file), formats the
+student input, builds the teacher's few-shot chain-of-thought prompt, parses a teacher
+completion into (rationale, label), and normalises and scores labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+LabelKind = Literal["classes", "choice", "free", "arithmetic"]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One task input. `fields` keeps the raw record (question, choices, premise, ...)."""
+
+    id: str
+    input: str  # the student's input text, already formatted by the task
+    label: str | None  # gold label, normalised; None when the split has no gold labels
+    fields: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    index: int = 0  # position in the source file: recorded teacher outputs align on it
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A teacher completion, parsed. Exactly one of (label) or (error) is set."""
+
+    rationale: str | None
+    label: str | None
+    error: str | None = None  # why it did not parse, e.g. "no answer phrase", "label out of space"
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.label is not None
+
+
+class Task:
+    """Base class. Subclasses set the class attributes and implement the abstract methods.
+
+    `path` selects where examples come from:
+      - None: the Hugging Face hub dataset (needs the internet);
+      - a directory: the paper's released layout (e.g. ../shared/data/sbs or its task folder);
+      - a .jsonl/.json/.csv file: a user's file with the task's fields.
+    """
+
+    name: ClassVar[str]
+    label_kind: ClassVar[LabelKind]
+    classes: ClassVar[tuple[str, ...]] = ()  # the label space when label_kind == "classes"
+    stop: ClassVar[tuple[str, ...]] = ()  # stop strings for teacher generation
+    template_version: ClassVar[str] = "1"  # bump when the prompt or exemplars change
+
+    def load(self, split: str, path: str | Path | None = None) -> list[Example]:
+        raise NotImplementedError
+
+    def teacher_prompt(self, example: Example, n_shots: int | None = None) -> str:
+        """The few-shot chain-of-thought prompt whose completion is the rationale + answer.
+
+        `n_shots` limits the exemplars (None = all the task ships)."""
+        raise NotImplementedError
+
+    def parse(self, completion: str, example: Example | None = None) -> Parsed:
+        """Parse a teacher completion (our prompts' or the paper's recorded PaLM outputs)."""
+        raise NotImplementedError
+
+    def normalize(self, label: str, example: Example | None = None) -> str | None:
+        """Canonical form of a label, or None when it is outside the label space."""
+        raise NotImplementedError
+
+    def is_correct(self, prediction: str | None, example: Example) -> bool:
+        raise NotImplementedError
+
+    def accuracy(self, predictions: list[str | None], examples: list[Example]) -> float:
+        assert len(predictions) == len(examples), "one prediction per example"
+        scored = [(p, e) for p, e in zip(predictions, examples) if e.label is not None]
+        if not scored:
+            return float("nan")
+        return sum(self.is_correct(p, e) for p, e in scored) / len(scored)

@@ -1,0 +1,229 @@
+"""What the built-in tasks share: loading from the three sources, few-shot prompts from
+`prompts/{name}.yaml`, and the label normalisers of each label kind.
+
+A task subclass says where its data lives (hub id, splits, fields), how a record becomes the
+student input, and how an exemplar or a query is rendered in its prompt format.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import string
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+
+from stepdistill.arith import ExpressionError, evaluate_expression, values_equal
+from stepdistill.errors import DataError
+from stepdistill.tasks.base import Example, Task
+from stepdistill.tasks.io import SPLITS, check_split, hub_records, paper_file, read_records
+
+# Stable, short reasons for an unparseable completion: reports count them by this text.
+NO_ANSWER = "no answer phrase"
+EMPTY_ANSWER = "empty answer"
+OUT_OF_SPACE = "label out of label space"
+NOT_ARITHMETIC = "not an arithmetic expression"
+AMBIGUOUS = "more than one choice in the answer"
+
+
+@functools.cache
+def load_prompt(name: str) -> dict[str, Any]:
+    """The packaged few-shot prompt `prompts/{name}.yaml`: {"version", "exemplars": [...]}."""
+    text = (resources.files("stepdistill") / "prompts" / f"{name}.yaml").read_text(encoding="utf-8")
+    prompt = yaml.safe_load(text)
+    assert prompt.get("exemplars"), f"prompts/{name}.yaml has no exemplars"
+    return prompt
+
+
+def cut_at(text: str, pattern: str) -> str:
+    """`text` up to the first match of `pattern`: where a completion runs into a new example."""
+    m = re.search(pattern, text)
+    return text[: m.start()] if m else text
+
+
+def split_on_phrase(text: str, phrase: str) -> tuple[str, str] | None:
+    """(before, after) the last occurrence of the answer phrase (case-insensitive), or None."""
+    matches = list(re.finditer(phrase, text, flags=re.IGNORECASE))
+    if not matches:
+        return None
+    m = matches[-1]
+    return text[: m.start()].strip(), text[m.end() :]
+
+
+def answer_line(text: str) -> str:
+    """The answer proper: its first non-empty line, without the sentence's final full stop."""
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip().rstrip(".").strip()
+    return ""
+
+
+# --- normalisers, one per label kind -------------------------------------------------------
+
+_PUNCT = string.punctuation + "“”‘’"
+
+
+def _key(text: str) -> str:
+    """Comparison key: case, surrounding punctuation and repeated spaces do not matter."""
+    return " ".join(text.casefold().split()).strip(_PUNCT + " ")
+
+
+def normalize_class(label: Any, classes: tuple[str, ...]) -> str | None:
+    """`"Neutral."` -> `"neutral"`; an int picks classes[int]; anything else -> None."""
+    if isinstance(label, int) and not isinstance(label, bool):
+        return classes[label] if 0 <= label < len(classes) else None
+    key = _key(str(label))
+    if key.lstrip("-").isdigit():  # CSV files carry int labels as text
+        return normalize_class(int(key), classes)
+    return next((c for c in classes if _key(c) == key), None)
+
+
+_LETTER_ONLY = re.compile(r"\(?([a-z])\)?\.?")
+_LETTER_TEXT = re.compile(r"\(([a-z])\)\s*(.*)", re.DOTALL)
+
+
+def normalize_choice(label: Any, choices: list[str] | None) -> str | None:
+    """A choice answer -> the choice text. Accepts the text (`math problem`), the letter (`d`,
+    `(d)`) or both (`(d) math problem`; the text wins when the two disagree, as in the paper).
+    Without `choices` the text is returned as written."""
+    s = str(label).strip()
+    letter, text = None, s
+    if m := _LETTER_TEXT.fullmatch(s):
+        letter, text = m.group(1), m.group(2).strip().rstrip(".")
+    elif m := _LETTER_ONLY.fullmatch(s.casefold()):
+        letter, text = m.group(1), ""
+    if not choices:
+        return " ".join(text.split()) or None
+    if text:
+        found = next((c for c in choices if _key(c) == _key(text)), None)
+        if found is not None:
+            return found
+    i = ord(letter.lower()) - ord("a") if letter else -1
+    return choices[i] if 0 <= i < len(choices) else None
+
+
+def normalize_arithmetic(label: Any) -> str | None:
+    """`"(84 / 2)."` -> `"(84 / 2)"` when it evaluates; anything else -> None."""
+    s = " ".join(str(label).split()).rstrip(".").strip()
+    if s.startswith("="):
+        s = s[1:].strip()
+    try:
+        evaluate_expression(s)
+    except ExpressionError:
+        return None
+    return s
+
+
+def normalize_free(label: Any) -> str | None:
+    s = " ".join(str(label).split()).strip()
+    return s or None
+
+
+class RecordTask(Task):
+    """A task whose examples are records with named fields, loaded from hub, paper dir or file."""
+
+    hub_id: ClassVar[str]
+    hub_config: ClassVar[str | None] = None
+    hub_splits: ClassVar[dict[str, str]]  # our split name -> the hub's split name
+    input_fields: ClassVar[tuple[str, ...]]  # required in every record of a paper/user file
+    label_field: ClassVar[str] = "label"  # optional: unlabelled files are allowed (teacher labels them)
+    prompt_name: ClassVar[str]
+
+    # --- loading ---
+
+    def load(self, split: str, path: str | Path | None = None) -> list[Example]:
+        check_split(split)
+        if path is None:
+            if split not in self.hub_splits:
+                raise DataError(
+                    f"{self.name}: the hub dataset {self.hub_id} has no {split!r} split "
+                    f"(have: {', '.join(self.hub_splits)}): choose one of those, or pass a data path"
+                )
+            rows = hub_records(self.hub_id, self.hub_config, self.hub_splits[split])
+            records = [self.from_hub(r) for r in rows]
+            where = f"{self.hub_id} {self.hub_splits[split]}"
+        else:
+            p = Path(path)
+            file = paper_file(p, self.name, split) if p.is_dir() else p
+            records = read_records(file, self.input_fields)
+            _check_labels(records, self.label_field, file)
+            where = str(file)
+        # a hub row may be dropped (None) but keeps its position: index is the source position
+        return [self.example(r, split, i, where) for i, r in enumerate(records) if r is not None]
+
+    def from_hub(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """A hub row in this task's file fields; None drops the row."""
+        raise NotImplementedError
+
+    def example(self, record: dict[str, Any], split: str, index: int, where: str = "") -> Example:
+        raw = record.get(self.label_field)
+        label = None
+        if raw not in (None, ""):
+            label = self.normalize(raw, _Probe(record))
+            if label is None:
+                raise DataError(
+                    f"{where} record {index + 1}: gold label {raw!r} is outside the label space "
+                    f"of {self.name}{self._space_hint()}: fix the label"
+                )
+        ident = record.get("id") or record.get("uid") or record.get("ID") or f"{split}-{index}"
+        return Example(id=str(ident), input=self.format_input(record), label=label, fields=dict(record), index=index)
+
+    def _space_hint(self) -> str:
+        return f" ({', '.join(self.classes)})" if self.classes else ""
+
+    def format_input(self, record: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    # --- teacher prompt ---
+
+    def render(self, fields: dict[str, Any], rationale: str | None = None, answer: str | None = None) -> str:
+        """One example in the prompt format; without a rationale it ends where the teacher's
+        completion begins."""
+        raise NotImplementedError
+
+    def teacher_prompt(self, example: Example) -> str:
+        shots = [self.render(e, e["rationale"], e["answer"]) for e in load_prompt(self.prompt_name)["exemplars"]]
+        return "\n\n".join([*shots, self.render(example.fields)])
+
+    # --- labels ---
+
+    def is_correct(self, prediction: str | None, example: Example) -> bool:
+        if prediction is None or example.label is None:
+            return False
+        pred = self.normalize(prediction, example)
+        if pred is None:
+            return False
+        if self.label_kind == "arithmetic":
+            try:
+                return values_equal(pred, example.label)
+            except ExpressionError:
+                return False
+        return pred == example.label
+
+
+class _Probe:
+    """Lets normalize() see a record's fields (the choices) before its Example exists."""
+
+    def __init__(self, fields: dict[str, Any]):
+        self.fields = fields
+
+
+def _check_labels(records: list[dict[str, Any]], label_field: str, file: Path) -> None:
+    """All records labelled, or none (an unlabelled pool for the teacher); never a mix."""
+    have = [r.get(label_field) not in (None, "") for r in records]
+    if any(have) and not all(have):
+        n = have.index(False) + 1
+        raise DataError(
+            f"{file} record {n}: no field {label_field!r} while other records have one: "
+            f"label every record, or none (the teacher then labels them)"
+        )
+
+
+__all__ = [
+    "SPLITS", "RecordTask", "load_prompt", "cut_at", "split_on_phrase", "answer_line",
+    "normalize_class", "normalize_choice", "normalize_arithmetic", "normalize_free",
+    "NO_ANSWER", "EMPTY_ANSWER", "OUT_OF_SPACE", "NOT_ARITHMETIC", "AMBIGUOUS",
+]

@@ -1,0 +1,97 @@
+"""CommonsenseQA: five answer choices (a)-(e); the label is the text of the right choice.
+
+Teacher format (the paper's PaLM outputs have this shape):
+    Q: <question>
+    Answer Choices:
+    (a) <choice>
+    ...
+    A: <reasoning> So the answer is (d) <choice text>.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+from stepdistill.errors import DataError
+from stepdistill.tasks import TASKS
+from stepdistill.tasks.base import Example, Parsed
+from stepdistill.tasks.common import (
+    AMBIGUOUS, EMPTY_ANSWER, NO_ANSWER, OUT_OF_SPACE, RecordTask, answer_line, cut_at,
+    normalize_choice, split_on_phrase,
+)
+from stepdistill.tasks.io import as_list
+
+NEXT_QUESTION = r"(?:^|\n)\s*Q:"
+ANSWER_PHRASE = r"so the answer is"
+_LETTER = re.compile(r"\(([a-z])\)")
+
+
+def format_choices(question: str, choices: list[str]) -> str:
+    """The paper's CQA student input: `question\\nAnswer Choices:\\n(a) c0\\n(b) c1 ...`."""
+    lines = [f"({chr(ord('a') + i)}) {c}" for i, c in enumerate(choices)]
+    return "\n".join([question.strip(), "Answer Choices:", *lines])
+
+
+def parse_choice(completion: str, choices: list[str] | None) -> Parsed:
+    """`"... So the answer is (d) math problem.\\n\\nQ: ..."` -> Parsed(rationale, "math problem")."""
+    text = cut_at(str(completion), NEXT_QUESTION)
+    parts = split_on_phrase(text, ANSWER_PHRASE)
+    if parts is None:
+        return Parsed(text.strip() or None, None, NO_ANSWER)
+    rationale, rest = parts
+    raw = answer_line(rest)
+    if not raw:
+        return Parsed(rationale or None, None, EMPTY_ANSWER)
+    if len(set(_LETTER.findall(raw))) > 1:  # "either (a) aquarium or (e) pond"
+        return Parsed(rationale or None, None, AMBIGUOUS)
+    label = normalize_choice(raw, choices)
+    if label is None:
+        return Parsed(rationale or None, None, OUT_OF_SPACE)
+    return Parsed(rationale, label)
+
+
+def _choices(example: Any) -> list[str] | None:
+    fields = getattr(example, "fields", None) or {}
+    return as_list(fields["choices"], "choices") if fields.get("choices") else None
+
+
+@TASKS.register("cqa")
+class CqaTask(RecordTask):
+    name = "cqa"
+    label_kind = "choice"
+    stop: ClassVar[tuple[str, ...]] = ("\n\nQ:", "\nQ:")
+    hub_id = "tau/commonsense_qa"
+    hub_splits = {"train": "train", "valid": "validation", "test": "test"}  # hub test: no labels
+    input_fields = ("question", "choices")
+    label_field = "answer"
+    prompt_name = "cqa"
+
+    def from_hub(self, row: dict[str, Any]) -> dict[str, Any]:
+        letters, texts = list(row["choices"]["label"]), list(row["choices"]["text"])
+        key = row.get("answerKey") or ""
+        answer = texts[letters.index(key)] if key in letters else None
+        return {"id": row.get("id"), "question": row["question"], "choices": texts, "answer": answer}
+
+    def example(self, record: dict[str, Any], split: str, index: int, where: str = "") -> Example:
+        choices = as_list(record["choices"], f"{where} record {index + 1}: field 'choices'")
+        if not 2 <= len(choices) <= 26:
+            raise DataError(f"{where} record {index + 1}: {len(choices)} choices: give between 2 and 26")
+        return super().example({**record, "choices": choices}, split, index, where)
+
+    def format_input(self, record: dict[str, Any]) -> str:
+        return format_choices(str(record["question"]), as_list(record["choices"], "choices"))
+
+    def render(self, fields: dict[str, Any], rationale: str | None = None, answer: str | None = None) -> str:
+        q = f"Q: {self.format_input(fields)}\nA:"
+        if rationale is None:
+            return q
+        choices = as_list(fields["choices"], "choices")
+        letter = chr(ord("a") + choices.index(answer))
+        return f"{q} {rationale} So the answer is ({letter}) {answer}."
+
+    def parse(self, completion: str, example: Example | None = None) -> Parsed:
+        return parse_choice(completion, _choices(example))
+
+    def normalize(self, label: str, example: Example | None = None) -> str | None:
+        return normalize_choice(label, _choices(example))
