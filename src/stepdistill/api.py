@@ -1,0 +1,258 @@
+"""The Python API: annotate(), train(), evaluate(). The CLI is a thin layer over these.
+
+>>> import stepdistill as sd
+>>> sd.annotate({"task": {"name": "svamp", "path": "../shared/data/sbs"}, "split": "test",
+...              "teacher": {"kind": "paper"}}, out="runs/svamp-paper-test")
+>>> sd.train({"task": {...}, "student": {"model": "google/t5-v1_1-small"},
+...           "method": {"name": "step-by-step"}, "annotations": "runs/svamp-paper-train"}, out="runs/sbs")
+>>> sd.evaluate({"task": {...}, "model": "runs/sbs", "split": "test"})
+
+Each takes a config (a validated model from `stepdistill.config` or a plain dict) and the run
+directory to write, and returns the stage's summary dict.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from stepdistill.config import AnnotateRun, EvalRun, TrainRun, build
+from stepdistill.errors import DataError, StepDistillError
+from stepdistill.runs import create_run, home, read_jsonl, write_json, write_jsonl
+from stepdistill.store import AnnotationStore, annotation_key
+from stepdistill.tasks import get_task
+from stepdistill.tasks.base import Example, Parsed, Task
+
+log = logging.getLogger("stepdistill")
+
+Printer = Callable[[str], None]
+
+
+def _as(model, cfg):
+    return cfg if isinstance(cfg, model) else build(model, cfg)
+
+
+def load_examples(task: Task, split: str, path: str | None, limit: int | None = None) -> list[Example]:
+    examples = task.load(split, path)
+    if not examples:
+        raise DataError(f"{task.name} split {split!r} has no examples at {path or 'the hub'}")
+    return examples[:limit] if limit else examples
+
+
+# ---------------------------------------------------------------- annotate
+
+
+def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = False,
+             store_path: str | Path | None = None, echo: Printer = print) -> dict[str, Any]:
+    """Teacher completions for every example of a split, parsed, with the teacher's accuracy.
+
+    Writes `annotations.jsonl` (one row per example: completion, rationale, label, parse error)
+    and `summary.json` (`n`, `parsed`, `unparsed`, `unparsed_reasons`, `teacher_accuracy`, ...).
+    Completions come from the annotation store when they are there: a rerun costs nothing and
+    an interrupted run resumes where it stopped.
+    """
+    from stepdistill.teachers import Request, make_teacher
+
+    cfg = _as(AnnotateRun, cfg)
+    task = get_task(cfg.task.name, cfg.task.spec)
+    examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
+    teacher = make_teacher(cfg.teacher, task, cfg.split, cfg.task.path)
+    run = create_run(out, cfg, command="annotate", seed=cfg.teacher.sampling.seed, overwrite=overwrite)
+    store = AnnotationStore(store_path or home() / "annotations.sqlite")
+    t0 = time.perf_counter()
+    try:
+        identity = teacher.identity()
+        requests = [Request(ex, teacher.prompt(task, ex)) for ex in examples]
+        keys = [annotation_key(identity, r.prompt, task.template_version) for r in requests]
+        have = store.get_many(keys)
+        todo = [(k, r) for k, r in zip(keys, requests) if k not in have]
+        echo(f"annotate {task.name}/{cfg.split} with {teacher.kind} teacher: {len(examples)} examples, "
+             f"{len(examples) - len(todo)} already in the store, {len(todo)} to generate")
+        key_of = {id(r): k for k, r in todo}
+        with tqdm(total=len(todo), desc="teacher", unit="ex", disable=not todo) as bar:
+            for req, comp in teacher.generate([r for _, r in todo]):
+                store.put(key_of[id(req)], identity, req.prompt, comp.text, prompt_tokens=comp.prompt_tokens,
+                          completion_tokens=comp.completion_tokens, seconds=comp.seconds)
+                bar.update(1)
+        have = store.get_many(keys)
+    finally:
+        store.close()
+
+    rows, reasons = [], Counter()
+    parsed_n = correct = gold_n = 0
+    tokens, secs = 0, []
+    for ex, key in zip(examples, keys):
+        rec = have[key]
+        if rec.seconds is not None:
+            secs.append(rec.seconds)
+        p = task.parse(rec.completion, ex)
+        ok = p.ok
+        parsed_n += ok
+        if not ok:
+            reasons[p.error or "no label"] += 1
+        is_correct = None
+        if ex.label is not None:
+            gold_n += 1
+            is_correct = bool(ok and task.is_correct(p.label, ex))
+            correct += is_correct
+        tokens += rec.completion_tokens or 0
+        rows.append({"id": ex.id, "index": ex.index, "input": ex.input, "gold": ex.label,
+                     "completion": rec.completion, "rationale": p.rationale, "label": p.label if ok else None,
+                     "error": None if ok else (p.error or "no label"), "correct": is_correct, "key": key})
+    write_jsonl(run.path("annotations.jsonl"), rows)
+    summary = {
+        "task": task.name, "split": cfg.split, "teacher": identity,
+        "n": len(examples), "parsed": parsed_n, "unparsed": len(examples) - parsed_n,
+        "unparsed_reasons": dict(reasons.most_common()),
+        "teacher_accuracy": correct / gold_n if gold_n else None,
+        "generated": len(todo), "from_store": len(examples) - len(todo),
+        "completion_tokens": tokens, "seconds": round(time.perf_counter() - t0, 2),
+        # the teacher's latency per prediction (its CoT generation), as measured when generated
+        "ms_per_example": round(1000 * sum(secs) / len(secs), 1) if secs else None,
+    }
+    if gold_n:
+        ref = teacher.reference_accuracy([have[k].completion for k in keys], examples)
+        if ref is not None:
+            summary["teacher_accuracy_paper_parsing"] = ref
+    write_json(run.path("summary.json"), summary)
+    acc = "n/a (no gold labels)" if summary["teacher_accuracy"] is None else f"{summary['teacher_accuracy']:.2%}"
+    line = f"n={summary['n']} parsed={parsed_n} unparsed={summary['unparsed']} teacher_accuracy={acc}"
+    if "teacher_accuracy_paper_parsing" in summary:
+        line += f" (with the paper's own parsing: {summary['teacher_accuracy_paper_parsing']:.2%})"
+    echo(line)
+    if reasons:
+        echo("unparsed outputs: " + ", ".join(f"{r}: {c}" for r, c in reasons.most_common()))
+    echo(f"wrote {run.path('summary.json')}")
+    run.close()
+    return summary
+
+
+def read_annotations(run_dir: str | Path, task: Task, split: str | None = None) -> dict[str, Parsed]:
+    """Parsed teacher outputs of an annotation run, by example id (unparsed ones carry `error`)."""
+    d = Path(run_dir)
+    summary_path, rows_path = d / "summary.json", d / "annotations.jsonl"
+    if not rows_path.is_file() or not summary_path.is_file():
+        raise DataError(f"{d} is not an annotation run (no annotations.jsonl/summary.json): run `stepdistill annotate --out {d}` first")
+    summary = json.loads(summary_path.read_text())
+    if summary.get("task") != task.name:
+        raise DataError(f"annotations in {d} are for task {summary.get('task')!r}, not {task.name!r}: point to the right run")
+    if split is not None and summary.get("split") != split:
+        raise DataError(f"annotations in {d} are for split {summary.get('split')!r}, not {split!r}: annotate that split")
+    # A parser fix needs no new teacher calls: rerun `annotate`, which reads the store.
+    return {row["id"]: Parsed(row.get("rationale"), row.get("label"), row.get("error"))
+            for row in read_jsonl(rows_path)}
+
+
+# ---------------------------------------------------------------- train
+
+
+def split_validation(examples: list[Example], fraction: float, seed: int, cap: int | None = None
+                     ) -> tuple[list[Example], list[Example]]:
+    """Carve a validation set from training examples (model selection never looks at test)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(round(len(examples) * fraction)))
+    if cap:
+        n_val = min(n_val, cap)
+    val_idx = set(order[:n_val])
+    train = [e for i, e in enumerate(examples) if i not in val_idx]
+    val = [e for i, e in enumerate(examples) if i in val_idx]
+    return train, val
+
+
+def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, resume: bool = False,
+          echo: Printer = print) -> dict[str, Any]:
+    """Train a student with `standard`, `distill` or `step-by-step`; the best model goes to `out/model`."""
+    from stepdistill.methods import METHODS
+    from stepdistill.students import load_student
+    from stepdistill.train import fit
+
+    cfg = _as(TrainRun, cfg)
+    task = get_task(cfg.task.name, cfg.task.spec)
+    method = METHODS.get(cfg.method.name)(cfg.method)
+    examples = load_examples(task, cfg.split, cfg.task.path)
+    annotations = read_annotations(cfg.annotations, task, cfg.split) if cfg.annotations else None
+    tcfg = cfg.training
+    train_ex, val_ex = split_validation(examples, tcfg.val_fraction, tcfg.seed, tcfg.val_size)
+    if tcfg.train_size:
+        train_ex = train_ex[: tcfg.train_size]
+    records = method.records(train_ex, annotations)
+    run = create_run(out, cfg, command="train", seed=tcfg.seed, overwrite=overwrite, resume=resume)
+    echo(f"train {cfg.method.name} on {task.name}/{cfg.split}: {len(records)} training records, "
+         f"{len(val_ex)} validation examples (carved from {cfg.split}), student {cfg.student.model}")
+    student = load_student(cfg.student)
+    metrics = fit(student, cfg.method, tcfg, records, val_ex, task, run.dir, resume=resume)
+    metrics.update({"task": task.name, "method": cfg.method.name, "n_train": len(records), "n_val": len(val_ex)})
+    write_json(run.path("metrics.json"), metrics)
+    echo(f"best validation accuracy {metrics.get('best_val_accuracy')}; model in {run.path('model')}")
+    run.close()
+    return metrics
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def evaluate(cfg: EvalRun | dict, out: str | Path | None = None, *, overwrite: bool = False,
+             echo: Printer = print) -> dict[str, Any]:
+    """Score a trained student on a split: `predictions.jsonl` + `metrics.json` (accuracy, n, ms/example).
+
+    Only the label task runs; `rationales=True` also generates the rationale task's explanations.
+    """
+    from stepdistill.evaluate import load_trained, predict
+
+    cfg = _as(EvalRun, cfg)
+    task = get_task(cfg.task.name, cfg.task.spec)
+    examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
+    out = Path(out) if out else Path(cfg.model) / f"eval-{task.name}-{cfg.split}"
+    student, info = load_trained(cfg.model)
+    run = create_run(out, cfg, command="eval", overwrite=overwrite)
+    inputs = [e.input for e in examples]
+    t0 = time.perf_counter()
+    preds = predict(student, inputs, prefix=info["label_prefix"], batch_size=cfg.batch_size,
+                    max_new_tokens=cfg.max_new_tokens)
+    seconds = time.perf_counter() - t0
+    rationales = None
+    if cfg.rationales:
+        rationales = predict(student, inputs, prefix=info["rationale_prefix"], batch_size=cfg.batch_size,
+                             max_new_tokens=max(cfg.max_new_tokens, 128))
+    rows = []
+    for i, (ex, pred) in enumerate(zip(examples, preds)):
+        row = {"id": ex.id, "input": ex.input, "gold": ex.label, "prediction": pred,
+               "correct": task.is_correct(pred, ex) if ex.label is not None else None}
+        if rationales is not None:
+            row["rationale"] = rationales[i]
+        rows.append(row)
+    write_jsonl(run.path("predictions.jsonl"), rows)
+    metrics: dict[str, Any] = {
+        "task": task.name, "split": cfg.split, "model": str(cfg.model),
+        "accuracy": task.accuracy(preds, examples), "n": len(examples),
+        "parameters": count_parameters(student.model),
+        "ms_per_example": round(1000 * seconds / len(examples), 2),
+        "method": info.get("method"),
+    }
+    if cfg.annotations:
+        ann = read_annotations(cfg.annotations, task, cfg.split)
+        teacher_preds = [ann[e.id].label if e.id in ann else None for e in examples]
+        missing = sum(e.id not in ann for e in examples)
+        metrics["teacher_accuracy"] = task.accuracy(teacher_preds, examples)
+        if missing:
+            metrics["teacher_missing"] = missing
+    write_json(run.path("metrics.json"), metrics)
+    line = f"accuracy={metrics['accuracy']:.2%} n={metrics['n']} ms/example={metrics['ms_per_example']}"
+    if "teacher_accuracy" in metrics:
+        line += f" teacher_accuracy={metrics['teacher_accuracy']:.2%}"
+    echo(line)
+    echo(f"wrote {run.path('metrics.json')} and predictions.jsonl")
+    run.close()
+    return metrics

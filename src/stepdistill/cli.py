@@ -1,0 +1,166 @@
+"""The `stepdistill` command: parse flags -> build a validated config -> call the API.
+
+    stepdistill annotate --task svamp --data ../shared/data/sbs --split test --teacher paper --out runs/ann
+    stepdistill train --config configs/svamp_t5.yaml --set training.epochs=1 --out runs/sbs
+    stepdistill eval --model runs/sbs --split test
+    stepdistill quickstart
+
+Every domain error becomes one line on stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from stepdistill.errors import ConfigError, StepDistillError
+
+# (flag, dotted config key, type, help). A flag given on the command line overrides the YAML.
+_TASK_FLAGS = [
+    ("--task", "task.name", str, "task name (see `stepdistill list`)"),
+    ("--data", "task.path", str, "data: a paper-layout folder (e.g. ../shared/data/sbs) or a .jsonl/.json/.csv file; unset = the hub"),
+    ("--spec", "task.spec", str, "generic task: YAML file describing the dataset"),
+    ("--split", "split", str, "which split"),
+]
+_FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
+    "annotate": _TASK_FLAGS + [
+        ("--teacher", "teacher.kind", str, "teacher kind: hf or paper"),
+        ("--model", "teacher.model", str, "teacher model: hub id, folder or .gguf file"),
+        ("--gguf-file", "teacher.gguf_file", str, "GGUF file inside --model"),
+        ("--batch-size", "teacher.batch_size", int, "prompts per generation batch"),
+        ("--n-shots", "teacher.n_shots", int, "few-shot exemplars in the prompt"),
+        ("--max-new-tokens", "teacher.sampling.max_new_tokens", int, "longest completion"),
+        ("--temperature", "teacher.sampling.temperature", float, "0 = greedy"),
+        ("--limit", "limit", int, "annotate only the first N examples"),
+    ],
+    "train": _TASK_FLAGS + [
+        ("--annotations", "annotations", str, "annotation run directory (distill, step-by-step)"),
+        ("--method", "method.name", str, "standard, distill or step-by-step"),
+        ("--alpha", "method.alpha", float, "label-loss weight of step-by-step"),
+        ("--label-source", "method.label_source", str, "step-by-step labels: gold or teacher"),
+        ("--student", "student.model", str, "student model: hub id, folder or .gguf file"),
+        ("--epochs", "training.epochs", float, "training epochs"),
+        ("--max-steps", "training.max_steps", int, "training steps (overrides epochs)"),
+        ("--lr", "training.learning_rate", float, "learning rate"),
+        ("--batch-size", "training.batch_size", int, "per-step batch size"),
+        ("--grad-accum", "training.grad_accum", int, "gradient accumulation steps"),
+    ],
+    "eval": _TASK_FLAGS + [
+        ("--model", "model", str, "training run directory or model folder"),
+        ("--annotations", "annotations", str, "annotation run of the same split: report the teacher's accuracy too"),
+        ("--limit", "limit", int, "evaluate only the first N examples"),
+        ("--batch-size", "batch_size", int, "predictions per batch"),
+    ],
+}
+
+
+def _add_common(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--config", help="YAML config file (flags and --set override it)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set training.learning_rate=1e-4")
+    p.add_argument("--out", required=stage != "eval", help="run directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    for flag, key, typ, help_ in _FLAGS[stage]:
+        p.add_argument(flag, dest="f:" + key, type=typ, help=help_)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stepdistill", description="Distil an LLM into a small task model.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("annotate", help="get rationales and labels from a teacher")
+    _add_common(p, "annotate")
+    p.add_argument("--store", help="annotation store file (default $STEPDISTILL_HOME/annotations.sqlite)")
+    p = sub.add_parser("train", help="train a student")
+    _add_common(p, "train")
+    p.add_argument("--bf16", dest="f:training.bf16", action="store_const", const=True, help="bfloat16 autocast")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p = sub.add_parser("eval", help="score a trained student")
+    _add_common(p, "eval")
+    p.add_argument("--rationales", dest="f:rationales", action="store_const", const=True,
+                   help="also generate explanations (the rationale task)")
+    p = sub.add_parser("quickstart", help="the whole pipeline offline on a built-in task, in minutes")
+    p.add_argument("--out", default="runs/quickstart", help="where the quickstart's runs go")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing quickstart directory")
+    p.add_argument("--size", choices=["tiny", "default"], default="default",
+                   help="tiny: a one-minute smoke run; default: the real demo")
+    sub.add_parser("list", help="list tasks, teachers and methods")
+    return parser
+
+
+def _config_dict(args: argparse.Namespace) -> dict[str, Any]:
+    from stepdistill.config import load_yaml, parse_overrides, set_dotted
+
+    data = load_yaml(args.config) if args.config else {}
+    for name, value in vars(args).items():
+        if name.startswith("f:") and value is not None:
+            set_dotted(data, name[2:], value)
+    for key, value in parse_overrides(args.overrides):
+        set_dotted(data, key, value)
+    return data
+
+
+def _eval_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """`eval --model RUN`: take the task from the training run's config unless given."""
+    import yaml
+
+    model = data.get("model")
+    cfg_file = Path(model) / "config.yaml" if model else None
+    if cfg_file and cfg_file.is_file() and "task" not in data:
+        data["task"] = (yaml.safe_load(cfg_file.read_text()) or {}).get("task")
+    elif cfg_file and cfg_file.is_file():
+        train_task = (yaml.safe_load(cfg_file.read_text()) or {}).get("task") or {}
+        for k, v in train_task.items():
+            data["task"].setdefault(k, v)
+    return data
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import stepdistill.api as api
+
+    if args.command == "list":
+        from stepdistill.methods import METHODS
+        from stepdistill.tasks import TASKS
+        from stepdistill.teachers import TEACHERS
+
+        print("tasks:    " + ", ".join(TASKS.names()))
+        print("teachers: " + ", ".join(TEACHERS.names()))
+        print("methods:  " + ", ".join(METHODS.names()))
+        return 0
+    if args.command == "quickstart":
+        from stepdistill.quickstart import quickstart
+
+        quickstart(args.out, overwrite=args.overwrite, size=args.size)
+        return 0
+    data = _config_dict(args)
+    if args.command == "annotate":
+        api.annotate(data, args.out, overwrite=args.overwrite, store_path=args.store)
+    elif args.command == "train":
+        api.train(data, args.out, overwrite=args.overwrite, resume=args.resume)
+    elif args.command == "eval":
+        api.evaluate(_eval_defaults(data), args.out, overwrite=args.overwrite)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except StepDistillError as e:
+        print(f"stepdistill: error: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("stepdistill: interrupted (annotations so far are kept; training resumes with --resume)", file=sys.stderr)
+        code = 130
+    except Exception as e:
+        if os.environ.get("STEPDISTILL_DEBUG"):
+            raise
+        print(f"stepdistill: internal error: {type(e).__name__}: {e} (set STEPDISTILL_DEBUG=1 for the traceback)", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""A local transformers causal LM as the teacher: hub id, local folder or GGUF file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from stepdistill.config import TeacherConfig
+from stepdistill.errors import StepDistillError
+from stepdistill.tasks.base import Task
+from stepdistill.teachers.base import TEACHERS, Completion, Request, Teacher
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> str:
+    """Generation stops a batch only when every row hits a stop string; cut each row here."""
+    cut = len(text)
+    for s in stops:
+        j = text.find(s)
+        if j != -1:
+            cut = min(cut, j)
+    return text[:cut]
+
+
+@TEACHERS.register("hf")
+class HFTeacher(Teacher):
+    kind = "hf"
+
+    def __init__(self, cfg: TeacherConfig, *, task: Task, split: str, data_path: str | Path | None):
+        if not cfg.model:
+            raise StepDistillError("the hf teacher needs a model: set teacher.model (--model) to a hub id, folder or .gguf file")
+        self.cfg, self.task = cfg, task
+        self._student = None  # loaded lazily: a fully cached rerun never loads the model
+
+    def identity(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"kind": "hf", "model": c.model, "gguf_file": c.gguf_file, "n_shots": c.n_shots,
+                "sampling": c.sampling.model_dump(), "stop": list(self.task.stop)}
+
+    def prompt(self, task: Task, example) -> str:
+        if self.cfg.n_shots is not None:
+            return task.teacher_prompt(example, n_shots=self.cfg.n_shots)
+        return task.teacher_prompt(example)
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
+
+    def _load(self):
+        if self._student is None:
+            from stepdistill.students import load_pretrained
+
+            self._student = load_pretrained(self.cfg.model, self.cfg.gguf_file, kind="causal")
+            self._student.model.eval()
+            self._student.tokenizer.padding_side = "left"
+        return self._student
+
+    @torch.inference_mode()
+    def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
+        student = self._load()
+        model, tok = student.model, student.tokenizer
+        s = self.cfg.sampling
+        for i in range(0, len(requests), self.cfg.batch_size):
+            batch = requests[i : i + self.cfg.batch_size]
+            t0 = time.perf_counter()
+            enc = tok([r.prompt for r in batch], return_tensors="pt", padding=True)
+            gen_kwargs: dict[str, Any] = dict(max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id)
+            if self.task.stop:
+                gen_kwargs.update(stop_strings=list(self.task.stop), tokenizer=tok)
+            if s.temperature > 0:
+                torch.manual_seed(s.seed + i)
+                gen_kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
+            else:
+                gen_kwargs.update(do_sample=False)
+            out = model.generate(**enc, **gen_kwargs)
+            new = out[:, enc["input_ids"].shape[1]:]
+            seconds = (time.perf_counter() - t0) / len(batch)
+            for j, req in enumerate(batch):
+                ids = new[j]
+                n_new = int((ids != tok.pad_token_id).sum()) if tok.pad_token_id is not None else len(ids)
+                text = cut_at_stop(tok.decode(ids, skip_special_tokens=True), self.task.stop)
+                yield req, Completion(text, int(enc["attention_mask"][j].sum()), n_new, seconds)

@@ -1,0 +1,113 @@
+"""Annotation end to end: paper teacher, a fake teacher registered like a real one, store reuse, resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stepdistill import api
+from stepdistill.errors import RunExistsError, StepDistillError
+from stepdistill.teachers import TEACHERS, Completion, Teacher
+
+from conftest import SHARED
+
+PROBLEMS = [
+    ("Tom has 3 apples and buys 4 more. How many apples does he have?", "( 3.0 + 4.0 )"),
+    ("A box holds 6 pens. How many pens are in 5 boxes?", "( 6.0 * 5.0 )"),
+    ("Mia had 20 stickers and gave away 8. How many are left?", "( 20.0 - 8.0 )"),
+    ("Sam shares 12 sweets among 3 friends. How many does each get?", "( 12.0 / 3.0 )"),
+]
+ANSWERS = {  # what the fake teacher says: two right, one wrong, one unparseable
+    0: "3 plus 4 is 7. The answer is (3 + 4).",
+    1: "6 times 5 is 30. The answer is (6 * 5).",
+    2: "20 minus 8 is 11. The answer is (20 - 9).",
+    3: "I am not sure about this one.",
+}
+
+
+class FakeTeacher(Teacher):
+    kind = "fake"
+    calls: list[int] = []
+    fail_after: int | None = None
+
+    def __init__(self, cfg, *, task, split, data_path):
+        self.cfg = cfg
+
+    def identity(self):
+        return {"kind": "fake", "model": self.cfg.model}
+
+    def generate(self, requests):
+        for req in requests:
+            if FakeTeacher.fail_after is not None and len(FakeTeacher.calls) >= FakeTeacher.fail_after:
+                raise KeyboardInterrupt  # a crash half-way
+            FakeTeacher.calls.append(req.example.index)
+            yield req, Completion(ANSWERS[req.example.index], 10, 5, 0.01)
+
+
+if "fake" not in TEACHERS:
+    TEACHERS.register("fake")(FakeTeacher)
+
+
+@pytest.fixture
+def svamp_dir(tmp_path):
+    d = tmp_path / "data" / "svamp"
+    (d / "llm").mkdir(parents=True)
+    (d / "svamp_test.json").write_text("".join(json.dumps({"input": q, "label": a}) + "\n" for q, a in PROBLEMS))
+    (d / "llm" / "test_CoT_0.json").write_text(json.dumps([ANSWERS[i] + "\n\nQ: next" for i in range(4)]))
+    FakeTeacher.calls, FakeTeacher.fail_after = [], None
+    return d.parent
+
+
+def _cfg(data, teacher="fake"):
+    return {"task": {"name": "svamp", "path": str(data)}, "split": "test", "teacher": {"kind": teacher, "model": "m"}}
+
+
+def test_paper_teacher_counts_unparsed_and_scores(svamp_dir, tmp_path):
+    s = api.annotate(_cfg(svamp_dir, "paper"), tmp_path / "run", echo=lambda _: None)
+    assert (s["n"], s["parsed"], s["unparsed"]) == (4, 3, 1)
+    assert s["teacher_accuracy"] == pytest.approx(0.5)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "annotations.jsonl").read_text().splitlines()]
+    assert rows[3]["label"] is None and rows[3]["error"]
+    assert rows[0]["rationale"] and "Q:" not in rows[0]["rationale"]  # cut at the invented next example
+    for f in ["config.yaml", "env.json", "log.txt", "summary.json"]:
+        assert (tmp_path / "run" / f).is_file()
+
+
+def test_rerun_costs_nothing_and_crash_resumes(svamp_dir, tmp_path):
+    FakeTeacher.fail_after = 2
+    with pytest.raises(KeyboardInterrupt):
+        api.annotate(_cfg(svamp_dir), tmp_path / "a", echo=lambda _: None)
+    assert FakeTeacher.calls == [0, 1]
+    FakeTeacher.fail_after = None
+    s = api.annotate(_cfg(svamp_dir), tmp_path / "b", echo=lambda _: None)
+    assert FakeTeacher.calls == [0, 1, 2, 3]  # only the two that were not stored
+    assert (s["generated"], s["from_store"]) == (2, 2)
+    s = api.annotate(_cfg(svamp_dir), tmp_path / "c", echo=lambda _: None)
+    assert (s["generated"], s["from_store"]) == (0, 4) and len(FakeTeacher.calls) == 4
+    # A different model is a different teacher: nothing reused.
+    cfg = _cfg(svamp_dir)
+    cfg["teacher"]["model"] = "other"
+    assert api.annotate(cfg, tmp_path / "d", echo=lambda _: None)["generated"] == 4
+
+
+def test_existing_run_is_never_overwritten(svamp_dir, tmp_path):
+    api.annotate(_cfg(svamp_dir), tmp_path / "run", echo=lambda _: None)
+    with pytest.raises(RunExistsError, match="--overwrite"):
+        api.annotate(_cfg(svamp_dir), tmp_path / "run", echo=lambda _: None)
+    api.annotate(_cfg(svamp_dir), tmp_path / "run", overwrite=True, echo=lambda _: None)
+
+
+def test_missing_recorded_split_is_a_clear_error(svamp_dir, tmp_path):
+    cfg = _cfg(svamp_dir, "paper")
+    cfg["split"] = "train"
+    with pytest.raises(StepDistillError):
+        api.annotate(cfg, tmp_path / "run", echo=lambda _: None)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/sbs")
+def test_paper_svamp_test_accuracy_reproduces_the_reference(tmp_path):
+    cfg = {"task": {"name": "svamp", "path": str(SHARED)}, "split": "test", "teacher": {"kind": "paper"}}
+    s = api.annotate(cfg, tmp_path / "run", echo=lambda _: None)
+    assert s["n"] == 200 and s["unparsed"] == 7
+    assert abs(s["teacher_accuracy_paper_parsing"] - 0.74) <= 0.005  # the README's reference figure
+    assert s["teacher_accuracy"] == pytest.approx(0.775)  # ours: whole expressions, never eval()
