@@ -23,27 +23,17 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from stepdistill.config import AnnotateRun, EvalRun, TrainRun, build
-from stepdistill.errors import DataError, StepDistillError
+from stepdistill.config import AnnotateRun, TrainRun, coerce
+from stepdistill.errors import DataError
 from stepdistill.runs import create_run, home, read_jsonl, write_json, write_jsonl
 from stepdistill.store import AnnotationStore, annotation_key
-from stepdistill.tasks import get_task
+from stepdistill.tasks import get_task, load_examples
 from stepdistill.tasks.base import Example, Parsed, Task
+from stepdistill.evaluation import evaluate  # noqa: F401  (the third stage, beside predict())
 
 log = logging.getLogger("stepdistill")
 
 Printer = Callable[[str], None]
-
-
-def _as(model, cfg):
-    return cfg if isinstance(cfg, model) else build(model, cfg)
-
-
-def load_examples(task: Task, split: str, path: str | None, limit: int | None = None) -> list[Example]:
-    examples = task.load(split, path)
-    if not examples:
-        raise DataError(f"{task.name} split {split!r} has no examples at {path or 'the hub'}")
-    return examples[:limit] if limit else examples
 
 
 # ---------------------------------------------------------------- annotate
@@ -60,7 +50,7 @@ def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = Fals
     """
     from stepdistill.teachers import Request, make_teacher
 
-    cfg = _as(AnnotateRun, cfg)
+    cfg = coerce(AnnotateRun, cfg)
     task = get_task(cfg.task.name, cfg.task.spec)
     examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
     teacher = make_teacher(cfg.teacher, task, cfg.split, cfg.task.path)
@@ -170,89 +160,30 @@ def split_validation(examples: list[Example], fraction: float, seed: int, cap: i
 def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, resume: bool = False,
           echo: Printer = print) -> dict[str, Any]:
     """Train a student with `standard`, `distill` or `step-by-step`; the best model goes to `out/model`."""
-    from stepdistill.methods import METHODS
+    from stepdistill.methods import get_method
     from stepdistill.students import load_student
-    from stepdistill.train import fit
+    from stepdistill.training import fit
 
-    cfg = _as(TrainRun, cfg)
+    cfg = coerce(TrainRun, cfg)
     task = get_task(cfg.task.name, cfg.task.spec)
-    method = METHODS.get(cfg.method.name)(cfg.method)
+    method = get_method(cfg.method)
     examples = load_examples(task, cfg.split, cfg.task.path)
     annotations = read_annotations(cfg.annotations, task, cfg.split) if cfg.annotations else None
     tcfg = cfg.training
     train_ex, val_ex = split_validation(examples, tcfg.val_fraction, tcfg.seed, tcfg.val_size)
     if tcfg.train_size:
         train_ex = train_ex[: tcfg.train_size]
-    records = method.records(train_ex, annotations)
+    record_set = method.records(train_ex, annotations)
+    records = record_set.records
     run = create_run(out, cfg, command="train", seed=tcfg.seed, overwrite=overwrite, resume=resume)
-    echo(f"train {cfg.method.name} on {task.name}/{cfg.split}: {len(records)} training records, "
-         f"{len(val_ex)} validation examples (carved from {cfg.split}), student {cfg.student.model}")
+    echo(f"train {cfg.method.name} on {task.name}/{cfg.split}: {record_set.summary()}; "
+         f"{len(val_ex)} validation examples (carved from {cfg.split}); student {cfg.student.model}")
     student = load_student(cfg.student)
     metrics = fit(student, cfg.method, tcfg, records, val_ex, task, run.dir, resume=resume)
-    metrics.update({"task": task.name, "method": cfg.method.name, "n_train": len(records), "n_val": len(val_ex)})
+    metrics.update({"task": task.name, "method": cfg.method.name, "n_train": len(records), "n_val": len(val_ex),
+                    "records": record_set.counts})
     write_json(run.path("metrics.json"), metrics)
     echo(f"best validation accuracy {metrics.get('best_val_accuracy')}; model in {run.path('model')}")
     run.close()
     return metrics
 
-
-# ---------------------------------------------------------------- evaluate
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def evaluate(cfg: EvalRun | dict, out: str | Path | None = None, *, overwrite: bool = False,
-             echo: Printer = print) -> dict[str, Any]:
-    """Score a trained student on a split: `predictions.jsonl` + `metrics.json` (accuracy, n, ms/example).
-
-    Only the label task runs; `rationales=True` also generates the rationale task's explanations.
-    """
-    from stepdistill.evaluate import load_trained, predict
-
-    cfg = _as(EvalRun, cfg)
-    task = get_task(cfg.task.name, cfg.task.spec)
-    examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
-    out = Path(out) if out else Path(cfg.model) / f"eval-{task.name}-{cfg.split}"
-    student, info = load_trained(cfg.model)
-    run = create_run(out, cfg, command="eval", overwrite=overwrite)
-    inputs = [e.input for e in examples]
-    t0 = time.perf_counter()
-    preds = predict(student, inputs, prefix=info["label_prefix"], batch_size=cfg.batch_size,
-                    max_new_tokens=cfg.max_new_tokens)
-    seconds = time.perf_counter() - t0
-    rationales = None
-    if cfg.rationales:
-        rationales = predict(student, inputs, prefix=info["rationale_prefix"], batch_size=cfg.batch_size,
-                             max_new_tokens=max(cfg.max_new_tokens, 128))
-    rows = []
-    for i, (ex, pred) in enumerate(zip(examples, preds)):
-        row = {"id": ex.id, "input": ex.input, "gold": ex.label, "prediction": pred,
-               "correct": task.is_correct(pred, ex) if ex.label is not None else None}
-        if rationales is not None:
-            row["rationale"] = rationales[i]
-        rows.append(row)
-    write_jsonl(run.path("predictions.jsonl"), rows)
-    metrics: dict[str, Any] = {
-        "task": task.name, "split": cfg.split, "model": str(cfg.model),
-        "accuracy": task.accuracy(preds, examples), "n": len(examples),
-        "parameters": count_parameters(student.model),
-        "ms_per_example": round(1000 * seconds / len(examples), 2),
-        "method": info.get("method"),
-    }
-    if cfg.annotations:
-        ann = read_annotations(cfg.annotations, task, cfg.split)
-        teacher_preds = [ann[e.id].label if e.id in ann else None for e in examples]
-        missing = sum(e.id not in ann for e in examples)
-        metrics["teacher_accuracy"] = task.accuracy(teacher_preds, examples)
-        if missing:
-            metrics["teacher_missing"] = missing
-    write_json(run.path("metrics.json"), metrics)
-    line = f"accuracy={metrics['accuracy']:.2%} n={metrics['n']} ms/example={metrics['ms_per_example']}"
-    if "teacher_accuracy" in metrics:
-        line += f" teacher_accuracy={metrics['teacher_accuracy']:.2%}"
-    echo(line)
-    echo(f"wrote {run.path('metrics.json')} and predictions.jsonl")
-    run.close()
-    return metrics

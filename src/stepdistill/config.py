@@ -199,5 +199,10 @@ def build(model: type[BaseModel], data: dict[str, Any], source: str = "config"):
         raise ConfigError(f"{source}: {len(problems)} {noun}: " + "; ".join(problems)) from None
 
 
+def coerce(model: type[BaseModel], cfg: BaseModel | dict[str, Any]):
+    """The API accepts a validated config or a plain dict: `coerce(TrainRun, {"task": ...})`."""
+    return cfg if isinstance(cfg, model) else build(model, cfg)
+
+
 def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stepdistill.errors import ConfigError
+from stepdistill.errors import ConfigError, DataError
 from stepdistill.registry import Registry
 from stepdistill.tasks.base import Example, Parsed, Task
 
@@ -37,3 +37,11 @@ def get_task(name: str, spec: str | Path | None = None) -> Task:
 
 
 __all__ = ["TASKS", "Example", "Parsed", "Task", "get_task"]
+
+
+def load_examples(task: Task, split: str, path: str | Path | None, limit: int | None = None) -> list[Example]:
+    """`task.load`, refusing an empty split and keeping the first `limit` examples."""
+    examples = task.load(split, path)
+    if not examples:
+        raise DataError(f"{task.name} split {split!r} has no examples at {path or 'the hub'}: check --data and --split")
+    return examples[:limit] if limit else examples

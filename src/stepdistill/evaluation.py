@@ -1,0 +1,164 @@
+"""Evaluation: label-only prediction with a trained student, metrics and predictions files.
+
+    student, info = load_trained("runs/svamp-t5")          # a run dir (with model/) or a model dir
+    preds = predict(student, inputs, prefix=info["label_prefix"])
+    rationales = predict(student, inputs, prefix=info["rationale_prefix"], max_new_tokens=128)
+
+Formatting comes from methods/formatting.py with the `Format` saved at training time
+(model/stepdistill.json), so prediction reads exactly the tokens training taught.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from stepdistill.config import EvalRun, coerce
+from stepdistill.errors import StepDistillError
+from stepdistill.runs import create_run, write_json, write_jsonl
+from stepdistill.tasks import get_task, load_examples
+from stepdistill.methods.formatting import Format, encode_source
+from stepdistill.students import Student, count_parameters, load_pretrained
+
+MODEL_INFO = "stepdistill.json"  # written by train.fit next to the saved model
+
+
+def load_trained(path: str | Path) -> tuple[Student, dict[str, Any]]:
+    """Load a model trained by `train.fit` and its stepdistill.json (method, prefixes, format).
+
+    `path` is the model folder or a run folder holding `model/`. The returned student carries
+    the saved Format in `student.fmt`.
+    """
+    p = Path(path).expanduser()
+    model_dir = p / "model" if (p / "model" / MODEL_INFO).is_file() else p
+    info_file = model_dir / MODEL_INFO
+    if not info_file.is_file():
+        raise StepDistillError(
+            f"{p} holds no trained stepdistill model (no {MODEL_INFO} in it or in its model/ folder): "
+            "pass a training run directory or its model/ folder"
+        )
+    info = json.loads(info_file.read_text())
+    fmt = Format.from_dict(info["format"])
+    student = load_pretrained(str(model_dir), kind=fmt.kind)
+    student.fmt = fmt
+    return student, info
+
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def predict(
+    student: Student,
+    inputs: list[str],
+    *,
+    prefix: str,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+) -> list[str]:
+    """Greedy generation for each input, in order: the decoded new tokens, stripped.
+
+    `prefix` picks the task: the label prefix for answers, the rationale prefix for
+    explanations. Causal students are left-padded so every row's answer starts at the same
+    column; inputs are batched by length to waste little padding.
+
+    >>> predict(student, ["2 + 3 = ?"], prefix="predict: ")
+    ['5']
+    """
+    if not inputs:
+        return []
+    tok, model = student.tokenizer, student.model
+    fmt = student.fmt or Format(kind=student.kind)
+    assert (fmt.kind == "seq2seq") == student.is_seq2seq, f"format {fmt.kind} does not fit a {student.kind} student"
+    encoded = [encode_source(tok, fmt, prefix, text) for text in inputs]
+    order = sorted(range(len(inputs)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(inputs)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = _pad([encoded[i] for i in idx], tok.pad_token_id, left=not student.is_seq2seq)
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+            new = gen if student.is_seq2seq else gen[:, ids.shape[1] :]
+            for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
+                out[i] = text.strip()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def evaluate(cfg: EvalRun | dict, out: str | Path | None = None, *, overwrite: bool = False,
+             echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Score a trained student on a split: `predictions.jsonl` + `metrics.json` (accuracy, n, ms/example).
+
+    Only the label task runs; `rationales=True` also generates the rationale task's explanations.
+    """
+    from stepdistill.api import read_annotations
+
+    cfg = coerce(EvalRun, cfg)
+    task = get_task(cfg.task.name, cfg.task.spec)
+    examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
+    out = Path(out) if out else Path(cfg.model) / f"eval-{task.name}-{cfg.split}"
+    student, info = load_trained(cfg.model)
+    run = create_run(out, cfg, command="eval", overwrite=overwrite)
+    inputs = [e.input for e in examples]
+    t0 = time.perf_counter()
+    preds = predict(student, inputs, prefix=info["label_prefix"], batch_size=cfg.batch_size,
+                    max_new_tokens=cfg.max_new_tokens)
+    seconds = time.perf_counter() - t0
+    rationales = None
+    if cfg.rationales:
+        rationales = predict(student, inputs, prefix=info["rationale_prefix"], batch_size=cfg.batch_size,
+                             max_new_tokens=max(cfg.max_new_tokens, 128))
+    rows = []
+    for i, (ex, pred) in enumerate(zip(examples, preds)):
+        row = {"id": ex.id, "input": ex.input, "gold": ex.label, "prediction": pred,
+               "correct": task.is_correct(pred, ex) if ex.label is not None else None}
+        if rationales is not None:
+            row["rationale"] = rationales[i]
+        rows.append(row)
+    write_jsonl(run.path("predictions.jsonl"), rows)
+    metrics: dict[str, Any] = {
+        "task": task.name, "split": cfg.split, "model": str(cfg.model),
+        "accuracy": task.accuracy(preds, examples), "n": len(examples),
+        "parameters": count_parameters(student.model)[1],
+        "ms_per_example": round(1000 * seconds / len(examples), 2),
+        "method": info.get("method"),
+    }
+    if cfg.annotations:
+        ann = read_annotations(cfg.annotations, task, cfg.split)
+        teacher_preds = [ann[e.id].label if e.id in ann else None for e in examples]
+        missing = sum(e.id not in ann for e in examples)
+        metrics["teacher_accuracy"] = task.accuracy(teacher_preds, examples)
+        if missing:
+            metrics["teacher_missing"] = missing
+    write_json(run.path("metrics.json"), metrics)
+    line = f"accuracy={metrics['accuracy']:.2%} n={metrics['n']} ms/example={metrics['ms_per_example']}"
+    if "teacher_accuracy" in metrics:
+        line += f" teacher_accuracy={metrics['teacher_accuracy']:.2%}"
+    echo(line)
+    echo(f"wrote {run.path('metrics.json')} and predictions.jsonl")
+    run.close()
+    return metrics

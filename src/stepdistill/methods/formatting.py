@@ -1,0 +1,104 @@
+"""How a (prefix, input, target) triple becomes token ids — the one place training and
+prediction both read, so the two can never format differently.
+
+seq2seq: encoder source = prefix + input; decoder target = answer + eos.
+causal:  prompt = prefix + input + separator; the model reads prompt + answer + eos and the
+         labels mask the prompt with -100, so only the answer is learned.
+
+Long inputs are truncated on the *left* of the input text: the task prefix and the end of the
+input (where the question usually sits) survive. Targets are truncated on the right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from stepdistill.methods.losses import IGNORE_INDEX
+
+FORMAT_VERSION = 1  # bump when the token layout below changes; saved next to every trained model
+
+
+@dataclass(frozen=True)
+class Format:
+    """Everything besides the prefix that decides the token layout. Saved in stepdistill.json."""
+
+    kind: Literal["seq2seq", "causal"]
+    separator: str = "\n"  # causal only: ends the prompt, so the model knows the answer starts
+    max_input_length: int = 512  # tokens of source (seq2seq) or prompt (causal)
+    max_target_length: int = 256  # tokens of the answer, eos included
+    version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Format":
+        assert d.get("version", FORMAT_VERSION) == FORMAT_VERSION, (
+            f"model was trained with format version {d.get('version')}, this code writes {FORMAT_VERSION}"
+        )
+        return cls(**d)
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def encode_source(tokenizer, fmt: Format, prefix: str, text: str) -> list[int]:
+    """Token ids the model reads: the encoder source (seq2seq) or the prompt (causal).
+
+    Special tokens (T5's </s>, Llama's <s>) are added the way the tokenizer always adds them.
+    """
+    tail = fmt.separator if fmt.kind == "causal" else ""
+    ids = _ids(tokenizer, prefix + text + tail, True)
+    if len(ids) <= fmt.max_input_length:
+        return ids
+    # Too long: cut the front of `text` (never the prefix or separator) and retokenise, so the
+    # result is what the tokenizer would produce for that shorter text. A few rounds at most.
+    for _ in range(8):
+        excess = len(ids) - fmt.max_input_length
+        cut = _char_cut(tokenizer, text, excess)
+        if cut >= len(text):
+            text = ""
+        else:
+            text = text[cut:]
+        ids = _ids(tokenizer, prefix + text + tail, True)
+        if len(ids) <= fmt.max_input_length or not text:
+            break
+    # Last resort (prefix alone too long, or a tokenizer that merges across the cut): hard cut
+    # that keeps the final tokens, where the separator / eos sit.
+    return ids if len(ids) <= fmt.max_input_length else ids[-fmt.max_input_length :]
+
+
+def _char_cut(tokenizer, text: str, n_tokens: int) -> int:
+    """Character offset in `text` after which dropping the first `n_tokens` tokens leaves the rest."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        if n_tokens >= len(offsets):
+            return len(text)
+        return max(offsets[n_tokens][0], 1)
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        # slow tokenizers have no offsets: drop a proportional share of characters
+        n = max(len(_ids(tokenizer, text, False)), 1)
+        return max(1, int(len(text) * min(1.0, (n_tokens + 1) / n)))
+
+
+def encode_target(tokenizer, fmt: Format, target: str) -> list[int]:
+    """Answer ids + eos, truncated on the right to max_target_length (a cut answer has no eos)."""
+    assert tokenizer.eos_token_id is not None, "the student's tokenizer needs an eos token"
+    ids = _ids(tokenizer, target, False) + [tokenizer.eos_token_id]
+    return ids[: fmt.max_target_length]
+
+
+def encode_example(tokenizer, fmt: Format, prefix: str, text: str, target: str) -> dict[str, list[int]]:
+    """One training example: {'input_ids', 'labels'} (unpadded lists).
+
+    seq2seq: input_ids = source, labels = target.
+    causal:  input_ids = prompt + target, labels = [-100] * len(prompt) + target.
+    """
+    source = encode_source(tokenizer, fmt, prefix, text)
+    target_ids = encode_target(tokenizer, fmt, target)
+    if fmt.kind == "seq2seq":
+        return {"input_ids": source, "labels": target_ids}
+    return {"input_ids": source + target_ids, "labels": [IGNORE_INDEX] * len(source) + target_ids}

@@ -1,0 +1,49 @@
+"""Single-task methods: the student learns input -> label with the label prefix only.
+
+standard: gold labels (classic fine-tuning). distill: the teacher's labels (no gold needed).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from stepdistill.errors import StepDistillError
+from stepdistill.methods.base import METHODS, Method, RecordSet, TrainRecord
+from stepdistill.tasks.base import Example, Parsed
+
+
+@METHODS.register("standard")
+class StandardMethod(Method):
+    name = "standard"
+    needs_annotations = False
+
+    def records(self, examples: list[Example], annotations: Mapping[str, Parsed] | None = None) -> RecordSet:
+        missing = [e.id for e in examples if e.label is None]
+        if missing:
+            raise StepDistillError(
+                f"method 'standard' trains on gold labels but {len(missing)} of {len(examples)} examples have "
+                f"none (e.g. id {missing[0]!r}): use a split with labels, or method 'distill' (teacher labels)"
+            )
+        recs = [TrainRecord(e.id, e.input, e.label) for e in examples]  # type: ignore[arg-type]
+        return RecordSet(recs, {"examples": len(examples)})
+
+
+@METHODS.register("distill")
+class DistillMethod(Method):
+    name = "distill"
+
+    def records(self, examples: list[Example], annotations: Mapping[str, Parsed] | None) -> RecordSet:
+        ann = self._require_annotations(annotations)
+        recs, unparsed, unannotated = [], 0, 0
+        for e in examples:
+            p = ann.get(e.id)
+            if p is None:
+                unannotated += 1
+            elif not p.ok:  # never train on a completion we could not parse
+                unparsed += 1
+            else:
+                recs.append(TrainRecord(e.id, e.input, p.label))  # type: ignore[arg-type]
+        return RecordSet(
+            recs,
+            {"examples": len(examples), "dropped_unparsed": unparsed, "dropped_not_annotated": unannotated},
+        )

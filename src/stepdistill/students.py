@@ -1,0 +1,212 @@
+"""Loading students: a Hugging Face seq2seq or causal LM + its tokenizer, from a hub id, a local
+folder or a GGUF file; optional LoRA adapters.
+
+    student = load_pretrained("google/flan-t5-small")            # hub id (seq2seq)
+    student = load_pretrained("path/to/SmolLM2-135M.Q4_1.gguf")   # GGUF -> dequantised fp32, cached
+    student = load_student(StudentConfig(model="...", lora=LoraConfig(r=8)))
+
+GGUF files are dequantised by transformers (slow: ~15-30 s for 135M parameters), so the result
+is cached as a plain Hugging Face folder under $STEPDISTILL_HOME/models/<key>; the key hashes
+the file's path, size and mtime, so an edited file is converted again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from stepdistill.config import StudentConfig
+from stepdistill.errors import StepDistillError
+from stepdistill.runs import home
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["auto", "causal", "seq2seq"]
+
+
+@dataclass
+class Student:
+    """A model to train or run. `is_seq2seq` picks the token layout (see methods/formatting.py)."""
+
+    model: Any  # transformers PreTrainedModel (or a peft PeftModel wrapping one)
+    tokenizer: Any
+    is_seq2seq: bool
+    fmt: Any = None  # methods.formatting.Format once trained/loaded; None = defaults for the kind
+
+    @property
+    def kind(self) -> Literal["seq2seq", "causal"]:
+        return "seq2seq" if self.is_seq2seq else "causal"
+
+
+def _looks_like_path(model: str) -> bool:
+    # hub ids are "org/name"; anything else with a slash or a leading ./ / ~ is meant as a path
+    return model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") > 1
+
+
+def _resolve_gguf(model: str, gguf_file: str | None) -> Path | None:
+    """The .gguf file meant by (model, gguf_file), or None for a non-GGUF model."""
+    if gguf_file:
+        g = Path(gguf_file).expanduser()
+        p = g if g.is_absolute() or g.exists() else Path(model).expanduser() / gguf_file
+    elif model.endswith(".gguf"):
+        p = Path(model).expanduser()
+    else:
+        return None
+    if not p.is_file():
+        raise StepDistillError(f"GGUF file {p} not found: check student.model / student.gguf_file")
+    return p.resolve()
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return home() / "models" / key
+
+
+def _convert_gguf(path: Path, kind: Kind, dtype: Any) -> Path:
+    """Dequantise a GGUF file once into a plain HF folder (cached); return that folder."""
+    dest = _gguf_cache_dir(path)
+    if (dest / "config.json").is_file():
+        return dest
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    # GGUF students are decoder-only in practice; reading the GGUF config just to confirm costs
+    # several seconds, so only an explicit kind="seq2seq" takes the other class.
+    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    log.info("converting %s to a Hugging Face folder (once; cached in %s)", path, dest)
+    try:
+        model = auto.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as e:
+        raise StepDistillError(f"loading {path.name} needs the `gguf` package ({e}): pip install gguf") from None
+    except (OSError, ValueError) as e:
+        raise StepDistillError(
+            f"{path} could not be read as a GGUF model ({str(e).splitlines()[0]}): "
+            "check that it is a GGUF file of an architecture transformers supports"
+        ) from None
+    # The dequantised weights are plain tensors: drop the GGUF quantizer so the folder reloads
+    # as an ordinary model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "source.txt").write_text(f"{path}\n")
+        try:
+            tmp.rename(dest)  # atomic: a reader sees no folder or a complete one
+        except OSError:
+            if not (dest / "config.json").is_file():  # not a concurrent writer that won: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _check_local(model: str) -> None:
+    p = Path(model).expanduser()
+    if p.exists():
+        if p.is_dir() and not (p / "config.json").is_file():
+            ggufs = sorted(x.name for x in p.glob("*.gguf"))
+            hint = f"; it holds {ggufs[0]}: set gguf_file" if ggufs else ""
+            raise StepDistillError(f"{p} is not a model folder (no config.json){hint}: point student.model at a saved model")
+        if p.is_file():
+            raise StepDistillError(f"{p} is a file, not a model folder or .gguf file: point student.model at a folder")
+    elif _looks_like_path(model):
+        raise StepDistillError(f"student model {model} not found: check the path")
+
+
+def load_pretrained(
+    model: str,
+    gguf_file: str | None = None,
+    *,
+    kind: Kind = "auto",
+    dtype: Any = None,
+    tokenizer: str | None = None,
+) -> Student:
+    """Load a student from a hub id, a local folder or a .gguf file.
+
+    `model="dir/x.gguf"` or `model="dir", gguf_file="x.gguf"` load a GGUF file. `kind="auto"`
+    reads `config.is_encoder_decoder`; an explicit kind that contradicts the config is an error.
+    `tokenizer` names another tokenizer source when the model folder has none. Causal
+    tokenizers without a pad token get eos as pad.
+
+    >>> s = load_pretrained("google/flan-t5-small"); s.is_seq2seq
+    True
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    gguf = _resolve_gguf(model, gguf_file)
+    if gguf is not None:
+        source = str(_convert_gguf(gguf, kind, dtype))
+    else:
+        _check_local(model)
+        source = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise StepDistillError(
+            f"cannot load student {model!r} ({str(e).splitlines()[0]}): check the hub id or path; "
+            "offline, download it first (huggingface-cli download) and pass the local folder"
+        ) from None
+    is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    if kind != "auto" and (kind == "seq2seq") != is_seq2seq:
+        actual = "seq2seq" if is_seq2seq else "causal"
+        raise StepDistillError(f"student {model!r} is a {actual} model, not {kind}: set student.kind to {actual} or auto")
+    auto = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
+    try:
+        net = auto.from_pretrained(source, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(tokenizer or source)
+    except (OSError, ValueError) as e:
+        raise StepDistillError(
+            f"cannot load student {model!r} ({str(e).splitlines()[0]}): it must be a seq2seq or causal LM "
+            "with a tokenizer (set student.tokenizer when the folder has none)"
+        ) from None
+    if tok.eos_token is None:
+        raise StepDistillError(f"the tokenizer of {model!r} has no eos token: set student.tokenizer to one that has")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # causal LMs often ship without one; padding is masked anyway
+    if net.generation_config is not None and net.generation_config.pad_token_id is None:
+        net.generation_config.pad_token_id = tok.pad_token_id
+    return Student(net, tok, is_seq2seq)
+
+
+def apply_lora(student: Student, lora) -> Student:
+    """Wrap the student's model in peft LoRA adapters; only the adapters stay trainable."""
+    from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
+
+    cfg = PeftLoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM if student.is_seq2seq else TaskType.CAUSAL_LM,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+    )
+    try:
+        model = get_peft_model(student.model, cfg)
+    except ValueError as e:
+        raise StepDistillError(
+            f"LoRA could not be applied ({str(e).splitlines()[0]}): set student.lora.target_modules, "
+            "e.g. [q, v] for T5 or [q_proj, v_proj] for Llama"
+        ) from None
+    return Student(model, student.tokenizer, student.is_seq2seq, student.fmt)
+
+
+def load_student(cfg: StudentConfig) -> Student:
+    """Load the student a config describes, with LoRA adapters when `cfg.lora` is set."""
+    student = load_pretrained(cfg.model, cfg.gguf_file, kind=cfg.kind, tokenizer=cfg.tokenizer)
+    return apply_lora(student, cfg.lora) if cfg.lora is not None else student
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

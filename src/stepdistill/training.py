@@ -1,0 +1,344 @@
+"""Student training: records -> token features -> Hugging Face Trainer -> best model on disk.
+
+    metrics = fit(student, method_cfg, training_cfg, records, val_examples, task, Path("runs/x"))
+
+What this adds to Trainer, and only that:
+  * compute_loss: the label task and (step-by-step) the rationale task in one step,
+    loss = alpha * label CE + (1 - alpha) * rationale CE (methods/losses.py);
+  * get_batch_samples: counts label and rationale target tokens *separately* over all
+    micro-batches of an optimizer step, so gradient accumulation is exact for both tasks;
+  * evaluate: validation accuracy by generating the label task and scoring with the task
+    (model selection and early stopping use it; the test split is never seen here).
+
+out_dir layout after fit: checkpoints/ (Trainer checkpoints, for resume), train_log.jsonl
+(every Trainer log line), model/ (best model + tokenizer + stepdistill.json).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from stepdistill.config import MethodConfig, TrainingConfig
+from stepdistill.errors import StepDistillError
+from stepdistill.evaluation import MODEL_INFO, predict
+from stepdistill.methods import get_method
+from stepdistill.methods.base import TrainRecord
+from stepdistill.methods.formatting import Format, encode_example
+from stepdistill.methods.losses import IGNORE_INDEX, count_targets, multitask_loss, token_cross_entropy
+from stepdistill.students import Student, count_parameters
+from stepdistill.tasks.base import Example, Task
+
+log = logging.getLogger(__name__)
+
+RATIONALE = "rat_"  # batch keys of the rationale task: rat_input_ids, rat_attention_mask, rat_labels
+
+
+def make_format(student: Student, training: TrainingConfig) -> Format:
+    return Format(
+        kind=student.kind,
+        max_input_length=training.max_input_length,
+        max_target_length=training.max_target_length,
+    )
+
+
+def build_features(student: Student, method_cfg: MethodConfig, fmt: Format, records: list[TrainRecord]) -> list[dict]:
+    """Tokenise records: {'input_ids', 'labels'} for the label task and, for multi-task
+    methods and records with a rationale, {'rat_input_ids', 'rat_labels'} for the rationale task."""
+    multitask = get_method(method_cfg).multitask
+    feats = []
+    for r in records:
+        f = encode_example(student.tokenizer, fmt, method_cfg.label_prefix, r.input, r.label)
+        if multitask and r.rationale:
+            g = encode_example(student.tokenizer, fmt, method_cfg.rationale_prefix, r.input, r.rationale)
+            f.update({RATIONALE + k: v for k, v in g.items()})
+        feats.append(f)
+    return feats
+
+
+class Collator:
+    """Right-pads each task's ids (pad id) and labels (-100). Rows without a rationale join the
+    label sub-batch only; a micro-batch with no rationale at all has no rat_* keys."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    def __call__(self, feats: list[dict]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        for pre in ("", RATIONALE):
+            rows = [f for f in feats if pre + "input_ids" in f]
+            if not rows:
+                continue
+            ids = [f[pre + "input_ids"] for f in rows]
+            batch[pre + "input_ids"] = self._pad(ids, self.pad_id)
+            batch[pre + "attention_mask"] = self._pad([[1] * len(x) for x in ids], 0)
+            batch[pre + "labels"] = self._pad([f[pre + "labels"] for f in rows], IGNORE_INDEX)
+        return batch
+
+
+class _JsonlLog(TrainerCallback):
+    """Appends every Trainer log line (loss, lr, eval accuracy) to train_log.jsonl as it happens."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+class StepDistillTrainer(Trainer):
+    """Trainer + multi-task loss with exact accumulation + generation-based validation accuracy."""
+
+    # compute_loss divides by the token counts of the whole accumulated batch, so Trainer must
+    # not divide again by the number of accumulation steps.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, student: Student, alpha: float, multitask: bool, task: Task | None,
+                 label_prefix: str, val_max_new_tokens: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.student = student
+        self.alpha = alpha if multitask else 1.0
+        self.multitask = multitask
+        self.task = task
+        self.label_prefix = label_prefix
+        self.val_max_new_tokens = val_max_new_tokens
+        # per-task losses since the last log line, so a log shows which task is being learned
+        self._part_sums: dict[str, torch.Tensor] = {}
+        self._part_steps = 0
+
+    # -- exact gradient accumulation --------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        self._part_steps += 1
+        shift = not self.student.is_seq2seq
+        counts = {
+            pre: sum((count_targets(b[pre + "labels"], shift=shift) for b in batches if pre + "labels" in b),
+                     torch.tensor(0))
+            for pre in ("", RATIONALE)
+        }
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = {k: self.accelerator.gather(v.to(device).reshape(1)).sum() for k, v in counts.items()}
+        return batches, {k: v.to(device) for k, v in counts.items()}
+
+    def _task_loss(self, model, inputs: dict, pre: str, n_items) -> torch.Tensor:
+        ids, mask, labels = inputs[pre + "input_ids"], inputs[pre + "attention_mask"], inputs[pre + "labels"]
+        if self.student.is_seq2seq:
+            out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=self._shift_right(labels))
+            return token_cross_entropy(out.logits, labels, n_items, shift=False)
+        out = model(input_ids=ids, attention_mask=mask)
+        return token_cross_entropy(out.logits, labels, n_items, shift=True)
+
+    def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs from seq2seq labels (teacher forcing), as T5/BART build them."""
+        cfg = self.student.model.config
+        start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
+        dec = labels.new_full(labels.shape, cfg.pad_token_id)
+        dec[:, 1:] = labels[:, :-1]
+        dec[:, 0] = start
+        return dec.masked_fill(dec == IGNORE_INDEX, cfg.pad_token_id)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """alpha * label CE + (1 - alpha) * rationale CE; each CE is a token sum divided by that
+        task's target count over the whole accumulated batch (per-micro-batch mean when the
+        counts are not given, e.g. when called outside the training loop)."""
+        n = num_items_in_batch if isinstance(num_items_in_batch, dict) else {}
+        label_loss = self._task_loss(model, inputs, "", n.get(""))
+        rationale_loss = None
+        if self.multitask:
+            # a micro-batch without rationales still contributes 0, never skips the alpha weight
+            rationale_loss = (self._task_loss(model, inputs, RATIONALE, n.get(RATIONALE))
+                              if RATIONALE + "input_ids" in inputs else label_loss.new_zeros(()))
+        loss = multitask_loss(label_loss, rationale_loss, self.alpha)
+        if model.training and self.multitask:
+            for name, part in (("label_loss", label_loss), ("rationale_loss", rationale_loss)):
+                self._part_sums[name] = self._part_sums.get(name, 0.0) + part.detach()  # no .item(): no GPU sync per step
+        if n and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; counts are global
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._part_steps:
+            logs = {**logs, **{k: float(v) / self._part_steps for k, v in self._part_sums.items()}}
+            self._part_sums, self._part_steps = {}, 0
+        super().log(logs, start_time)
+
+    # -- validation: generate the label task, score with the task ---------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        examples: list[Example] = list(eval_dataset if eval_dataset is not None else self.eval_dataset)
+        start = time.time()
+        student = Student(self.model, self.student.tokenizer, self.student.is_seq2seq, self.student.fmt)
+        preds = predict(student, [e.input for e in examples], prefix=self.label_prefix,
+                        batch_size=self.args.per_device_eval_batch_size, max_new_tokens=self.val_max_new_tokens)
+        acc = self.task.accuracy(preds, examples)
+        metrics = {f"{metric_key_prefix}_accuracy": acc, f"{metric_key_prefix}_runtime": round(time.time() - start, 3)}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def build_trainer(
+    student: Student,
+    method_cfg: MethodConfig,
+    training: TrainingConfig,
+    train_records: list[TrainRecord],
+    val_examples: list[Example],
+    task: Task | None,
+    out_dir: Path,
+    *,
+    progress: bool = True,
+) -> StepDistillTrainer:
+    """The configured Trainer `fit` runs (exposed for tests and custom loops)."""
+    if not train_records:
+        raise StepDistillError("no training records: the method kept none of the examples (see its summary)")
+    method = get_method(method_cfg)
+    student.fmt = make_format(student, training)
+    feats = build_features(student, method_cfg, student.fmt, train_records)
+    has_val = bool(val_examples)
+    if has_val and task is None:
+        raise StepDistillError("validation examples given without their task: pass task= to score them")
+    if has_val and all(e.label is None for e in val_examples):
+        raise StepDistillError(
+            "the validation examples have no gold labels, so accuracy cannot select a model: "
+            "validate on a labelled split (or pass no validation examples)"
+        )
+    strategy = "steps" if training.eval_steps else "epoch"
+    args = TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.grad_accum,
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps,
+        learning_rate=training.learning_rate,
+        weight_decay=training.weight_decay,
+        warmup_steps=training.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio
+        lr_scheduler_type="linear",
+        eval_strategy=strategy if has_val else "no",
+        save_strategy=strategy,
+        eval_steps=training.eval_steps,
+        save_steps=training.eval_steps,
+        save_total_limit=2,  # with load_best_model_at_end, the best checkpoint is always kept
+        load_best_model_at_end=has_val,
+        metric_for_best_model="accuracy" if has_val else None,
+        greater_is_better=True,
+        logging_steps=training.logging_steps,
+        bf16=training.bf16,
+        # Trainer refuses bf16 without a GPU unless told the CPU is meant: CPU autocast is real
+        use_cpu=training.bf16 and not torch.cuda.is_available(),
+        seed=training.seed,
+        report_to="none",
+        remove_unused_columns=False,  # our batches carry rat_* keys the model's forward lacks
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    callbacks: list[TrainerCallback] = [_JsonlLog(out_dir / "train_log.jsonl")]
+    if has_val and training.patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.patience))
+    return StepDistillTrainer(
+        model=student.model,
+        args=args,
+        train_dataset=feats,
+        eval_dataset=val_examples if has_val else None,
+        data_collator=Collator(student.tokenizer.pad_token_id),
+        processing_class=student.tokenizer,
+        callbacks=callbacks,
+        student=student,
+        alpha=method_cfg.alpha,
+        multitask=method.multitask,
+        task=task,
+        label_prefix=method_cfg.label_prefix,
+        val_max_new_tokens=min(training.val_max_new_tokens, training.max_target_length),
+    )
+
+
+def fit(
+    student: Student,
+    method_cfg: MethodConfig,
+    training: TrainingConfig,
+    train_records: list[TrainRecord],
+    val_examples: list[Example],
+    task: Task,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `student` on `train_records`, keep the model with the best validation accuracy,
+    save it to out_dir/model, return the metrics.
+
+    Returns {"train_loss": [(step, loss), ...], "best_val_accuracy", "best_step", "steps",
+    "seconds", "trainable_params", "total_params", "train_records", "rationale_records"}.
+    After fit, `student.model` is the saved model (LoRA adapters merged into the weights).
+    """
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    last = get_last_checkpoint(str(ckpt_root)) if ckpt_root.is_dir() else None
+    if last and not resume:
+        raise StepDistillError(
+            f"{out_dir} already holds training checkpoints ({Path(last).name}): pass resume=True to "
+            "continue that run, or choose a new output directory"
+        )
+    if resume and not last:
+        log.warning("resume requested but %s has no checkpoint: training from the start", ckpt_root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(student, method_cfg, training, train_records, val_examples, task, out_dir, progress=progress)
+    trainable, total = count_parameters(student.model)
+    start = time.time()
+    trainer.train(resume_from_checkpoint=last if resume else None)
+    seconds = time.time() - start
+    state = trainer.state
+
+    # Trainer has reloaded the best checkpoint (load_best_model_at_end) into trainer.model.
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):  # peft: ship one self-contained model folder
+        model = model.merge_and_unload()
+    student.model = model
+    model_dir = out_dir / "model"
+    model.save_pretrained(model_dir)
+    student.tokenizer.save_pretrained(model_dir)
+    info = {
+        "method": method_cfg.name,
+        "label_prefix": method_cfg.label_prefix,
+        "rationale_prefix": method_cfg.rationale_prefix,
+        "alpha": method_cfg.alpha,
+        "label_source": method_cfg.label_source,
+        "format": student.fmt.to_dict(),
+        "base_model": getattr(model.config, "name_or_path", None) or None,
+        "best_val_accuracy": state.best_metric,
+        "best_step": state.best_global_step,
+    }
+    (model_dir / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+    history = state.log_history
+    return {
+        "train_loss": [(h["step"], h["loss"]) for h in history if "loss" in h],
+        "val_accuracy": [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h],
+        "best_val_accuracy": state.best_metric,
+        "best_step": state.best_global_step,
+        "steps": state.global_step,
+        "seconds": round(seconds, 2),
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_records": len(train_records),
+        "rationale_records": sum(1 for r in train_records if r.rationale),
+    }
