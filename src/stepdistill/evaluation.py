@@ -120,6 +120,8 @@ def evaluate(cfg: EvalRun | dict, out: str | Path | None = None, *, overwrite: b
     cfg = coerce(EvalRun, cfg)
     task = get_task(cfg.task.name, cfg.task.spec)
     examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
+    if out is None and not Path(cfg.model).is_dir():
+        raise StepDistillError(f"--model {cfg.model} is not a local run or model folder: pass --out for the evaluation run")
     out = Path(out) if out else Path(cfg.model) / f"eval-{task.name}-{cfg.split}"
     student, info = load_trained(cfg.model)
     run = create_run(out, cfg, command="eval", overwrite=overwrite)

