@@ -1,7 +1,6 @@
 """Annotation end to end: paper teacher, a fake teacher registered like a real one, store reuse, resume."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -116,7 +115,7 @@ def test_paper_svamp_test_accuracy_reproduces_the_reference(tmp_path):
 def test_keep_correct_drops_rationales_that_reached_a_wrong_answer():
     from stepdistill.api import keep_correct
     from stepdistill.tasks import get_task
-    from stepdistill.tasks.base import Example, Parsed
+    from stepdistill.tasks.base import Example
 
     task = get_task("svamp")
     exs = [Example(str(i), q, a, index=i) for i, (q, a) in enumerate(PROBLEMS)]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from stepdistill.arith import ExpressionError, evaluate_expression
+from stepdistill.arith import evaluate_expression
 from stepdistill.errors import ConfigError, DataError, StepDistillError
 from stepdistill.tasks import TASKS, get_task
 from stepdistill.tasks.base import Example

@@ -13,7 +13,7 @@ from stepdistill.evaluation import load_trained, predict
 from stepdistill.methods import get_method
 from stepdistill.methods.base import TrainRecord
 from stepdistill.students import apply_lora
-from stepdistill.training import StepDistillTrainer, build_trainer, fit
+from stepdistill.training import build_trainer, fit
 from tiny_models import FakeTask, annotations, examples, llama_student, t5_student
 
 STUDENTS = {"t5": t5_student, "llama": llama_student}

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stepdistill.errors import ConfigError, StepDistillError
+from stepdistill.errors import StepDistillError
 
 # (flag, dotted config key, type, help). A flag given on the command line overrides the YAML.
 _TASK_FLAGS = [

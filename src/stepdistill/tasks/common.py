@@ -12,13 +12,13 @@ import re
 import string
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import yaml
 
 from stepdistill.arith import ExpressionError, evaluate_expression, values_equal
 from stepdistill.errors import DataError
-from stepdistill.tasks.base import Example, Task
+from stepdistill.tasks.base import Example, Parsed, Task
 from stepdistill.tasks.io import SPLITS, check_split, hub_records, paper_file, read_records
 
 # Stable, short reasons for an unparseable completion: reports count them by this text.
@@ -59,6 +59,34 @@ def answer_line(text: str) -> str:
         if line.strip():
             return line.strip().rstrip(".").strip()
     return ""
+
+
+def parse_completion(completion: str, *, next_example: str, phrase: str, to_label: Callable[[str], str | None],
+                     invalid: str, choice_letters: bool = False, free_text: bool = False) -> Parsed:
+    """The one parsing skeleton every task shares: cut where the completion runs into an
+    invented next example, split on the last answer phrase, take the answer, normalise it.
+
+    `to_label(raw)` gives the canonical label or None (then the error is `invalid`);
+    `choice_letters` rejects answers naming several choices ("either (a) X or (e) Y");
+    `free_text` keeps the whole answer, not only its first line.
+    """
+    text = cut_at(str(completion), next_example)
+    parts = split_on_phrase(text, phrase)
+    if parts is None:
+        return Parsed(text.strip() or None, None, NO_ANSWER)
+    rationale, rest = parts
+    raw = " ".join(rest.split()).rstrip(".") if free_text else answer_line(rest)
+    if not raw:
+        return Parsed(rationale or None, None, EMPTY_ANSWER)
+    if choice_letters and len(set(_LETTER.findall(raw))) > 1:
+        return Parsed(rationale or None, None, AMBIGUOUS)
+    label = to_label(raw)
+    if label is None:
+        return Parsed(rationale or None, None, invalid)
+    return Parsed(rationale, label)
+
+
+_LETTER = re.compile(r"\(([a-z])\)")
 
 
 # --- normalisers, one per label kind -------------------------------------------------------
@@ -223,7 +251,7 @@ def _check_labels(records: list[dict[str, Any]], label_field: str, file: Path) -
 
 
 __all__ = [
-    "SPLITS", "RecordTask", "load_prompt", "cut_at", "split_on_phrase", "answer_line",
+    "SPLITS", "RecordTask", "load_prompt", "cut_at", "split_on_phrase", "answer_line", "parse_completion",
     "normalize_class", "normalize_choice", "normalize_arithmetic", "normalize_free",
     "NO_ANSWER", "EMPTY_ANSWER", "OUT_OF_SPACE", "NOT_ARITHMETIC", "AMBIGUOUS",
 ]

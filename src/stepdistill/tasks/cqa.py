@@ -10,21 +10,18 @@ Teacher format (the paper's PaLM outputs have this shape):
 
 from __future__ import annotations
 
-import re
 from typing import Any, ClassVar
 
 from stepdistill.errors import DataError
 from stepdistill.tasks import TASKS
 from stepdistill.tasks.base import Example, Parsed
 from stepdistill.tasks.common import (
-    AMBIGUOUS, EMPTY_ANSWER, NO_ANSWER, OUT_OF_SPACE, RecordTask, answer_line, cut_at,
-    normalize_choice, split_on_phrase,
+    OUT_OF_SPACE, RecordTask, normalize_choice, parse_completion,
 )
 from stepdistill.tasks.io import as_list
 
 NEXT_QUESTION = r"(?:^|\n)\s*Q:"
 ANSWER_PHRASE = r"so the answer is"
-_LETTER = re.compile(r"\(([a-z])\)")
 
 
 def format_choices(question: str, choices: list[str]) -> str:
@@ -35,20 +32,9 @@ def format_choices(question: str, choices: list[str]) -> str:
 
 def parse_choice(completion: str, choices: list[str] | None) -> Parsed:
     """`"... So the answer is (d) math problem.\\n\\nQ: ..."` -> Parsed(rationale, "math problem")."""
-    text = cut_at(str(completion), NEXT_QUESTION)
-    parts = split_on_phrase(text, ANSWER_PHRASE)
-    if parts is None:
-        return Parsed(text.strip() or None, None, NO_ANSWER)
-    rationale, rest = parts
-    raw = answer_line(rest)
-    if not raw:
-        return Parsed(rationale or None, None, EMPTY_ANSWER)
-    if len(set(_LETTER.findall(raw))) > 1:  # "either (a) aquarium or (e) pond"
-        return Parsed(rationale or None, None, AMBIGUOUS)
-    label = normalize_choice(raw, choices)
-    if label is None:
-        return Parsed(rationale or None, None, OUT_OF_SPACE)
-    return Parsed(rationale, label)
+    return parse_completion(completion, next_example=NEXT_QUESTION, phrase=ANSWER_PHRASE,
+                            to_label=lambda raw: normalize_choice(raw, choices), invalid=OUT_OF_SPACE,
+                            choice_letters=True)
 
 
 def _choices(example: Any) -> list[str] | None:

@@ -37,10 +37,9 @@ from stepdistill.errors import ConfigError, DataError
 from stepdistill.tasks import TASKS
 from stepdistill.tasks.base import Example, Parsed
 from stepdistill.tasks.common import (
-    AMBIGUOUS, EMPTY_ANSWER, NO_ANSWER, NOT_ARITHMETIC, OUT_OF_SPACE, RecordTask, answer_line, cut_at,
-    normalize_arithmetic, normalize_choice, normalize_class, normalize_free, split_on_phrase,
+    NOT_ARITHMETIC, OUT_OF_SPACE, RecordTask, normalize_arithmetic, normalize_choice, normalize_class,
+    normalize_free, parse_completion,
 )
-from stepdistill.tasks.cqa import _LETTER
 from stepdistill.tasks.io import SUFFIXES, as_list, check_split
 
 
@@ -199,20 +198,11 @@ class GenericTask(RecordTask):
     # --- parsing and labels ---
 
     def parse(self, completion: str, example: Example | None = None) -> Parsed:
-        text = cut_at(str(completion), rf"(?:^|\n)\s*{self._marker}")
-        parts = split_on_phrase(text, r"(?:^|\n)\s*Answer:")
-        if parts is None:
-            return Parsed(text.strip() or None, None, NO_ANSWER)
-        rationale, rest = parts
-        raw = answer_line(rest) if self.label_kind != "free" else " ".join(rest.split()).rstrip(".")
-        if not raw:
-            return Parsed(rationale or None, None, EMPTY_ANSWER)
-        if self.label_kind == "choice" and len(set(_LETTER.findall(raw))) > 1:
-            return Parsed(rationale or None, None, AMBIGUOUS)
-        label = self.normalize(raw, example)
-        if label is None:
-            return Parsed(rationale or None, None, NOT_ARITHMETIC if self.label_kind == "arithmetic" else OUT_OF_SPACE)
-        return Parsed(rationale, label)
+        return parse_completion(
+            completion, next_example=rf"(?:^|\n)\s*{self._marker}", phrase=r"(?:^|\n)\s*Answer:",
+            to_label=lambda raw: self.normalize(raw, example),
+            invalid=NOT_ARITHMETIC if self.label_kind == "arithmetic" else OUT_OF_SPACE,
+            choice_letters=self.label_kind == "choice", free_text=self.label_kind == "free")
 
     def normalize(self, label: str, example: Example | None = None) -> str | None:
         if self.label_kind == "classes":

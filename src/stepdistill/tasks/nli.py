@@ -13,8 +13,7 @@ from typing import Any, ClassVar
 from stepdistill.tasks import TASKS
 from stepdistill.tasks.base import Example, Parsed
 from stepdistill.tasks.common import (
-    EMPTY_ANSWER, NO_ANSWER, OUT_OF_SPACE, RecordTask, answer_line, cut_at, normalize_class,
-    split_on_phrase,
+    OUT_OF_SPACE, RecordTask, normalize_class, parse_completion,
 )
 
 CLASSES = ("entailment", "neutral", "contradiction")
@@ -23,18 +22,9 @@ NEXT_PREMISE = r"(?:^|\n)\s*Premise:"
 
 def parse_class(completion: str, phrase: str, classes: tuple[str, ...], next_example: str) -> Parsed:
     """Cut at the next example, split on the last answer phrase, normalise the label."""
-    text = cut_at(str(completion), next_example)
-    parts = split_on_phrase(text, phrase)
-    if parts is None:
-        return Parsed(text.strip() or None, None, NO_ANSWER)
-    rationale, rest = parts
-    raw = answer_line(rest)  # first line: a label cut short after it ("entailment\n\nPre") still counts
-    if not raw:
-        return Parsed(rationale or None, None, EMPTY_ANSWER)
-    label = normalize_class(raw, classes)
-    if label is None:
-        return Parsed(rationale or None, None, OUT_OF_SPACE)
-    return Parsed(rationale, label)
+    # the answer's first line: a label cut short after it ("entailment\n\nPre") still counts
+    return parse_completion(completion, next_example=next_example, phrase=phrase,
+                            to_label=lambda raw: normalize_class(raw, classes), invalid=OUT_OF_SPACE)
 
 
 class NliTask(RecordTask):

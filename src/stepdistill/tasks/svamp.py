@@ -14,8 +14,7 @@ from stepdistill.arith import values_equal
 from stepdistill.tasks import TASKS
 from stepdistill.tasks.base import Example, Parsed
 from stepdistill.tasks.common import (
-    EMPTY_ANSWER, NO_ANSWER, NOT_ARITHMETIC, RecordTask, answer_line, cut_at,
-    normalize_arithmetic, split_on_phrase,
+    NOT_ARITHMETIC, RecordTask, normalize_arithmetic, parse_completion,
 )
 
 NEXT_QUESTION = r"(?:^|\n)\s*Q:"
@@ -24,18 +23,8 @@ ANSWER_PHRASE = r"the answer is"
 
 def parse_arithmetic(completion: str) -> Parsed:
     """`"... 84 / 2 = 42. The answer is (84 / 2).\\n\\nQ: ..."` -> Parsed(rationale, "(84 / 2)")."""
-    text = cut_at(str(completion), NEXT_QUESTION)
-    parts = split_on_phrase(text, ANSWER_PHRASE)
-    if parts is None:
-        return Parsed(text.strip() or None, None, NO_ANSWER)
-    rationale, rest = parts
-    raw = answer_line(rest)
-    if not raw:
-        return Parsed(rationale or None, None, EMPTY_ANSWER)
-    label = normalize_arithmetic(raw)
-    if label is None:
-        return Parsed(rationale or None, None, NOT_ARITHMETIC)
-    return Parsed(rationale, label)
+    return parse_completion(completion, next_example=NEXT_QUESTION, phrase=ANSWER_PHRASE,
+                            to_label=normalize_arithmetic, invalid=NOT_ARITHMETIC)
 
 
 class ArithmeticTask(RecordTask):
