@@ -27,7 +27,7 @@ from stepdistill.students import smollm2_gguf
 
 # size -> settings. "default" is the README's demo; "tiny" checks every stage in a minute or two.
 SIZES: dict[str, dict[str, Any]] = {
-    "default": dict(n_train=160, n_test=50, student_layers=4, epochs=8, batch_size=8, lr=3e-4,
+    "default": dict(n_train=160, n_test=50, student_layers=4, epochs=10, batch_size=8, lr=3e-4,
                     teacher_batch=8, max_new_tokens=72, val_size=24, rationales="correct"),
     "tiny": dict(n_train=16, n_test=8, student_layers=1, epochs=1, batch_size=4, lr=3e-4,
                  teacher_batch=8, max_new_tokens=48, val_size=4, rationales="all"),
