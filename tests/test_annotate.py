@@ -70,6 +70,9 @@ def test_paper_teacher_counts_unparsed_and_scores(svamp_dir, tmp_path):
     assert rows[0]["rationale"] and "Q:" not in rows[0]["rationale"]  # cut at the invented next example
     for f in ["config.yaml", "env.json", "log.txt", "summary.json"]:
         assert (tmp_path / "run" / f).is_file()
+    assert "teacher_accuracy=50.00%" in (tmp_path / "run" / "log.txt").read_text()
+    env = json.loads((tmp_path / "run" / "env.json").read_text())
+    assert env["command"] == "annotate" and env["versions"]["torch"] and "git_revision" in env
 
 
 def test_rerun_costs_nothing_and_crash_resumes(svamp_dir, tmp_path):
@@ -124,3 +127,20 @@ def test_keep_correct_drops_rationales_that_reached_a_wrong_answer():
     assert sorted(kept) == ["0", "1"]  # 2 is wrong, 3 did not parse
     with pytest.raises(StepDistillError, match="gold labels"):
         keep_correct(ann, [Example("x", "q", None)], task, echo=lambda _: None)
+
+
+def test_annotations_of_other_data_are_refused(svamp_dir, tmp_path):
+    from stepdistill.errors import DataError
+    from stepdistill.store import read_annotations
+    from stepdistill.tasks import get_task
+    from stepdistill.tasks.base import Example
+
+    api.annotate(_cfg(svamp_dir), tmp_path / "ann", echo=lambda _: None)
+    task = get_task("svamp")
+    same = task.load("test", svamp_dir)
+    assert len(read_annotations(tmp_path / "ann", task, "test", same)) == 4
+    other = [Example(same[0].id, "a different problem", same[0].label)]
+    with pytest.raises(DataError, match="do not belong to this data"):
+        read_annotations(tmp_path / "ann", task, "test", other)
+    with pytest.raises(DataError, match="for split 'test', not 'train'"):
+        read_annotations(tmp_path / "ann", task, "train")

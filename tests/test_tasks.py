@@ -317,6 +317,46 @@ def test_teacher_prompt_ends_where_the_completion_begins(name, prompt_name, endi
         assert parsed.rationale == shot["rationale"]
 
 
+@pytest.mark.parametrize(
+    "name, prompt_name, split",
+    [("svamp", "svamp", "train"), ("cqa", "cqa", "train"), ("esnli", "esnli", "valid"), ("anli1", "anli", "valid")],
+)
+def test_teacher_prompt_n_shots(name, prompt_name, split):
+    task = get_task(name)
+    e = task.load(split, SBS)[0]
+    query = task.render(e.fields)
+    first = load_prompt(prompt_name)["exemplars"][0]
+    one = task.teacher_prompt(e, n_shots=1)
+    assert one == task.render(first, first["rationale"], first["answer"]) + "\n\n" + query  # one exemplar, then the query
+    assert task.teacher_prompt(e, n_shots=0) == query  # zero-shot: just the question
+    assert task.teacher_prompt(e, n_shots=100) == task.teacher_prompt(e, n_shots=None) == task.teacher_prompt(e)
+
+
+def test_generic_teacher_prompt_n_shots():
+    task = get_task("generic", FIXTURES / "generic" / "sentiment.yaml")
+    e = task.load("train")[0]
+    one = task.teacher_prompt(e, n_shots=1)
+    assert one.count("\nAnswer:") == 1 and "The waiter forgot" in one and "Fresh bread" not in one
+    assert one.endswith("\n\n" + task.render(e.fields))
+    zero = task.teacher_prompt(e, n_shots=0)  # the instruction stays: it is the task, not an exemplar
+    assert zero.startswith("Decide whether") and "\nAnswer:" not in zero and zero.endswith("\n\n" + task.render(e.fields))
+    assert task.teacher_prompt(e, n_shots=5) == task.teacher_prompt(e)
+
+
+@pytest.mark.parametrize("prompt_name", ["svamp", "cqa", "esnli", "anli"])
+def test_every_shipped_prompt_has_a_version(prompt_name):
+    assert load_prompt(prompt_name)["version"] is not None
+
+
+def test_template_version_comes_from_the_prompt_file(monkeypatch):
+    from stepdistill.tasks import common
+
+    assert get_task("cqa").template_version == str(load_prompt("cqa")["version"])
+    bumped = {**load_prompt("svamp"), "version": 7}
+    monkeypatch.setattr(common, "load_prompt", lambda name: bumped)
+    assert get_task("svamp").template_version == get_task("quickstart").template_version == "7"
+
+
 def test_stop_strings_mark_the_next_example():
     for name in ["svamp", "cqa", "esnli", "anli1", "quickstart"]:
         task = get_task(name)
@@ -342,6 +382,9 @@ def test_normalize_and_is_correct():
     examples = nli.load("valid", SBS)
     assert nli.accuracy([e.label for e in examples], examples) == 1.0
     assert nli.accuracy([None] * len(examples), examples) == 0.0
+    # no gold labels: no accuracy (None, valid JSON), not NaN
+    unlabelled = nli.load("train", USER / "nli_unlabelled.jsonl")
+    assert nli.accuracy([e.label for e in unlabelled], unlabelled) is None
 
 
 # --- generic task ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """stepdistill: distil a large language model into a small, fast, task-specific student.
 
-The pipeline, one module per stage: tasks/ -> teachers/ -> store.py -> methods/ + train.py
--> evaluate.py. The Python API mirrors the CLI:
+The pipeline, one module per stage: tasks/ -> teachers/ -> store.py -> methods/ + training.py
+-> evaluation.py. The Python API mirrors the CLI:
 
 >>> import stepdistill as sd
 >>> sd.annotate(cfg, out="runs/ann"); sd.train(cfg, out="runs/sbs"); sd.evaluate(cfg)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from stepdistill.config import AnnotateRun, TrainRun, coerce
 from stepdistill.errors import DataError, StepDistillError
 from stepdistill.runs import create_run, home, read_jsonl, write_json, write_jsonl
-from stepdistill.store import AnnotationStore, annotation_key
+from stepdistill.store import AnnotationStore, StoredCompletion, annotation_key, read_annotations
 from stepdistill.tasks import get_task, load_examples
 from stepdistill.tasks.base import Example, Parsed, Task
 from stepdistill.evaluation import evaluate  # noqa: F401  (the third stage, beside predict())
@@ -48,97 +48,93 @@ def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = Fals
     Completions come from the annotation store when they are there: a rerun costs nothing and
     an interrupted run resumes where it stopped.
     """
-    from stepdistill.teachers import Request, make_teacher
+    from stepdistill.teachers import make_teacher
 
     cfg = coerce(AnnotateRun, cfg)
     task = get_task(cfg.task.name, cfg.task.spec)
     examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
     teacher = make_teacher(cfg.teacher, task, cfg.split, cfg.task.path)
-    run = create_run(out, cfg, command="annotate", seed=cfg.teacher.sampling.seed, overwrite=overwrite,
-                     resume=resume)
+    with create_run(out, cfg, command="annotate", seed=cfg.teacher.sampling.seed, overwrite=overwrite,
+                    resume=resume, inputs=(cfg.task.path,)) as run:
+        echo = run.tee(echo)
+        t0 = time.perf_counter()
+        completions, generated = _complete(teacher, task, examples, store_path, cfg.split, echo)
+        summary = _summarise(task, teacher, examples, completions, run, cfg.split)
+        summary.update(generated=generated, from_store=len(examples) - generated,
+                       seconds=round(time.perf_counter() - t0, 2))
+        write_json(run.path("summary.json"), summary)
+        acc = "n/a (no gold labels)" if summary["teacher_accuracy"] is None else f"{summary['teacher_accuracy']:.2%}"
+        line = f"n={summary['n']} parsed={summary['parsed']} unparsed={summary['unparsed']} teacher_accuracy={acc}"
+        if "teacher_accuracy_paper_parsing" in summary:
+            line += f" (with the paper's own parsing: {summary['teacher_accuracy_paper_parsing']:.2%})"
+        echo(line)
+        if summary["unparsed_reasons"]:
+            echo("unparsed outputs: " + ", ".join(f"{r}: {c}" for r, c in summary["unparsed_reasons"].items()))
+        echo(f"wrote {run.path('summary.json')}")
+    return summary
+
+
+def _complete(teacher, task: Task, examples: list[Example], store_path, split: str, echo: Printer
+              ) -> tuple[list[tuple[str, StoredCompletion]], int]:
+    """(key, completion) per example: from the store, or generated and committed one by one."""
+    from stepdistill.teachers import Request
+
     store = AnnotationStore(store_path or home() / "annotations.sqlite")
-    t0 = time.perf_counter()
     try:
         identity = teacher.identity()
         requests = [Request(ex, teacher.prompt(task, ex)) for ex in examples]
         keys = [annotation_key(identity, r.prompt, task.template_version) for r in requests]
         have = store.get_many(keys)
-        todo = [(k, r) for k, r in zip(keys, requests) if k not in have]
-        echo(f"annotate {task.name}/{cfg.split} with {teacher.kind} teacher: {len(examples)} examples, "
+        todo = {k: r for k, r in zip(keys, requests) if k not in have}  # a repeated prompt generates once
+        echo(f"annotate {task.name}/{split} with {teacher.kind} teacher: {len(examples)} examples, "
              f"{len(examples) - len(todo)} already in the store, {len(todo)} to generate")
-        key_of = {id(r): k for k, r in todo}
+        key_of = {id(r): k for k, r in todo.items()}
         with tqdm(total=len(todo), desc="teacher", unit="ex", disable=not todo) as bar:
-            for req, comp in teacher.generate([r for _, r in todo]):
+            for req, comp in teacher.generate(list(todo.values())):
                 store.put(key_of[id(req)], identity, req.prompt, comp.text, prompt_tokens=comp.prompt_tokens,
                           completion_tokens=comp.completion_tokens, seconds=comp.seconds)
                 bar.update(1)
         have = store.get_many(keys)
     finally:
         store.close()
+    return [(k, have[k]) for k in keys], len(todo)
 
+
+def _summarise(task: Task, teacher, examples: list[Example], completions, run, split: str) -> dict[str, Any]:
+    """Parse every completion, write annotations.jsonl, and count what parsed and what was right."""
     rows, reasons = [], Counter()
-    parsed_n = correct = gold_n = 0
-    tokens, secs = 0, []
-    for ex, key in zip(examples, keys):
-        rec = have[key]
+    parsed_n = correct = gold_n = tokens = 0
+    secs = []
+    for ex, (key, rec) in zip(examples, completions):
         if rec.seconds is not None:
             secs.append(rec.seconds)
         p = task.parse(rec.completion, ex)
-        ok = p.ok
-        parsed_n += ok
-        if not ok:
+        parsed_n += p.ok
+        if not p.ok:
             reasons[p.error or "no label"] += 1
         is_correct = None
         if ex.label is not None:
             gold_n += 1
-            is_correct = bool(ok and task.is_correct(p.label, ex))
+            is_correct = bool(p.ok and task.is_correct(p.label, ex))
             correct += is_correct
         tokens += rec.completion_tokens or 0
         rows.append({"id": ex.id, "index": ex.index, "input": ex.input, "gold": ex.label,
-                     "completion": rec.completion, "rationale": p.rationale, "label": p.label if ok else None,
-                     "error": None if ok else (p.error or "no label"), "correct": is_correct, "key": key})
+                     "completion": rec.completion, "rationale": p.rationale, "label": p.label if p.ok else None,
+                     "error": None if p.ok else (p.error or "no label"), "correct": is_correct, "key": key})
     write_jsonl(run.path("annotations.jsonl"), rows)
     summary = {
-        "task": task.name, "split": cfg.split, "teacher": identity,
+        "task": task.name, "split": split, "teacher": teacher.identity(),
         "n": len(examples), "parsed": parsed_n, "unparsed": len(examples) - parsed_n,
         "unparsed_reasons": dict(reasons.most_common()),
         "teacher_accuracy": correct / gold_n if gold_n else None,
-        "generated": len(todo), "from_store": len(examples) - len(todo),
-        "completion_tokens": tokens, "seconds": round(time.perf_counter() - t0, 2),
+        "completion_tokens": tokens,
         # the teacher's latency per prediction (its CoT generation), as measured when generated
         "ms_per_example": round(1000 * sum(secs) / len(secs), 1) if secs else None,
     }
-    if gold_n:
-        ref = teacher.reference_accuracy([have[k].completion for k in keys], examples)
-        if ref is not None:
-            summary["teacher_accuracy_paper_parsing"] = ref
-    write_json(run.path("summary.json"), summary)
-    acc = "n/a (no gold labels)" if summary["teacher_accuracy"] is None else f"{summary['teacher_accuracy']:.2%}"
-    line = f"n={summary['n']} parsed={parsed_n} unparsed={summary['unparsed']} teacher_accuracy={acc}"
-    if "teacher_accuracy_paper_parsing" in summary:
-        line += f" (with the paper's own parsing: {summary['teacher_accuracy_paper_parsing']:.2%})"
-    echo(line)
-    if reasons:
-        echo("unparsed outputs: " + ", ".join(f"{r}: {c}" for r, c in reasons.most_common()))
-    echo(f"wrote {run.path('summary.json')}")
-    run.close()
+    ref = teacher.reference_accuracy([rec.completion for _, rec in completions], examples) if gold_n else None
+    if ref is not None:
+        summary["teacher_accuracy_paper_parsing"] = ref
     return summary
-
-
-def read_annotations(run_dir: str | Path, task: Task, split: str | None = None) -> dict[str, Parsed]:
-    """Parsed teacher outputs of an annotation run, by example id (unparsed ones carry `error`)."""
-    d = Path(run_dir)
-    summary_path, rows_path = d / "summary.json", d / "annotations.jsonl"
-    if not rows_path.is_file() or not summary_path.is_file():
-        raise DataError(f"{d} is not an annotation run (no annotations.jsonl/summary.json): run `stepdistill annotate --out {d}` first")
-    summary = json.loads(summary_path.read_text())
-    if summary.get("task") != task.name:
-        raise DataError(f"annotations in {d} are for task {summary.get('task')!r}, not {task.name!r}: point to the right run")
-    if split is not None and summary.get("split") != split:
-        raise DataError(f"annotations in {d} are for split {summary.get('split')!r}, not {split!r}: annotate that split")
-    # A parser fix needs no new teacher calls: rerun `annotate`, which reads the store.
-    return {row["id"]: Parsed(row.get("rationale"), row.get("label"), row.get("error"))
-            for row in read_jsonl(rows_path)}
 
 
 # ---------------------------------------------------------------- train
@@ -180,24 +176,33 @@ def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, res
     task = get_task(cfg.task.name, cfg.task.spec)
     method = get_method(cfg.method)
     examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
-    annotations = read_annotations(cfg.annotations, task, cfg.split) if cfg.annotations else None
+    annotations = read_annotations(cfg.annotations, task, cfg.split, examples) if cfg.annotations else None
     if annotations is not None and method.multitask and cfg.method.rationales == "correct":
         annotations = keep_correct(annotations, examples, task, echo)
     tcfg = cfg.training
-    train_ex, val_ex = split_validation(examples, tcfg.val_fraction, tcfg.seed, tcfg.val_size)
+    if cfg.val_split == "test":
+        raise StepDistillError("val_split=test: selecting a model on the test split inflates its score; use a validation split")
+    if cfg.val_split:  # the task's own validation split, when it has one
+        train_ex = examples
+        val_ex = load_examples(task, cfg.val_split, cfg.task.path, tcfg.val_size)
+        val_from = f"split {cfg.val_split}"
+    else:
+        train_ex, val_ex = split_validation(examples, tcfg.val_fraction, tcfg.seed, tcfg.val_size)
+        val_from = f"carved from {cfg.split}"
     if tcfg.train_size:
         train_ex = train_ex[: tcfg.train_size]
     record_set = method.records(train_ex, annotations)
     records = record_set.records
-    run = create_run(out, cfg, command="train", seed=tcfg.seed, overwrite=overwrite, resume=resume)
-    echo(f"train {cfg.method.name} on {task.name}/{cfg.split}: {record_set.summary()}; "
-         f"{len(val_ex)} validation examples (carved from {cfg.split}); student {cfg.student.model}")
-    student = load_student(cfg.student)
-    metrics = fit(student, cfg.method, tcfg, records, val_ex, task, run.dir, resume=resume)
-    metrics.update({"task": task.name, "method": cfg.method.name, "n_train": len(records), "n_val": len(val_ex),
-                    "records": record_set.counts})
-    write_json(run.path("metrics.json"), metrics)
-    echo(f"best validation accuracy {metrics.get('best_val_accuracy')}; model in {run.path('model')}")
-    run.close()
+    with create_run(out, cfg, command="train", seed=tcfg.seed, overwrite=overwrite, resume=resume,
+                    inputs=(cfg.task.path, cfg.annotations, cfg.student.model)) as run:
+        echo = run.tee(echo)
+        echo(f"train {cfg.method.name} on {task.name}/{cfg.split}: {record_set.summary()}; "
+             f"{len(val_ex)} validation examples ({val_from}); student {cfg.student.model}")
+        student = load_student(cfg.student)
+        metrics = fit(student, cfg.method, tcfg, records, val_ex, task, run.dir, resume=resume)
+        metrics.update({"task": task.name, "method": cfg.method.name, "n_train": len(records),
+                        "n_val": len(val_ex), "records": record_set.counts})
+        write_json(run.path("metrics.json"), metrics)
+        echo(f"best validation accuracy {metrics.get('best_val_accuracy')}; model in {run.path('model')}")
     return metrics
 

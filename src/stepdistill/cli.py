@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stepdistill: error: {e}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
-        print("stepdistill: interrupted: completions so far are in the store and checkpoints in the run; rerun with --resume", file=sys.stderr)
+        print("stepdistill: interrupted: teacher completions so far are in the store and training checkpoints in "
+              "the run; annotate/train continue with --resume", file=sys.stderr)
         code = 130
     except Exception as e:
         if os.environ.get("STEPDISTILL_DEBUG"):

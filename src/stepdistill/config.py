@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stepdistill.errors import ConfigError
 
@@ -33,6 +33,23 @@ class TaskConfig(_Section):
     )
     spec: Optional[str] = Field(None, description="For task `generic`: the YAML file describing the dataset.")
 
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from stepdistill.tasks import TASKS  # late: tasks import config-free modules only
+
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}: choose one of {', '.join(TASKS.names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _spec_fits(self) -> "TaskConfig":
+        if self.name == "generic" and not self.spec:
+            raise ValueError("task generic needs spec: the YAML file describing your dataset")
+        if self.name != "generic" and self.spec:
+            raise ValueError(f"spec is only for task generic, not {self.name}")
+        return self
+
 
 class SamplingConfig(_Section):
     max_new_tokens: int = Field(128, gt=0, description="Longest completion the teacher may write.")
@@ -48,6 +65,15 @@ class TeacherConfig(_Section):
     batch_size: int = Field(8, gt=0, description="Prompts generated together.")
     n_shots: Optional[int] = Field(None, ge=0, description="Few-shot exemplars in the prompt (default: all the task ships).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_teacher(cls, v: str) -> str:
+        from stepdistill.teachers import TEACHERS
+
+        if v not in TEACHERS:
+            raise ValueError(f"unknown teacher {v!r}: choose one of {', '.join(TEACHERS.names())}")
+        return v
 
 
 class LoraConfig(_Section):
@@ -93,7 +119,7 @@ class TrainingConfig(_Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_input_length: int = Field(512, gt=0)
     max_target_length: int = Field(256, gt=0)
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Validation carved from train when the task has no validation split.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Validation carved from the training split (unless `val_split` names one).")
     val_size: Optional[int] = Field(None, gt=0, description="Cap on validation examples (generation on CPU is slow).")
     eval_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (default: once per epoch).")
     patience: Optional[int] = Field(None, gt=0, description="Early stopping after N evaluations without improvement.")
@@ -121,6 +147,11 @@ class TrainRun(_Section):
     annotations: Optional[str] = Field(None, description="Annotation run directory (needed by distill and step-by-step).")
     split: str = "train"
     limit: Optional[int] = Field(None, gt=0, description="Use only the first N examples of the split (before carving validation).")
+    val_split: Optional[str] = Field(
+        None,
+        description="Select the model on this split of the task (e.g. valid); unset = carve "
+        "training.val_fraction from the training split. Never test.",
+    )
 
 
 class EvalRun(_Section):
@@ -143,6 +174,8 @@ def _format_errors(err: ValidationError) -> list[str]:
             msg = "unknown field (typo?)"
         elif e["type"] == "missing":
             msg = "required field missing"
+        elif e["type"] == "value_error":  # our validators' messages already name the value and the fix
+            msg = msg.removeprefix("Value error, ")
         elif "input" in e and not isinstance(e["input"], (dict, list)):
             msg = f"{msg} (got {e['input']!r})"
         out.append(f"{loc}: {msg}")

@@ -20,15 +20,16 @@ import torch
 from stepdistill.config import EvalRun, coerce
 from stepdistill.errors import StepDistillError
 from stepdistill.runs import create_run, write_json, write_jsonl
+from stepdistill.store import read_annotations
 from stepdistill.tasks import get_task, load_examples
 from stepdistill.methods.formatting import Format, encode_source
 from stepdistill.students import Student, count_parameters, load_pretrained
 
-MODEL_INFO = "stepdistill.json"  # written by train.fit next to the saved model
+MODEL_INFO = "stepdistill.json"  # written by training.fit next to the saved model
 
 
 def load_trained(path: str | Path) -> tuple[Student, dict[str, Any]]:
-    """Load a model trained by `train.fit` and its stepdistill.json (method, prefixes, format).
+    """Load a model trained by `training.fit` and its stepdistill.json (method, prefixes, format).
 
     `path` is the model folder or a run folder holding `model/`. The returned student carries
     the saved Format in `student.fmt`.
@@ -109,58 +110,62 @@ def predict(
     return out
 
 
+def _pct(x: float | None) -> str:
+    return "n/a (no gold labels)" if x is None else f"{x:.2%}"
+
+
 def evaluate(cfg: EvalRun | dict, out: str | Path | None = None, *, overwrite: bool = False,
              echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Score a trained student on a split: `predictions.jsonl` + `metrics.json` (accuracy, n, ms/example).
 
     Only the label task runs; `rationales=True` also generates the rationale task's explanations.
     """
-    from stepdistill.api import read_annotations
-
     cfg = coerce(EvalRun, cfg)
     task = get_task(cfg.task.name, cfg.task.spec)
     examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
+    # Read before the run directory exists: a bad --annotations must not leave a half run behind.
+    ann = read_annotations(cfg.annotations, task, cfg.split, examples) if cfg.annotations else None
     if out is None and not Path(cfg.model).is_dir():
-        raise StepDistillError(f"--model {cfg.model} is not a local run or model folder: pass --out for the evaluation run")
+        raise StepDistillError(f"--model {cfg.model} is not a trained run or model folder: train one with `stepdistill train`")
     out = Path(out) if out else Path(cfg.model) / f"eval-{task.name}-{cfg.split}"
     student, info = load_trained(cfg.model)
-    run = create_run(out, cfg, command="eval", overwrite=overwrite)
-    inputs = [e.input for e in examples]
-    t0 = time.perf_counter()
-    preds = predict(student, inputs, prefix=info["label_prefix"], batch_size=cfg.batch_size,
-                    max_new_tokens=cfg.max_new_tokens)
-    seconds = time.perf_counter() - t0
-    rationales = None
-    if cfg.rationales:
-        rationales = predict(student, inputs, prefix=info["rationale_prefix"], batch_size=cfg.batch_size,
-                             max_new_tokens=max(cfg.max_new_tokens, 128))
-    rows = []
-    for i, (ex, pred) in enumerate(zip(examples, preds)):
-        row = {"id": ex.id, "input": ex.input, "gold": ex.label, "prediction": pred,
-               "correct": task.is_correct(pred, ex) if ex.label is not None else None}
-        if rationales is not None:
-            row["rationale"] = rationales[i]
-        rows.append(row)
-    write_jsonl(run.path("predictions.jsonl"), rows)
-    metrics: dict[str, Any] = {
-        "task": task.name, "split": cfg.split, "model": str(cfg.model),
-        "accuracy": task.accuracy(preds, examples), "n": len(examples),
-        "parameters": count_parameters(student.model)[1],
-        "ms_per_example": round(1000 * seconds / len(examples), 2),
-        "method": info.get("method"),
-    }
-    if cfg.annotations:
-        ann = read_annotations(cfg.annotations, task, cfg.split)
-        teacher_preds = [ann[e.id].label if e.id in ann else None for e in examples]
-        missing = sum(e.id not in ann for e in examples)
-        metrics["teacher_accuracy"] = task.accuracy(teacher_preds, examples)
-        if missing:
-            metrics["teacher_missing"] = missing
-    write_json(run.path("metrics.json"), metrics)
-    line = f"accuracy={metrics['accuracy']:.2%} n={metrics['n']} ms/example={metrics['ms_per_example']}"
-    if "teacher_accuracy" in metrics:
-        line += f" teacher_accuracy={metrics['teacher_accuracy']:.2%}"
-    echo(line)
-    echo(f"wrote {run.path('metrics.json')} and predictions.jsonl")
-    run.close()
+    with create_run(out, cfg, command="eval", overwrite=overwrite,
+                    inputs=(cfg.model, cfg.annotations, cfg.task.path)) as run:
+        echo = run.tee(echo)
+        inputs = [e.input for e in examples]
+        t0 = time.perf_counter()
+        preds = predict(student, inputs, prefix=info["label_prefix"], batch_size=cfg.batch_size,
+                        max_new_tokens=cfg.max_new_tokens)
+        seconds = time.perf_counter() - t0
+        rationales = None
+        if cfg.rationales:
+            rationales = predict(student, inputs, prefix=info["rationale_prefix"], batch_size=cfg.batch_size,
+                                 max_new_tokens=max(cfg.max_new_tokens, 128))
+        rows = []
+        for i, (ex, pred) in enumerate(zip(examples, preds)):
+            row = {"id": ex.id, "input": ex.input, "gold": ex.label, "prediction": pred,
+                   "correct": task.is_correct(pred, ex) if ex.label is not None else None}
+            if rationales is not None:
+                row["rationale"] = rationales[i]
+            rows.append(row)
+        write_jsonl(run.path("predictions.jsonl"), rows)
+        metrics: dict[str, Any] = {
+            "task": task.name, "split": cfg.split, "model": str(cfg.model),
+            "accuracy": task.accuracy(preds, examples), "n": len(examples),
+            "parameters": count_parameters(student.model)[1],
+            "ms_per_example": round(1000 * seconds / len(examples), 2),
+            "method": info.get("method"),
+        }
+        if ann is not None:
+            metrics["teacher_accuracy"] = task.accuracy([ann[e.id].label if e.id in ann else None for e in examples],
+                                                        examples)
+            missing = sum(e.id not in ann for e in examples)
+            if missing:
+                metrics["teacher_missing"] = missing
+        write_json(run.path("metrics.json"), metrics)
+        line = f"accuracy={_pct(metrics['accuracy'])} n={metrics['n']} ms/example={metrics['ms_per_example']}"
+        if "teacher_accuracy" in metrics:
+            line += f" teacher_accuracy={_pct(metrics['teacher_accuracy'])}"
+        echo(line)
+        echo(f"wrote {run.path('metrics.json')} and predictions.jsonl")
     return metrics

@@ -87,7 +87,7 @@ def quickstart(out: str | Path = "runs/quickstart", *, overwrite: bool = False, 
     for i, method in enumerate(["standard", "step-by-step"]):
         stage(f"{4 + i}/5 train the student with {method}" + (" (gold labels + the teacher's correct rationales)" if method != "standard" else " (gold labels)"))
         run_dir = out / f"student-{method}"
-        api.train({"task": task, "student": {"model": str(student_dir)}, "limit": s["n_train"],
+        api.train({"task": task, "student": {"model": str(student_dir)}, "limit": s["n_train"], "val_split": "valid",
                    "method": {"name": method, "label_source": "gold", "rationales": s["rationales"]}, "training": training,
                    "annotations": str(out / "annotate-train")}, run_dir)
         results[method] = api.evaluate({"task": task, "model": str(run_dir), "split": "test", "limit": s["n_test"],

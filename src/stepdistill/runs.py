@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel
 
@@ -62,22 +62,21 @@ def _git_revision() -> str | None:
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_text(path: Path, text: str) -> None:
     """Atomic write: a crash leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -87,11 +86,33 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 @dataclass
 class Run:
+    """A run directory, used as a context manager: env.json records whether the stage finished.
+
+    >>> with create_run("runs/x", cfg, command="train") as run: ...
+    """
+
     dir: Path
     _handler: logging.Handler | None = None
 
     def path(self, name: str) -> Path:
         return self.dir / name
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        env = json.loads(self.path("env.json").read_text())
+        env["status"] = "done" if exc_type is None else ("interrupted" if exc_type is KeyboardInterrupt else "failed")
+        env["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json(self.path("env.json"), env)
+        self.close()
+
+    def tee(self, echo: Callable[[str], None]) -> Callable[[str], None]:
+        """What a stage tells the user also goes to the run's log.txt."""
+        def say(msg: str) -> None:
+            log.info(msg)
+            echo(msg)
+        return say
 
     def close(self) -> None:
         if self._handler is not None:
@@ -100,22 +121,40 @@ class Run:
             self._handler = None
 
 
+def _inside(a: Path, b: Path) -> bool:
+    """Is `a` the same as, or inside, `b`?"""
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
 def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | None = None,
-               overwrite: bool = False, resume: bool = False) -> Run:
+               overwrite: bool = False, resume: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> Run:
     """Make (or, with `resume`, reopen) a run directory and record config, versions and git revision.
+
+    `--overwrite` deletes only a stepdistill run directory (one with env.json), and never one
+    holding the stage's own `inputs` (model, annotations, data) or the working directory.
 
     >>> run = create_run("runs/x", cfg, command="train")  # RunExistsError if runs/x holds a run
     """
     d = Path(out)
-    if d.exists() and any(d.iterdir()) and not resume:
-        if not overwrite:
-            raise RunExistsError(
-                f"run directory {d} already exists: pass --overwrite to replace it, "
-                f"--resume to continue it, or choose another --out"
-            )
-        shutil.rmtree(d)
+    resumable = command in ("annotate", "train")
+    if d.exists() and not d.is_dir():
+        raise RunExistsError(f"--out {d} is a file, not a directory: choose another --out")
+    if d.exists() and any(d.iterdir()):
+        if resume:
+            _check_same_config(d, config)
+        elif not overwrite:
+            how = "--resume to continue it, --overwrite to replace it" if resumable else "--overwrite to replace it"
+            raise RunExistsError(f"run directory {d} already exists: pass {how}, or choose another --out")
+        else:
+            if not (d / "env.json").is_file():
+                raise RunExistsError(f"--overwrite refused: {d} is not a stepdistill run directory (no env.json); choose another --out")
+            for p in (Path.cwd(), *(Path(i) for i in inputs if i)):
+                if p.exists() and _inside(p, d):
+                    raise RunExistsError(f"--overwrite refused: {d} holds {p}, an input of this run; choose another --out")
+            shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.yaml").write_text(f"# written by: stepdistill {command}\n" + to_yaml(config))
+    write_text(d / "config.yaml", f"# written by: stepdistill {command}\n" + to_yaml(config))
     env = {
         "command": command,
         "argv": sys.argv,
@@ -123,6 +162,7 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
         "git_revision": _git_revision(),
         "seed": seed,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "status": "running",
         "host": platform.node(),
     }
     write_json(d / "env.json", env)
@@ -132,3 +172,24 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     return Run(d, handler)
+
+
+def _check_same_config(d: Path, config: BaseModel) -> None:
+    """--resume continues the same run: a changed config would mix two experiments in one."""
+    import yaml
+
+    saved_file = d / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    now = config.model_dump(mode="json")
+
+    def diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [k for key in sorted(set(a) | set(b)) for k in diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+        return [] if a == b else [prefix.rstrip(".")]
+
+    changed = diff(saved, now)
+    if changed:
+        raise RunExistsError(f"--resume refused: the config of {d} differs in {', '.join(changed)}; "
+                             f"resume with the same config, or start a new run with another --out")

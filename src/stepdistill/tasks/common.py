@@ -19,7 +19,7 @@ import yaml
 from stepdistill.arith import ExpressionError, evaluate_expression, values_equal
 from stepdistill.errors import DataError
 from stepdistill.tasks.base import Example, Parsed, Task
-from stepdistill.tasks.io import SPLITS, check_split, hub_records, paper_file, read_records
+from stepdistill.tasks.io import SPLITS, as_list, check_split, hub_records, paper_file, read_records
 
 # Stable, short reasons for an unparseable completion: reports count them by this text.
 NO_ANSWER = "no answer phrase"
@@ -35,7 +35,49 @@ def load_prompt(name: str) -> dict[str, Any]:
     text = (resources.files("stepdistill") / "prompts" / f"{name}.yaml").read_text(encoding="utf-8")
     prompt = yaml.safe_load(text)
     assert prompt.get("exemplars"), f"prompts/{name}.yaml has no exemplars"
+    assert prompt.get("version") is not None, f"prompts/{name}.yaml has no version: add `version: 1`"
     return prompt
+
+
+def first_shots(exemplars: list[dict[str, Any]], n_shots: int | None) -> list[dict[str, Any]]:
+    """The exemplars a prompt shows: all when `n_shots` is None (or more than there are), else
+    the first `n_shots`; 0 gives a zero-shot prompt."""
+    assert n_shots is None or n_shots >= 0, f"n_shots={n_shots}: give 0 or more (None for all)"
+    return exemplars[:n_shots]
+
+
+# --- prompt pieces shared by several formats -------------------------------------------------
+
+
+def next_example(marker: str) -> str:
+    """Regex for the start of an invented next example, which begins with `marker` on its own line."""
+    return rf"(?:^|\n)\s*{re.escape(marker)}"
+
+
+def stops_before(marker: str) -> tuple[str, ...]:
+    """Stop strings that end teacher generation where a next example would begin."""
+    return (f"\n\n{marker}", f"\n{marker}")
+
+
+NEXT_QUESTION = next_example("Q:")  # the "Q: ... A: ..." format of svamp and cqa
+QUESTION_STOPS = stops_before("Q:")
+
+
+def choice_letter(i: int) -> str:
+    return chr(ord("a") + i)
+
+
+def choice_lines(choices: list[str]) -> list[str]:
+    """`["x", "y"]` -> `["Answer Choices:", "(a) x", "(b) y"]`: the paper's CQA choice block."""
+    return ["Answer Choices:", *(f"({choice_letter(i)}) {c}" for i, c in enumerate(choices))]
+
+
+def example_choices(example: Any, field: str = "choices") -> list[str] | None:
+    """The choice list in `example.fields[field]`, or None without an example or choices
+    (then a choice answer is kept as written)."""
+    fields = getattr(example, "fields", None) or {}
+    raw = fields.get(field)
+    return as_list(raw, field) if raw else None
 
 
 def cut_at(text: str, pattern: str) -> str:
@@ -160,6 +202,12 @@ class RecordTask(Task):
     label_field: ClassVar[str] = "label"  # optional: unlabelled files are allowed (teacher labels them)
     prompt_name: ClassVar[str]
 
+    @property
+    def template_version(self) -> str:
+        """The `version` of prompts/{prompt_name}.yaml: bumping it there gives stored teacher
+        outputs a new annotation-store key."""
+        return str(load_prompt(self.prompt_name)["version"])
+
     # --- loading ---
 
     def load(self, split: str, path: str | Path | None = None) -> list[Example]:
@@ -212,8 +260,9 @@ class RecordTask(Task):
         completion begins."""
         raise NotImplementedError
 
-    def teacher_prompt(self, example: Example) -> str:
-        shots = [self.render(e, e["rationale"], e["answer"]) for e in load_prompt(self.prompt_name)["exemplars"]]
+    def teacher_prompt(self, example: Example, n_shots: int | None = None) -> str:
+        exemplars = first_shots(load_prompt(self.prompt_name)["exemplars"], n_shots)
+        shots = [self.render(e, e["rationale"], e["answer"]) for e in exemplars]
         return "\n\n".join([*shots, self.render(example.fields)])
 
     # --- labels ---
@@ -251,7 +300,9 @@ def _check_labels(records: list[dict[str, Any]], label_field: str, file: Path) -
 
 
 __all__ = [
-    "SPLITS", "RecordTask", "load_prompt", "cut_at", "split_on_phrase", "answer_line", "parse_completion",
+    "SPLITS", "RecordTask", "load_prompt", "first_shots", "cut_at", "split_on_phrase", "answer_line", "parse_completion",
     "normalize_class", "normalize_choice", "normalize_arithmetic", "normalize_free",
+    "next_example", "stops_before", "NEXT_QUESTION", "QUESTION_STOPS",
+    "choice_letter", "choice_lines", "example_choices",
     "NO_ANSWER", "EMPTY_ANSWER", "OUT_OF_SPACE", "NOT_ARITHMETIC", "AMBIGUOUS",
 ]

@@ -10,24 +10,23 @@ Teacher format (the paper's PaLM outputs have this shape):
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from stepdistill.errors import DataError
 from stepdistill.tasks import TASKS
 from stepdistill.tasks.base import Example, Parsed
 from stepdistill.tasks.common import (
-    OUT_OF_SPACE, RecordTask, normalize_choice, parse_completion,
+    NEXT_QUESTION, OUT_OF_SPACE, QUESTION_STOPS, RecordTask, choice_letter, choice_lines, example_choices,
+    normalize_choice, parse_completion,
 )
 from stepdistill.tasks.io import as_list
 
-NEXT_QUESTION = r"(?:^|\n)\s*Q:"
 ANSWER_PHRASE = r"so the answer is"
 
 
 def format_choices(question: str, choices: list[str]) -> str:
     """The paper's CQA student input: `question\\nAnswer Choices:\\n(a) c0\\n(b) c1 ...`."""
-    lines = [f"({chr(ord('a') + i)}) {c}" for i, c in enumerate(choices)]
-    return "\n".join([question.strip(), "Answer Choices:", *lines])
+    return "\n".join([question.strip(), *choice_lines(choices)])
 
 
 def parse_choice(completion: str, choices: list[str] | None) -> Parsed:
@@ -37,16 +36,11 @@ def parse_choice(completion: str, choices: list[str] | None) -> Parsed:
                             choice_letters=True)
 
 
-def _choices(example: Any) -> list[str] | None:
-    fields = getattr(example, "fields", None) or {}
-    return as_list(fields["choices"], "choices") if fields.get("choices") else None
-
-
 @TASKS.register("cqa")
 class CqaTask(RecordTask):
     name = "cqa"
     label_kind = "choice"
-    stop: ClassVar[tuple[str, ...]] = ("\n\nQ:", "\nQ:")
+    stop = QUESTION_STOPS
     hub_id = "tau/commonsense_qa"
     hub_splits = {"train": "train", "valid": "validation", "test": "test"}  # hub test: no labels
     input_fields = ("question", "choices")
@@ -73,11 +67,10 @@ class CqaTask(RecordTask):
         if rationale is None:
             return q
         choices = as_list(fields["choices"], "choices")
-        letter = chr(ord("a") + choices.index(answer))
-        return f"{q} {rationale} So the answer is ({letter}) {answer}."
+        return f"{q} {rationale} So the answer is ({choice_letter(choices.index(answer))}) {answer}."
 
     def parse(self, completion: str, example: Example | None = None) -> Parsed:
-        return parse_choice(completion, _choices(example))
+        return parse_choice(completion, example_choices(example))
 
     def normalize(self, label: str, example: Example | None = None) -> str | None:
-        return normalize_choice(label, _choices(example))
+        return normalize_choice(label, example_choices(example))

@@ -1,6 +1,6 @@
 """Your own task, described by a YAML spec instead of code.
 
-    # sentiment.yaml -- stepdistill ... --task generic --task-spec sentiment.yaml
+    # sentiment.yaml -- stepdistill annotate --task generic --spec sentiment.yaml --data my.jsonl ...
     name: sentiment               # names the task in runs and in data file names
     inputs: [text]                # the record field(s) the student reads
     label: label                  # the record field holding the gold label (optional in the data)
@@ -37,8 +37,8 @@ from stepdistill.errors import ConfigError, DataError
 from stepdistill.tasks import TASKS
 from stepdistill.tasks.base import Example, Parsed
 from stepdistill.tasks.common import (
-    NOT_ARITHMETIC, OUT_OF_SPACE, RecordTask, normalize_arithmetic, normalize_choice, normalize_class,
-    normalize_free, parse_completion,
+    NOT_ARITHMETIC, OUT_OF_SPACE, RecordTask, choice_lines, example_choices, first_shots, next_example,
+    normalize_arithmetic, normalize_choice, normalize_class, normalize_free, parse_completion, stops_before,
 )
 from stepdistill.tasks.io import SUFFIXES, as_list, check_split
 
@@ -105,11 +105,16 @@ class GenericTask(RecordTask):
         self.label_field = spec.label
         self.hub_splits = {}
         self._marker = self._field_title(spec.inputs[0]) + ":"
-        self.stop = (f"\n\n{self._marker}", f"\n{self._marker}")
+        self.stop = stops_before(self._marker)
         # stored teacher outputs are keyed on the template version: a changed spec is a new template
         digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
-        self.template_version = f"generic-1-{digest}"
+        self._template_version = f"generic-1-{digest}"
         self.source = source
+
+    @property
+    def template_version(self) -> str:
+        """Derived from the whole spec (there is no prompt file to carry a version)."""
+        return self._template_version
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "GenericTask":
@@ -171,10 +176,7 @@ class GenericTask(RecordTask):
         return name.replace("_", " ").strip().capitalize()
 
     def _choice_lines(self, fields: dict[str, Any]) -> list[str]:
-        if not self.spec.choices:
-            return []
-        choices = as_list(fields[self.spec.choices], "choices")
-        return ["Answer Choices:", *(f"({chr(ord('a') + i)}) {c}" for i, c in enumerate(choices))]
+        return choice_lines(as_list(fields[self.spec.choices], "choices")) if self.spec.choices else []
 
     def format_input(self, record: dict[str, Any]) -> str:
         if len(self.spec.inputs) == 1:
@@ -188,18 +190,19 @@ class GenericTask(RecordTask):
         q = "\n".join([*lines, *self._choice_lines(fields), "Reasoning:"])
         return q if rationale is None else f"{q} {rationale}\nAnswer: {answer}"
 
-    def teacher_prompt(self, example: Example) -> str:
+    def teacher_prompt(self, example: Example, n_shots: int | None = None) -> str:
+        # the instruction stays in a zero-shot prompt: it is part of the task, not an exemplar
         instruction = self.spec.instruction.strip() or "Explain your reasoning step by step, then give the answer."
         if self.classes:
             instruction += f" The answer is one of: {', '.join(self.classes)}."
-        shots = [self.render(e, e["rationale"], e[self.spec.label]) for e in self.spec.exemplars]
+        shots = [self.render(e, e["rationale"], e[self.spec.label]) for e in first_shots(self.spec.exemplars, n_shots)]
         return "\n\n".join([instruction, *shots, self.render(example.fields)])
 
     # --- parsing and labels ---
 
     def parse(self, completion: str, example: Example | None = None) -> Parsed:
         return parse_completion(
-            completion, next_example=rf"(?:^|\n)\s*{self._marker}", phrase=r"(?:^|\n)\s*Answer:",
+            completion, next_example=next_example(self._marker), phrase=r"(?:^|\n)\s*Answer:",
             to_label=lambda raw: self.normalize(raw, example),
             invalid=NOT_ARITHMETIC if self.label_kind == "arithmetic" else OUT_OF_SPACE,
             choice_letters=self.label_kind == "choice", free_text=self.label_kind == "free")
@@ -210,9 +213,7 @@ class GenericTask(RecordTask):
         if self.label_kind == "arithmetic":
             return normalize_arithmetic(label)
         if self.label_kind == "choice":
-            fields = getattr(example, "fields", None) or {}
-            raw = fields.get(self.spec.choices)
-            return normalize_choice(label, as_list(raw, "choices") if raw else None)
+            return normalize_choice(label, example_choices(example, self.spec.choices))
         return normalize_free(label)
 
     def is_correct(self, prediction: str | None, example: Example) -> bool:

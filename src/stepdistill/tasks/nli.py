@@ -13,11 +13,11 @@ from typing import Any, ClassVar
 from stepdistill.tasks import TASKS
 from stepdistill.tasks.base import Example, Parsed
 from stepdistill.tasks.common import (
-    OUT_OF_SPACE, RecordTask, normalize_class, parse_completion,
+    OUT_OF_SPACE, RecordTask, next_example, normalize_class, parse_completion, stops_before,
 )
 
 CLASSES = ("entailment", "neutral", "contradiction")
-NEXT_PREMISE = r"(?:^|\n)\s*Premise:"
+NEXT_PREMISE = next_example("Premise:")
 
 
 def parse_class(completion: str, phrase: str, classes: tuple[str, ...], next_example: str) -> Parsed:
@@ -30,7 +30,7 @@ def parse_class(completion: str, phrase: str, classes: tuple[str, ...], next_exa
 class NliTask(RecordTask):
     label_kind = "classes"
     classes = CLASSES
-    stop: ClassVar[tuple[str, ...]] = ("\n\nPremise:", "\nPremise:")
+    stop = stops_before("Premise:")
     input_fields = ("premise", "hypothesis")
 
     def from_hub(self, row: dict[str, Any]) -> dict[str, Any]:

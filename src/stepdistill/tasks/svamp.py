@@ -8,16 +8,15 @@ Labels are compared by value: gold `( 84.0 / 2.0 )` equals teacher `(84 / 2)`.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from stepdistill.arith import values_equal
 from stepdistill.tasks import TASKS
 from stepdistill.tasks.base import Example, Parsed
 from stepdistill.tasks.common import (
-    NOT_ARITHMETIC, RecordTask, normalize_arithmetic, parse_completion,
+    NEXT_QUESTION, NOT_ARITHMETIC, QUESTION_STOPS, RecordTask, normalize_arithmetic, parse_completion,
 )
 
-NEXT_QUESTION = r"(?:^|\n)\s*Q:"
 ANSWER_PHRASE = r"the answer is"
 
 
@@ -31,7 +30,7 @@ class ArithmeticTask(RecordTask):
     """Records {"input": question text, "label": expression}; the student sees the question."""
 
     label_kind = "arithmetic"
-    stop: ClassVar[tuple[str, ...]] = ("\n\nQ:", "\nQ:")
+    stop = QUESTION_STOPS
     input_fields = ("input",)
     prompt_name = "svamp"
 

@@ -43,10 +43,6 @@ class Teacher:
     def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
         raise NotImplementedError
 
-    @property
-    def batch_size(self) -> int:
-        return 8
-
     def reference_accuracy(self, completions: list[str], examples: list[Example]) -> float | None:
         """Accuracy under the teacher's own published scoring, where it has one (paper: PaLM)."""
         return None

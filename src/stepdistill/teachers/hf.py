@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,6 +13,14 @@ from stepdistill.config import TeacherConfig
 from stepdistill.errors import StepDistillError
 from stepdistill.tasks.base import Task
 from stepdistill.teachers.base import TEACHERS, Completion, Request, Teacher
+
+
+def _portable(model: str | None) -> str | None:
+    """A local file or folder is named by its file name and size, not its absolute path, so
+    the store serves another checkout or virtual environment holding the same model."""
+    if model and Path(model).is_file():
+        return f"{Path(model).name}:{Path(model).stat().st_size}"
+    return model
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> str:
@@ -36,17 +45,13 @@ class HFTeacher(Teacher):
 
     def identity(self) -> dict[str, Any]:
         c = self.cfg
-        return {"kind": "hf", "model": c.model, "gguf_file": c.gguf_file, "n_shots": c.n_shots,
+        return {"kind": "hf", "model": _portable(c.model), "gguf_file": c.gguf_file, "n_shots": c.n_shots,
                 "sampling": c.sampling.model_dump(), "stop": list(self.task.stop)}
 
     def prompt(self, task: Task, example) -> str:
         if self.cfg.n_shots is not None:
             return task.teacher_prompt(example, n_shots=self.cfg.n_shots)
         return task.teacher_prompt(example)
-
-    @property
-    def batch_size(self) -> int:
-        return self.cfg.batch_size
 
     def _load(self):
         if self._student is None:
@@ -70,7 +75,8 @@ class HFTeacher(Teacher):
             if self.task.stop:
                 gen_kwargs.update(stop_strings=list(self.task.stop), tokenizer=tok)
             if s.temperature > 0:
-                torch.manual_seed(s.seed + i)
+                # seeded by the batch's content, so a resumed run samples what an unbroken one would
+                torch.manual_seed(s.seed + int(hashlib.sha256(batch[0].prompt.encode()).hexdigest()[:8], 16))
                 gen_kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
             else:
                 gen_kwargs.update(do_sample=False)

@@ -6,6 +6,7 @@ The released files hold one completion per input, in input order, split over
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -51,19 +52,24 @@ class PaperTeacher(Teacher):
             if not isinstance(chunk, list) or not all(isinstance(s, str) for s in chunk):
                 raise DataError(f"{f}: expected a JSON list of strings (one completion per input)")
             self.outputs.extend(chunk)
+        n_inputs = len(task.load(split, data_path))
+        if n_inputs != len(self.outputs):
+            raise DataError(
+                f"{task_dir / 'llm'} holds {len(self.outputs)} recorded outputs for {split} but the input file has "
+                f"{n_inputs} examples: outputs align by position, so the two must come from the same release"
+            )
         self.task, self.split = task, split
+        self._digest = hashlib.sha256("\x00".join(self.outputs).encode()).hexdigest()[:16]
 
     def identity(self) -> dict[str, Any]:
+        # The content digest, not the folder: two copies of the same files share the store.
         return {"kind": "paper", "model": "PaLM-540B (recorded)", "task": self.task.name, "split": self.split,
-                "files": [f.name for f in self.files]}
+                "files": [f.name for f in self.files], "outputs_sha256": self._digest}
 
     def prompt(self, task: Task, example) -> str:
-        # The paper's prompts were never released: the key is the input the output belongs to.
-        return example.input
-
-    @property
-    def batch_size(self) -> int:
-        return 1000
+        # The paper's prompts were never released. Outputs belong to positions, so the key holds
+        # the position as well as the input (duplicate inputs keep their own outputs).
+        return f"{example.index}\n{example.input}"
 
     def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
         for req in requests:
