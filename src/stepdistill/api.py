@@ -13,7 +13,6 @@ directory to write, and returns the stage's summary dict.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -24,8 +23,8 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from stepdistill.config import AnnotateRun, TrainRun, coerce
-from stepdistill.errors import DataError, StepDistillError
-from stepdistill.runs import create_run, home, read_jsonl, write_json, write_jsonl
+from stepdistill.errors import StepDistillError
+from stepdistill.runs import create_run, home, write_json, write_jsonl
 from stepdistill.store import AnnotationStore, StoredCompletion, annotation_key, read_annotations
 from stepdistill.tasks import get_task, load_examples
 from stepdistill.tasks.base import Example, Parsed, Task
