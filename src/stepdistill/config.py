@@ -16,7 +16,16 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from stepdistill.errors import ConfigError
+from stepdistill.errors import ConfigError, StepDistillError
+
+
+def _registered(registry, name: str) -> str:
+    """A validator's check that `name` is registered; the registry's error lists the valid names."""
+    try:
+        registry.get(name)
+    except StepDistillError as e:
+        raise ValueError(str(e)) from None
+    return name
 
 
 class _Section(BaseModel):
@@ -36,11 +45,9 @@ class TaskConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known_task(cls, v: str) -> str:
-        from stepdistill.tasks import TASKS  # late: tasks import config-free modules only
+        from stepdistill.tasks import TASKS  # late: the registries' modules import this one
 
-        if v not in TASKS:
-            raise ValueError(f"unknown task {v!r}: choose one of {', '.join(TASKS.names())}")
-        return v
+        return _registered(TASKS, v)
 
     @model_validator(mode="after")
     def _spec_fits(self) -> "TaskConfig":
@@ -71,9 +78,7 @@ class TeacherConfig(_Section):
     def _known_teacher(cls, v: str) -> str:
         from stepdistill.teachers import TEACHERS
 
-        if v not in TEACHERS:
-            raise ValueError(f"unknown teacher {v!r}: choose one of {', '.join(TEACHERS.names())}")
-        return v
+        return _registered(TEACHERS, v)
 
 
 class LoraConfig(_Section):
