@@ -59,6 +59,8 @@ def quickstart(out: str | Path = "runs/quickstart", *, overwrite: bool = False, 
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise RunExistsError(f"{out} already holds a quickstart: pass --overwrite or choose another --out")
+        if not ((out / "summary.json").is_file() or (out / "annotate-train" / "env.json").is_file()):
+            raise RunExistsError(f"--overwrite refused: {out} is not a quickstart directory; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -94,20 +94,7 @@ def _convert_gguf(path: Path, kind: Kind, dtype: Any) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "source.txt").write_text(f"{path}\n")
-        try:
-            tmp.rename(dest)  # atomic: a reader sees no folder or a complete one
-        except OSError:
-            if not (dest / "config.json").is_file():  # not a concurrent writer that won: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return _save_atomic(model, tok, dest, source=path)
 
 
 def _check_local(model: str) -> None:
@@ -233,16 +220,30 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def _save_atomic(model, tokenizer, out: Path) -> Path:
-    out = Path(out)
+def _refuse_existing(out: Path) -> None:
     if (out / "config.json").is_file():
         raise StepDistillError(f"{out} already holds a model: choose another --out or delete it")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+
+
+def _save_atomic(model, tokenizer, dest: Path, *, source: Path | None = None) -> Path:
+    """Model + tokenizer to `dest` through a temp folder and a rename: a reader sees no folder
+    or a complete one. A concurrent writer that got there first wins."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if source is not None:
+            (tmp / "source.txt").write_text(f"{source}\n")
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not (dest / "config.json").is_file():  # not a concurrent writer that won: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def cut_layers(source: str, n_layers: int, out: str | Path, *, gguf_file: str | None = None) -> Path:
@@ -253,6 +254,7 @@ def cut_layers(source: str, n_layers: int, out: str | Path, *, gguf_file: str | 
 
     >>> cut_layers("SmolLM2-135M-Instruct.Q4_1.gguf", 4, "models/smollm2-4l")  # 30 -> 4 layers
     """
+    _refuse_existing(Path(out))  # before the (slow) load
     student = load_pretrained(source, gguf_file, kind="causal")
     model = student.model
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -298,4 +300,5 @@ def new_t5(tokenizer_source: str, out: str | Path, *, n_layers: int = 4, d_model
                       feed_forward_proj="gated-gelu", tie_word_embeddings=True,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       decoder_start_token_id=tok.pad_token_id)
+    _refuse_existing(Path(out))
     return _save_atomic(T5ForConditionalGeneration(config), tok, Path(out))
