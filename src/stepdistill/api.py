@@ -40,12 +40,12 @@ Printer = Callable[[str], None]
 
 def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = False, resume: bool = False,
              store_path: str | Path | None = None, echo: Printer = print) -> dict[str, Any]:
-    """Teacher completions for every example of a split, parsed, with the teacher's accuracy.
+    """Teacher completions for every example of a split: parsed, voted on and verified.
 
-    Writes `annotations.jsonl` (one row per example: completion, rationale, label, parse error)
-    and `summary.json` (`n`, `parsed`, `unparsed`, `unparsed_reasons`, `teacher_accuracy`, ...).
-    Completions come from the annotation store when they are there: a rerun costs nothing and
-    an interrupted run resumes where it stopped.
+    Writes `annotations.jsonl` (one row per example: its samples, the kept rationale and label,
+    or why it was dropped) and `summary.json` (`n`, `kept`, `dropped_reasons`,
+    `teacher_accuracy`, `usage`, ...). Completions come from the annotation store when they are
+    there: a rerun costs nothing, and an interrupted run resumes where it stopped.
     """
     from stepdistill.teachers import make_teacher
 
@@ -53,84 +53,175 @@ def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = Fals
     task = get_task(cfg.task.name, cfg.task.spec)
     examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
     teacher = make_teacher(cfg.teacher, task, cfg.split, cfg.task.path)
+    if cfg.verify.samples > 1 and not teacher.samples:
+        raise StepDistillError(f"the {teacher.kind} teacher has one fixed output per input: set verify.samples=1")
     with create_run(out, cfg, command="annotate", seed=cfg.teacher.sampling.seed, overwrite=overwrite,
                     resume=resume, inputs=(cfg.task.path,)) as run:
         echo = run.tee(echo)
         t0 = time.perf_counter()
-        completions, generated = _complete(teacher, task, examples, store_path, cfg.split, echo)
-        summary = _summarise(task, teacher, examples, completions, run, cfg.split)
-        summary.update(generated=generated, from_store=len(examples) - generated,
-                       seconds=round(time.perf_counter() - t0, 2))
+        samples, counts = _complete(teacher, task, examples, cfg.verify.samples, store_path, cfg.split, echo)
+        summary = _summarise(task, teacher, examples, samples, run, cfg)
+        summary.update(**counts, seconds=round(time.perf_counter() - t0, 2), usage=teacher.usage() or None)
         write_json(run.path("summary.json"), summary)
-        acc = "n/a (no gold labels)" if summary["teacher_accuracy"] is None else f"{summary['teacher_accuracy']:.2%}"
-        line = f"n={summary['n']} parsed={summary['parsed']} unparsed={summary['unparsed']} teacher_accuracy={acc}"
-        if "teacher_accuracy_paper_parsing" in summary:
-            line += f" (with the paper's own parsing: {summary['teacher_accuracy_paper_parsing']:.2%})"
-        echo(line)
-        if summary["unparsed_reasons"]:
-            echo("unparsed outputs: " + ", ".join(f"{r}: {c}" for r, c in summary["unparsed_reasons"].items()))
+        _report(summary, echo)
         echo(f"wrote {run.path('summary.json')}")
     return summary
 
 
-def _complete(teacher, task: Task, examples: list[Example], store_path, split: str, echo: Printer
-              ) -> tuple[list[tuple[str, StoredCompletion]], int]:
-    """(key, completion) per example: from the store, or generated and committed one by one."""
+def _report(summary: dict[str, Any], echo: Printer) -> None:
+    acc = "n/a (no gold labels)" if summary["teacher_accuracy"] is None else f"{summary['teacher_accuracy']:.2%}"
+    line = (f"n={summary['n']} parsed={summary['parsed']} unparsed={summary['unparsed']} "
+            f"kept={summary['kept']} teacher_accuracy={acc}")
+    if "teacher_accuracy_paper_parsing" in summary:
+        line += f" (with the paper's own parsing: {summary['teacher_accuracy_paper_parsing']:.2%})"
+    echo(line)
+    if summary["dropped_reasons"]:
+        echo(f"dropped {summary['dropped']} (verify.against={summary['verify']['against']}): "
+             + ", ".join(f"{r}: {c}" for r, c in summary["dropped_reasons"].items()))
+    if summary["unparsed_reasons"]:
+        echo("unparsed outputs: " + ", ".join(f"{r}: {c}" for r, c in summary["unparsed_reasons"].items()))
+    usage = summary.get("usage") or {}
+    if usage.get("stopped"):
+        echo(f"stopped early: {usage['stopped']}")
+    if usage.get("cost_usd") is not None:
+        echo(f"spent ${usage['cost_usd']:.4f} ({usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens)")
+
+
+Sample = StoredCompletion | str  # a stored completion, or why the teacher gave none
+
+
+def _complete(teacher, task: Task, examples: list[Example], k: int, store_path, split: str, echo: Printer
+              ) -> tuple[list[list[Sample]], dict[str, int]]:
+    """k samples per example: from the store, or generated and each committed as it arrives.
+
+    Returns, per example, its k samples (a StoredCompletion, or the failure message), and the
+    counts of completions generated now, found in the store, and failed.
+    """
     from stepdistill.teachers import Request
 
     store = AnnotationStore(store_path or home() / "annotations.sqlite")
     try:
         identity = teacher.identity()
-        requests = [Request(ex, teacher.prompt(task, ex)) for ex in examples]
-        keys = [annotation_key(identity, r.prompt, task.template_version) for r in requests]
+        requests, keys = [], []
+        for ex in examples:
+            prompt = teacher.prompt(task, ex)
+            for j in range(k):
+                requests.append(Request(ex, prompt, j))
+                keys.append(annotation_key(identity, prompt, task.template_version, j))
         have = store.get_many(keys)
-        todo = {k: r for k, r in zip(keys, requests) if k not in have}  # a repeated prompt generates once
-        echo(f"annotate {task.name}/{split} with {teacher.kind} teacher: {len(examples)} examples, "
-             f"{len(examples) - len(todo)} already in the store, {len(todo)} to generate")
-        key_of = {id(r): k for k, r in todo.items()}
+        todo = {key: r for key, r in zip(keys, requests) if key not in have}  # a repeated prompt generates once
+        echo(f"annotate {task.name}/{split} with {teacher.kind} teacher: {len(examples)} examples x {k} "
+             f"sample{'s' if k > 1 else ''}, {len(keys) - len(todo)} already in the store, {len(todo)} to generate")
+        key_of = {id(r): key for key, r in todo.items()}
+        failed: dict[str, str] = {}
+        generated, tokens, t0 = 0, 0, time.perf_counter()
         with tqdm(total=len(todo), desc="teacher", unit="ex", disable=not todo) as bar:
             for req, comp in teacher.generate(list(todo.values())):
-                store.put(key_of[id(req)], identity, req.prompt, comp.text, prompt_tokens=comp.prompt_tokens,
-                          completion_tokens=comp.completion_tokens, seconds=comp.seconds)
+                key = key_of[id(req)]
+                if comp.error is not None:
+                    failed[key] = comp.error
+                    if not comp.error.startswith("not requested"):
+                        store.put_failure(key, identity, req.prompt, comp.error, sample=req.sample)
+                else:
+                    store.put(key, identity, req.prompt, comp.text, prompt_tokens=comp.prompt_tokens,
+                              completion_tokens=comp.completion_tokens, seconds=comp.seconds,
+                              sample=req.sample, finish_reason=comp.finish_reason)
+                    generated += 1
+                    tokens += comp.completion_tokens or 0
+                bar.set_postfix_str(_progress(teacher.usage(), tokens, time.perf_counter() - t0), refresh=False)
                 bar.update(1)
         have = store.get_many(keys)
     finally:
         store.close()
-    return [(k, have[k]) for k in keys], len(todo)
+    if failed:
+        echo(f"{len(failed)} completions failed: " + ", ".join(
+            f"{r}: {c}" for r, c in Counter(e.split(":")[0] for e in failed.values()).most_common(5)))
+    per_example = [have.get(key) or failed.get(key, "not requested") for key in keys]
+    counts = {"generated": generated, "from_store": len(keys) - len(todo), "failed": len(failed)}
+    return [per_example[i * k : (i + 1) * k] for i in range(len(examples))], counts
 
 
-def _summarise(task: Task, teacher, examples: list[Example], completions, run, split: str) -> dict[str, Any]:
-    """Parse every completion, write annotations.jsonl, and count what parsed and what was right."""
-    rows, reasons = [], Counter()
-    parsed_n = correct = gold_n = tokens = 0
-    secs = []
-    for ex, (key, rec) in zip(examples, completions):
-        if rec.seconds is not None:
-            secs.append(rec.seconds)
-        p = task.parse(rec.completion, ex)
-        parsed_n += p.ok
-        if not p.ok:
-            reasons[p.error or "no label"] += 1
+def _progress(usage: dict[str, Any], tokens: int, seconds: float) -> str:
+    """The progress bar's live figures: tokens/s, and spend and retries where the teacher counts them."""
+    parts = [f"{tokens / seconds:.0f} tok/s" if seconds > 0 else ""]
+    if usage.get("cost_usd") is not None:
+        parts.append(f"${usage['cost_usd']:.4f}")
+    if usage.get("retries"):
+        parts.append(f"{usage['retries']} retries")
+    if usage.get("failed"):
+        parts.append(f"{usage['failed']} failed")
+    return " ".join(p for p in parts if p)
+
+
+def _sample_row(rec: Sample, parsed) -> dict[str, Any]:
+    if isinstance(rec, str):
+        return {"completion": None, "error": rec}
+    return {"completion": rec.completion, "key": rec.key, "label": parsed.label, "parse_error": parsed.error}
+
+
+def _summarise(task: Task, teacher, examples: list[Example], samples: list[list[Sample]], run, cfg: AnnotateRun
+               ) -> dict[str, Any]:
+    """Parse and verify every example's samples, write annotations.jsonl, and count the outcome."""
+    from stepdistill.tasks.base import Parsed
+    from stepdistill.verify import verify
+
+    rows, unparsed_reasons, dropped = [], Counter(), Counter()
+    parsed_n = kept = correct = gold_n = tokens = truncated = 0
+    secs, agreements = [], []
+    for ex, recs in zip(examples, samples):
+        parsed: list[Parsed | str] = []
+        for rec in recs:
+            if isinstance(rec, str):
+                parsed.append(rec)
+                continue
+            parsed.append(task.parse(rec.completion, ex))
+            tokens += rec.completion_tokens or 0
+            truncated += rec.finish_reason == "length"
+            if rec.seconds is not None:
+                secs.append(rec.seconds)
+        v = verify(task, ex, parsed, cfg.verify)
+        first = parsed[0]
+        ok = v.majority is not None
+        parsed_n += ok
+        if not ok and isinstance(first, Parsed):
+            unparsed_reasons[first.error or "no label"] += 1
+        kept += v.kept
+        if not v.kept:
+            dropped[v.drop_reason] += 1
+        if v.agreement is not None and len(recs) > 1:
+            agreements.append(v.agreement)
         is_correct = None
         if ex.label is not None:
             gold_n += 1
-            is_correct = bool(p.ok and task.is_correct(p.label, ex))
+            is_correct = bool(ok and task.is_correct(v.majority, ex))
             correct += is_correct
-        tokens += rec.completion_tokens or 0
-        rows.append({"id": ex.id, "index": ex.index, "input": ex.input, "gold": ex.label,
-                     "completion": rec.completion, "rationale": p.rationale, "label": p.label if p.ok else None,
-                     "error": None if p.ok else (p.error or "no label"), "correct": is_correct, "key": key})
+        row = {"id": ex.id, "index": ex.index, "input": ex.input, "gold": ex.label,
+               "rationale": v.rationale, "label": v.label if v.kept else v.majority,
+               "kept": v.kept, "drop_reason": v.drop_reason, "detail": v.detail,
+               "error": None if v.kept else v.as_parsed().error, "correct": is_correct}
+        if len(recs) == 1:  # the single completion inline, as the paper's files have it
+            rec = recs[0]
+            row.update(completion=None if isinstance(rec, str) else rec.completion,
+                       key=None if isinstance(rec, str) else rec.key)
+        else:
+            row.update(majority=v.majority, agreement=v.agreement, votes=v.votes, chosen=v.chosen,
+                       samples=[_sample_row(rec, p) for rec, p in zip(recs, parsed)])
+        rows.append(row)
     write_jsonl(run.path("annotations.jsonl"), rows)
     summary = {
-        "task": task.name, "split": split, "teacher": teacher.identity(),
+        "task": task.name, "split": cfg.split, "teacher": teacher.identity(), "verify": cfg.verify.model_dump(),
         "n": len(examples), "parsed": parsed_n, "unparsed": len(examples) - parsed_n,
-        "unparsed_reasons": dict(reasons.most_common()),
+        "unparsed_reasons": dict(unparsed_reasons.most_common()),
+        "kept": kept, "dropped": len(examples) - kept, "dropped_reasons": dict(dropped.most_common()),
+        # the teacher's answer is the majority vote of its samples (the only sample when k = 1)
         "teacher_accuracy": correct / gold_n if gold_n else None,
-        "completion_tokens": tokens,
+        "mean_agreement": round(sum(agreements) / len(agreements), 4) if agreements else None,
+        "completion_tokens": tokens, "truncated": truncated,
         # the teacher's latency per prediction (its CoT generation), as measured when generated
         "ms_per_example": round(1000 * sum(secs) / len(secs), 1) if secs else None,
     }
-    ref = teacher.reference_accuracy([rec.completion for _, rec in completions], examples) if gold_n else None
+    firsts = [None if isinstance(r[0], str) else r[0].completion for r in samples]
+    ref = teacher.reference_accuracy(firsts, examples) if gold_n and None not in firsts else None
     if ref is not None:
         summary["teacher_accuracy_paper_parsing"] = ref
     return summary

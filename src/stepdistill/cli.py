@@ -28,8 +28,15 @@ _TASK_FLAGS = [
 ]
 _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
     "annotate": _TASK_FLAGS + [
-        ("--teacher", "teacher.kind", str, "teacher kind: hf or paper"),
-        ("--model", "teacher.model", str, "teacher model: hub id, folder or .gguf file"),
+        ("--teacher", "teacher.kind", str, "teacher kind: hf, openai, llamacpp, vllm or paper"),
+        ("--model", "teacher.model", str, "teacher model: hub id, folder, .gguf file, or the served model's name (openai)"),
+        ("--base-url", "teacher.base_url", str, "openai: the server's API root, e.g. http://127.0.0.1:8000/v1"),
+        ("--endpoint", "teacher.endpoint", str, "openai: chat or completions"),
+        ("--concurrency", "teacher.concurrency", int, "openai: most requests in flight"),
+        ("--budget-usd", "teacher.budget.usd", float, "openai: stop before spending more (needs teacher.price)"),
+        ("--budget-tokens", "teacher.budget.tokens", int, "openai: stop before spending more tokens"),
+        ("--samples", "verify.samples", int, "self-consistency: k samples per input (needs --temperature > 0)"),
+        ("--verify", "verify.against", str, "keep rationales agreeing with: auto, gold, majority or none"),
         ("--gguf-file", "teacher.gguf_file", str, "GGUF file inside --model"),
         ("--batch-size", "teacher.batch_size", int, "prompts per generation batch"),
         ("--n-shots", "teacher.n_shots", int, "few-shot exemplars in the prompt"),
@@ -94,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4, help="decoder layers (t5: encoder and decoder layers each)")
     p.add_argument("--d-model", type=int, default=256, help="t5: hidden size")
     p.add_argument("--out", required=True, help="folder to write the model to")
+    p = sub.add_parser("store", help="inspect or export the annotation store")
+    p.add_argument("action", choices=["stats", "export"], help="stats: counts; export: every completion to --out")
+    p.add_argument("--store", help="annotation store file (default $STEPDISTILL_HOME/annotations.sqlite)")
+    p.add_argument("--out", help="export: a .jsonl file, or a folder for a Hugging Face Dataset (--format dataset)")
+    p.add_argument("--format", choices=["jsonl", "dataset"], default="jsonl", help="export format")
     sub.add_parser("list", help="list tasks, teachers and methods")
     return parser
 
@@ -153,6 +165,8 @@ def run(argv: list[str] | None = None) -> int:
                          n_heads=max(1, args.d_model // 64), d_ff=4 * args.d_model)
         print(f"wrote {out} ({count_parameters(load_pretrained(str(out)).model)[1] / 1e6:.1f}M parameters)")
         return 0
+    if args.command == "store":
+        return _store_command(args)
     data = _config_dict(args)
     if args.command == "annotate":
         api.annotate(data, args.out, overwrite=args.overwrite, resume=args.resume, store_path=args.store)
@@ -160,6 +174,36 @@ def run(argv: list[str] | None = None) -> int:
         api.train(data, args.out, overwrite=args.overwrite, resume=args.resume)
     elif args.command == "eval":
         api.evaluate(_eval_defaults(data), args.out, overwrite=args.overwrite)
+    return 0
+
+
+def _store_command(args: argparse.Namespace) -> int:
+    import json
+
+    from stepdistill.runs import home
+    from stepdistill.store import AnnotationStore
+
+    path = Path(args.store) if args.store else home() / "annotations.sqlite"
+    if not path.is_file():
+        raise StepDistillError(f"no annotation store at {path}: run `stepdistill annotate` first, or pass --store")
+    store = AnnotationStore(path)
+    try:
+        if args.action == "stats":
+            print(json.dumps(store.stats(), indent=2))
+            return 0
+        if not args.out:
+            raise StepDistillError("store export needs --out: a .jsonl file, or a folder with --format dataset")
+        if Path(args.out).exists():
+            raise StepDistillError(f"{args.out} exists: choose a new --out (an export never overwrites)")
+        if args.format == "jsonl":
+            n = store.export_jsonl(args.out)
+        else:
+            ds = store.to_dataset()
+            ds.save_to_disk(args.out)
+            n = len(ds)
+        print(f"wrote {n} completions to {args.out}")
+    finally:
+        store.close()
     return 0
 
 

@@ -65,13 +65,43 @@ class SamplingConfig(_Section):
     seed: int = Field(0, description="Sampling seed (part of the annotation key).")
 
 
+class PriceConfig(_Section):
+    prompt: float = Field(0.0, ge=0, description="USD per 1M prompt (input) tokens.")
+    completion: float = Field(0.0, ge=0, description="USD per 1M completion (output) tokens.")
+
+
+class BudgetConfig(_Section):
+    tokens: Optional[int] = Field(None, gt=0, description="Most prompt + completion tokens this run may spend.")
+    usd: Optional[float] = Field(None, gt=0, description="Most money this run may spend (needs teacher.price).")
+
+
 class TeacherConfig(_Section):
-    kind: str = Field("hf", description="Teacher kind: hf (local transformers LM), paper (the paper's recorded PaLM outputs).")
-    model: Optional[str] = Field(None, description="Hub id or local path (hf); a GGUF file path is accepted too.")
+    kind: str = Field(
+        "hf",
+        description="Teacher kind: hf (local transformers LM), openai (any OpenAI-compatible server), "
+        "llamacpp (local GGUF via llama-cpp-python), vllm (GPU, offline batched), paper (the paper's recorded PaLM outputs).",
+    )
+    model: Optional[str] = Field(None, description="Hub id or local path (hf, vllm); .gguf file (llamacpp); the served model name (openai).")
     gguf_file: Optional[str] = Field(None, description="GGUF file name inside `model`, or a path to a .gguf file.")
-    batch_size: int = Field(8, gt=0, description="Prompts generated together.")
+    batch_size: int = Field(8, gt=0, description="Prompts generated together (hf).")
     n_shots: Optional[int] = Field(None, ge=0, description="Few-shot exemplars in the prompt (default: all the task ships).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    # --- openai: any OpenAI-compatible HTTP server (hosted API, vLLM, TGI, llama.cpp, Ollama)
+    base_url: Optional[str] = Field(None, description="openai: the server's API root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: the environment variable holding the API key (the key itself is never read from a config).")
+    endpoint: Literal["chat", "completions"] = Field("chat", description="openai: /chat/completions (the prompt as one user message) or /completions (raw continuation).")
+    concurrency: int = Field(16, gt=0, description="openai: most requests in flight at once.")
+    timeout: float = Field(120.0, gt=0, description="openai: seconds one request may take, end to end, before it is retried.")
+    max_retries: int = Field(6, ge=0, description="openai: retries per request on 429, 5xx, timeouts, dropped connections, malformed or empty replies.")
+    backoff: float = Field(1.0, ge=0, description="openai: first retry delay in seconds; doubles each retry (with jitter) unless the server sends Retry-After.")
+    backoff_max: float = Field(60.0, ge=0, description="openai: longest backoff delay in seconds.")
+    price: Optional[PriceConfig] = Field(None, description="openai: prices, to account cost and enforce budget.usd.")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    # --- llamacpp / vllm
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="llamacpp/vllm: extra keyword arguments for the engine (llama_cpp.Llama(...), vllm.LLM(...)), e.g. n_ctx, n_threads, tensor_parallel_size.",
+    )
 
     @field_validator("kind")
     @classmethod
@@ -79,6 +109,12 @@ class TeacherConfig(_Section):
         from stepdistill.teachers import TEACHERS
 
         return _registered(TEACHERS, v)
+
+    @model_validator(mode="after")
+    def _budget_priced(self) -> "TeacherConfig":
+        if self.budget.usd is not None and self.price is None:
+            raise ValueError("budget.usd needs prices to count money: set teacher.price.prompt and teacher.price.completion (USD per 1M tokens)")
+        return self
 
 
 class LoraConfig(_Section):
@@ -137,11 +173,34 @@ class TrainingConfig(_Section):
     )
 
 
+class VerifyConfig(_Section):
+    samples: int = Field(1, gt=0, description="Self-consistency: k teacher samples per input (k > 1 needs sampling.temperature > 0); the label is their majority vote.")
+    against: Literal["auto", "gold", "majority", "none"] = Field(
+        "auto",
+        description="Keep a rationale only if its label agrees with: gold (the gold label), majority (the majority vote), "
+        "auto (gold where the input has one, else the majority), none (keep every parsed rationale, as the paper did).",
+    )
+    min_agreement: float = Field(
+        0.5, ge=0, lt=1,
+        description="When checking against the majority with k > 1: drop inputs whose majority share is not above this (0.5 = a strict majority).",
+    )
+
+
 class AnnotateRun(_Section):
     task: TaskConfig
     split: str = "train"
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
     limit: Optional[int] = Field(None, gt=0, description="Annotate only the first N examples.")
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> "AnnotateRun":
+        if self.verify.samples > 1 and self.teacher.sampling.temperature == 0:
+            raise ValueError(
+                f"verify.samples={self.verify.samples} with greedy decoding gives {self.verify.samples} identical answers: "
+                "set teacher.sampling.temperature > 0 (e.g. 0.7)"
+            )
+        return self
 
 
 class TrainRun(_Section):

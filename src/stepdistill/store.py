@@ -16,7 +16,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS completions (
@@ -27,15 +27,34 @@ CREATE TABLE IF NOT EXISTS completions (
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
     seconds REAL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    sample INTEGER NOT NULL DEFAULT 0,  -- which self-consistency sample
+    finish_reason TEXT                  -- "length": cut at max_new_tokens
+);
+-- Why a key has no completion yet, as of the last attempt (retried on the next run).
+CREATE TABLE IF NOT EXISTS failures (
+    key TEXT PRIMARY KEY,
+    teacher TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    sample INTEGER NOT NULL DEFAULT 0,
+    error TEXT NOT NULL,
+    updated REAL NOT NULL
 );
 """
+_COLUMNS = ("key", "teacher", "prompt", "completion", "prompt_tokens", "completion_tokens", "seconds", "created",
+            "sample", "finish_reason")
+_ADDED_COLUMNS = {"sample": "INTEGER NOT NULL DEFAULT 0", "finish_reason": "TEXT"}  # stores made before them
 
 
-def annotation_key(identity: dict[str, Any], prompt: str, template_version: str) -> str:
-    """sha256 over a canonical JSON of everything that determines the completion."""
-    blob = json.dumps({"teacher": identity, "prompt": prompt, "template": template_version},
-                      sort_keys=True, ensure_ascii=False)
+def annotation_key(identity: dict[str, Any], prompt: str, template_version: str, sample: int = 0) -> str:
+    """sha256 over a canonical JSON of everything that determines the completion.
+
+    `sample` (the self-consistency sample index) enters only when > 0, so sample 0 keeps the
+    key a single-sample run wrote."""
+    fields: dict[str, Any] = {"teacher": identity, "prompt": prompt, "template": template_version}
+    if sample:
+        fields["sample"] = sample
+    blob = json.dumps(fields, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -46,6 +65,7 @@ class StoredCompletion:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     seconds: float | None = None
+    finish_reason: str | None = None
 
 
 class AnnotationStore:
@@ -58,6 +78,11 @@ class AnnotationStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(completions)")}
+        for name, decl in _ADDED_COLUMNS.items():
+            if name not in have:
+                with self._db:
+                    self._db.execute(f"ALTER TABLE completions ADD COLUMN {name} {decl}")
 
     def get_many(self, keys: Iterable[str]) -> dict[str, StoredCompletion]:
         keys = list(keys)
@@ -65,7 +90,7 @@ class AnnotationStore:
         for i in range(0, len(keys), 500):  # SQLite caps the number of bound parameters
             chunk = keys[i : i + 500]
             rows = self._db.execute(
-                "SELECT key, completion, prompt_tokens, completion_tokens, seconds FROM completions "
+                "SELECT key, completion, prompt_tokens, completion_tokens, seconds, finish_reason FROM completions "
                 f"WHERE key IN ({','.join('?' * len(chunk))})",
                 chunk,
             )
@@ -75,13 +100,64 @@ class AnnotationStore:
 
     def put(self, key: str, identity: dict[str, Any], prompt: str, completion: str, *,
             prompt_tokens: int | None = None, completion_tokens: int | None = None,
-            seconds: float | None = None) -> None:
-        with self._db:  # one transaction per record: committed before the next is generated
-            self._db.execute(
-                "INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            seconds: float | None = None, sample: int = 0, finish_reason: str | None = None) -> bool:
+        """Commit one completion (its own transaction). The first answer stored for a key is
+        kept: when two processes annotate the same inputs, training sees one answer per key.
+        Returns False when the key was already there."""
+        with self._db:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO completions (key, teacher, prompt, completion, prompt_tokens, "
+                "completion_tokens, seconds, created, sample, finish_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (key, json.dumps(identity, sort_keys=True), prompt, completion,
-                 prompt_tokens, completion_tokens, seconds, time.time()),
+                 prompt_tokens, completion_tokens, seconds, time.time(), sample, finish_reason),
             )
+            self._db.execute("DELETE FROM failures WHERE key = ?", (key,))
+        return cur.rowcount == 1
+
+    def put_failure(self, key: str, identity: dict[str, Any], prompt: str, error: str, *, sample: int = 0) -> None:
+        """Record why a key could not be annotated (the next run tries it again)."""
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, ?)",
+                             (key, json.dumps(identity, sort_keys=True), prompt, sample, error, time.time()))
+
+    def failures(self, keys: Iterable[str]) -> dict[str, str]:
+        keys, found = list(keys), {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            found.update(self._db.execute(
+                f"SELECT key, error FROM failures WHERE key IN ({','.join('?' * len(chunk))})", chunk))
+        return found
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """Every stored completion, oldest first, as plain dicts (the export format)."""
+        cur = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM completions ORDER BY created, key")
+        for row in cur:
+            rec = dict(zip(_COLUMNS, row))
+            rec["teacher"] = json.loads(rec["teacher"])
+            yield rec
+
+    def export_jsonl(self, path: str | Path) -> int:
+        """Write every completion to a JSONL file (atomically); returns the number of rows."""
+        from stepdistill.runs import write_jsonl
+
+        rows = list(self.rows())
+        write_jsonl(Path(path), rows)
+        return len(rows)
+
+    def to_dataset(self):
+        """Every completion as a Hugging Face `datasets.Dataset` (the teacher identity as JSON text)."""
+        from datasets import Dataset
+
+        rows = [{**rec, "teacher": json.dumps(rec["teacher"], sort_keys=True)} for rec in self.rows()]
+        return Dataset.from_list(rows) if rows else Dataset.from_dict({c: [] for c in _COLUMNS})
+
+    def stats(self) -> dict[str, Any]:
+        n, = self._db.execute("SELECT COUNT(*) FROM completions").fetchone()
+        failed, = self._db.execute("SELECT COUNT(*) FROM failures").fetchone()
+        teachers = dict(self._db.execute("SELECT teacher, COUNT(*) FROM completions GROUP BY teacher").fetchall())
+        tokens = self._db.execute("SELECT SUM(prompt_tokens), SUM(completion_tokens) FROM completions").fetchone()
+        return {"path": str(self.path), "completions": n, "failures": failed, "teachers": teachers,
+                "prompt_tokens": tokens[0] or 0, "completion_tokens": tokens[1] or 0}
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM completions").fetchone()[0]

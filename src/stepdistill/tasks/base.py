@@ -75,6 +75,11 @@ class Task:
     def is_correct(self, prediction: str | None, example: Example) -> bool:
         raise NotImplementedError
 
+    def vote_key(self, label: str, example: Example | None = None) -> Any:
+        """What self-consistency votes on: labels with equal keys are the same answer
+        (arithmetic: the value, so `(3 + 4)` and `(4 + 3)` agree)."""
+        return self.normalize(label, example)
+
     def accuracy(self, predictions: list[str | None], examples: list[Example]) -> float | None:
         """Share of the gold-labelled examples predicted correctly, e.g. 0.75; unlabelled
         examples are skipped. None when no example has a gold label (NaN is not valid JSON)."""

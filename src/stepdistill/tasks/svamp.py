@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stepdistill.arith import values_equal
+from stepdistill.arith import ExpressionError, evaluate_expression, values_equal
 from stepdistill.tasks import TASKS
 from stepdistill.tasks.base import Example, Parsed
 from stepdistill.tasks.common import (
@@ -46,6 +46,12 @@ class ArithmeticTask(RecordTask):
 
     def normalize(self, label: str, example: Example | None = None) -> str | None:
         return normalize_arithmetic(label)
+
+    def vote_key(self, label: str, example: Example | None = None) -> Any:
+        try:
+            return round(float(evaluate_expression(label)), 6)
+        except (ExpressionError, TypeError, ValueError, OverflowError):
+            return None
 
 
 def _join(body: Any, question: Any) -> str:

@@ -15,6 +15,7 @@ from stepdistill.tasks.base import Example, Task
 class Request:
     example: Example
     prompt: str  # the full few-shot prompt; the completion continues it
+    sample: int = 0  # which of the k self-consistency samples (seeds sampling; part of the store key)
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class Completion:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     seconds: float | None = None  # wall time attributed to this completion
+    finish_reason: str | None = None  # "stop", or "length" when cut at max_new_tokens
+    error: str | None = None  # set when the request failed for good: `text` is then empty and nothing is stored
 
 
 class Teacher:
@@ -33,6 +36,7 @@ class Teacher:
     """
 
     kind: str
+    samples: bool = True  # can give k different samples per input (self-consistency); False for recorded outputs
 
     def identity(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -42,6 +46,10 @@ class Teacher:
 
     def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
         raise NotImplementedError
+
+    def usage(self) -> dict[str, Any]:
+        """Live spend of this run so far (tokens, cost, retries) for the progress bar and the summary."""
+        return {}
 
     def reference_accuracy(self, completions: list[str], examples: list[Example]) -> float | None:
         """Accuracy under the teacher's own published scoring, where it has one (paper: PaLM)."""

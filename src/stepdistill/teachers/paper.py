@@ -27,6 +27,7 @@ def recorded_files(task_dir: Path, split: str) -> list[Path]:
 @TEACHERS.register("paper")
 class PaperTeacher(Teacher):
     kind = "paper"
+    samples = False
 
     def __init__(self, cfg: TeacherConfig, *, task: Task, split: str, data_path: str | Path | None):
         if data_path is None:

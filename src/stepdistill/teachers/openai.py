@@ -1,0 +1,354 @@
+"""Any OpenAI-compatible server as the teacher: a hosted API, or your own vLLM, TGI,
+llama.cpp or Ollama server.
+
+    teacher:
+      kind: openai
+      base_url: http://127.0.0.1:8000/v1     # default: https://api.openai.com/v1
+      model: Qwen/Qwen2.5-7B-Instruct
+      api_key_env: OPENAI_API_KEY            # the key is read from this variable, never from a file
+      concurrency: 16
+      price: {prompt: 0.15, completion: 0.60}  # USD per 1M tokens
+      budget: {usd: 5.00}
+
+How a run behaves:
+- at most `concurrency` requests are in flight (asyncio + one pooled HTTP/1.1 client);
+- a request that meets a 408/409/425/429/5xx, a timeout (`timeout`, end to end), a dropped
+  connection, a malformed or an empty reply is retried up to `max_retries` times, after
+  `Retry-After` when the server sends one (a 429's also pauses every other request), else
+  after an exponential backoff with jitter;
+- 401, 403 and 404 stop the run at once with the server's message (a wrong key, model or URL
+  fails every request alike); other 4xx fail that input only;
+- the budget is never exceeded: before each attempt the worst case (prompt bytes, which
+  bound its tokens, plus max_new_tokens) is reserved against it; when the next request cannot
+  fit, no more are sent and the run ends cleanly with the rest marked as not requested;
+- every input ends with a completion or an error saying why, in the order they finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email.utils
+import os
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from stepdistill.config import TeacherConfig
+from stepdistill.errors import StepDistillError
+from stepdistill.tasks.base import Task
+from stepdistill.teachers.base import TEACHERS, Completion, Request, Teacher
+from stepdistill.teachers.hf import cut_at_stop
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
+FATAL_STATUS = {401: "the API key was refused", 403: "access denied", 404: "no such endpoint or model"}
+CHAT_OVERHEAD_TOKENS = 64  # chat templates add role markers and sometimes a default system prompt
+MAX_RETRY_AFTER = 600.0
+
+
+class _Retry(Exception):
+    """A transient failure: try again after `delay` (the server's Retry-After) or a backoff."""
+
+    def __init__(self, reason: str, delay: float | None = None, pause_all: bool = False, usage: dict | None = None):
+        super().__init__(reason)
+        self.delay, self.pause_all, self.usage = delay, pause_all, usage
+
+
+class _Fail(Exception):
+    """This input cannot be annotated (e.g. a 400 for a prompt longer than the context)."""
+
+
+@dataclass
+class Spend:
+    """Tokens and money spent by this run, and what in-flight attempts may still spend."""
+
+    price: Any = None  # PriceConfig or None
+    max_tokens: int | None = None
+    max_usd: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reserved_tokens: int = 0
+    reserved_usd: float = 0.0
+    in_flight: int = 0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        if self.price is None:
+            return 0.0
+        return (prompt_tokens * self.price.prompt + completion_tokens * self.price.completion) / 1e6
+
+    @property
+    def usd(self) -> float:
+        return self.cost(self.prompt_tokens, self.completion_tokens)
+
+    def fits(self, prompt_tokens: int, completion_tokens: int) -> bool:
+        tokens = self.prompt_tokens + self.completion_tokens + self.reserved_tokens + prompt_tokens + completion_tokens
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            return False
+        usd = self.usd + self.reserved_usd + self.cost(prompt_tokens, completion_tokens)
+        return self.max_usd is None or usd <= self.max_usd + 1e-12
+
+    def limit(self) -> str:
+        parts = [f"{self.max_tokens} tokens"] if self.max_tokens is not None else []
+        parts += [f"${self.max_usd:g}"] if self.max_usd is not None else []
+        return " / ".join(parts)
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return min(MAX_RETRY_AFTER, max(0.0, float(value)))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return min(MAX_RETRY_AFTER, max(0.0, when.timestamp() - time.time()))
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with equal jitter: in [d/2, d] for d = min(cap, base * 2**attempt)."""
+    d = min(cap, base * 2**attempt)
+    return d / 2 + rng.uniform(0, d / 2)
+
+
+def _is_local(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    return (urlparse(url).hostname or "") in {"127.0.0.1", "localhost", "::1"}
+
+
+@TEACHERS.register("openai")
+class OpenAITeacher(Teacher):
+    kind = "openai"
+
+    def __init__(self, cfg: TeacherConfig, *, task: Task, split: str, data_path: str | Path | None):
+        if not cfg.model:
+            raise StepDistillError("the openai teacher needs the served model's name: set teacher.model (--model)")
+        self.cfg, self.task = cfg, task
+        self.base_url = (cfg.base_url or DEFAULT_BASE_URL).rstrip("/")
+        self.api_key = os.environ.get(cfg.api_key_env) or None
+        if self.api_key is None and not _is_local(self.base_url):
+            raise StepDistillError(f"the openai teacher at {self.base_url} needs an API key: "
+                                   f"export {cfg.api_key_env}=... (or set teacher.api_key_env to the variable that holds it)")
+        self.spend = Spend(cfg.price, cfg.budget.tokens, cfg.budget.usd)
+        self.counts = {"requests": 0, "retries": 0, "failed": 0, "not_requested": 0, "truncated": 0}
+        self.stopped: str | None = None  # why the run stopped early (the budget)
+        self._rng = random.Random(cfg.sampling.seed)
+
+    def identity(self) -> dict[str, Any]:
+        # Not the URL: replicas or a moved server serving the same model share the store.
+        c = self.cfg
+        return {"kind": "openai", "model": c.model, "endpoint": c.endpoint, "n_shots": c.n_shots,
+                "sampling": c.sampling.model_dump(), "stop": list(self.task.stop)}
+
+    def prompt(self, task: Task, example) -> str:
+        if self.cfg.n_shots is not None:
+            return task.teacher_prompt(example, n_shots=self.cfg.n_shots)
+        return task.teacher_prompt(example)
+
+    def usage(self) -> dict[str, Any]:
+        s = self.spend
+        return {**self.counts, "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+                "cost_usd": round(s.usd, 6) if s.price is not None else None,
+                "budget": s.limit() or None, "stopped": self.stopped}
+
+    # ------------------------------------------------------------ the sync face
+
+    def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
+        """Yield (request, completion) as they finish; the event loop runs in a worker thread so
+        the caller commits each completion while the next ones are in flight."""
+        if not requests:
+            return
+        results: queue.Queue = queue.Queue()
+        done = object()
+        state: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                asyncio.run(self._run(requests, results.put, state))
+            except BaseException as e:  # re-raised in the caller's thread
+                results.put(e)
+            finally:
+                results.put(done)
+
+        thread = threading.Thread(target=run, name="openai-teacher", daemon=True)
+        thread.start()
+        try:
+            while (item := results.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # the caller stopped early (Ctrl-C, an error): cancel what is in flight
+            loop, task = state.get("loop"), state.get("task")
+            if thread.is_alive() and loop is not None and task is not None:
+                loop.call_soon_threadsafe(task.cancel)
+            thread.join(timeout=10)
+
+    # ------------------------------------------------------------ the async core
+
+    async def _run(self, requests: list[Request], emit: Callable, state: dict[str, Any]) -> None:
+        import httpx
+
+        state["loop"], state["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        self._cond = asyncio.Condition()
+        self._paused_until = 0.0
+        pending = iter(requests)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        n = min(self.cfg.concurrency, len(requests))
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits, timeout=None) as client:
+            workers = [asyncio.create_task(self._worker(client, pending, emit)) for _ in range(n)]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for w in workers:
+                    w.cancel()
+
+    async def _worker(self, client, pending: Iterator[Request], emit: Callable) -> None:
+        for req in pending:  # one shared iterator: each request goes to exactly one worker
+            if self.stopped:
+                self.counts["not_requested"] += 1
+                emit((req, Completion("", error=f"not requested: {self.stopped}")))
+                continue
+            emit((req, await self._complete(client, req)))
+
+    async def _complete(self, client, req: Request) -> Completion:
+        """One input: attempts until a completion, a permanent failure or the budget says stop."""
+        s = self.cfg.sampling
+        path, body = self._body(req)
+        est_prompt = len(req.prompt.encode()) + (CHAT_OVERHEAD_TOKENS if self.cfg.endpoint == "chat" else 8)
+        t0 = time.perf_counter()
+        reason = ""
+        for attempt in range(self.cfg.max_retries + 1):
+            if not await self._reserve(est_prompt, s.max_new_tokens):
+                self.counts["not_requested"] += 1
+                return Completion("", error=f"not requested: {self.stopped}")
+            usage = None
+            try:
+                await self._wait_pause()
+                self.counts["requests"] += 1
+                comp, usage = await self._attempt(client, path, body)
+                comp = dataclasses.replace(comp, seconds=time.perf_counter() - t0)
+                if comp.finish_reason == "length":
+                    self.counts["truncated"] += 1
+                return comp
+            except _Retry as e:
+                reason, delay, usage = str(e), e.delay, e.usage
+                if delay is None:
+                    delay = backoff_delay(attempt, self.cfg.backoff, self.cfg.backoff_max, self._rng)
+                if e.pause_all:
+                    self._paused_until = max(self._paused_until, time.monotonic() + delay)
+            except _Fail as e:
+                self.counts["failed"] += 1
+                return Completion("", error=str(e), seconds=time.perf_counter() - t0)
+            finally:
+                await self._settle(est_prompt, s.max_new_tokens, usage)
+            if attempt < self.cfg.max_retries:
+                self.counts["retries"] += 1
+                await asyncio.sleep(delay)
+        self.counts["failed"] += 1
+        return Completion("", error=f"failed after {self.cfg.max_retries + 1} attempts: {reason}",
+                          seconds=time.perf_counter() - t0)
+
+    def _body(self, req: Request) -> tuple[str, dict[str, Any]]:
+        s = self.cfg.sampling
+        body: dict[str, Any] = {"model": self.cfg.model, "max_tokens": s.max_new_tokens,
+                                "temperature": s.temperature, "top_p": s.top_p, "n": 1}
+        if s.temperature > 0:  # servers that honour `seed` then give a resumed run the same samples
+            body["seed"] = s.seed + req.sample
+        if self.task.stop:
+            body["stop"] = list(self.task.stop)[:4]  # the API takes at most 4; the rest are cut here
+        if self.cfg.endpoint == "chat":
+            return "/chat/completions", {**body, "messages": [{"role": "user", "content": req.prompt}]}
+        return "/completions", {**body, "prompt": req.prompt}
+
+    async def _attempt(self, client, path: str, body: dict[str, Any]) -> tuple[Completion, dict | None]:
+        import httpx
+
+        try:
+            resp = await asyncio.wait_for(client.post(path, json=body), self.cfg.timeout)
+        except asyncio.TimeoutError:
+            raise _Retry(f"no reply within {self.cfg.timeout:g}s (teacher.timeout)") from None
+        except httpx.TransportError as e:
+            raise _Retry(f"connection error ({type(e).__name__}: {e or 'dropped'})") from None
+        if resp.status_code != 200:
+            self._raise_for_status(resp)
+        try:
+            data = resp.json()
+            choice = data["choices"][0]
+            text = choice["message"]["content"] if self.cfg.endpoint == "chat" else choice["text"]
+            usage = data.get("usage") or {}
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise _Retry(f"malformed reply ({type(e).__name__}: {str(e)[:80]})") from None
+        text = cut_at_stop(text or "", self.task.stop)
+        p_tok, c_tok = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if not text.strip():
+            raise _Retry("empty completion", usage=usage)  # an empty reply may still be billed
+        return Completion(text, p_tok, c_tok, None, choice.get("finish_reason")), usage
+
+    def _raise_for_status(self, resp) -> None:
+        code = resp.status_code
+        try:
+            detail = resp.json().get("error", {})
+            message = detail.get("message") if isinstance(detail, dict) else str(detail)
+        except (ValueError, AttributeError):
+            message = resp.text[:200]
+        message = f"HTTP {code}" + (f": {message}" if message else "")
+        if code in FATAL_STATUS:
+            hint = {401: f"check ${self.cfg.api_key_env}", 403: f"check ${self.cfg.api_key_env} and its permissions",
+                    404: f"check teacher.base_url ({self.base_url}), teacher.model ({self.cfg.model}) and teacher.endpoint ({self.cfg.endpoint})"}[code]
+            raise StepDistillError(f"the openai teacher stopped: {FATAL_STATUS[code]} ({message}): {hint}")
+        if code in RETRY_STATUS or code >= 500:
+            raise _Retry(message, retry_after(resp.headers.get("retry-after")), pause_all=code == 429)
+        raise _Fail(message)
+
+    # ------------------------------------------------------------ budget and rate limits
+
+    async def _reserve(self, prompt_tokens: int, completion_tokens: int) -> bool:
+        """Hold the attempt's worst case against the budget; False when it can never fit."""
+        if self.spend.max_tokens is None and self.spend.max_usd is None:
+            self.spend.in_flight += 1
+            return True
+        async with self._cond:
+            while not self.stopped:
+                if self.spend.fits(prompt_tokens, completion_tokens):
+                    self.spend.reserved_tokens += prompt_tokens + completion_tokens
+                    self.spend.reserved_usd += self.spend.cost(prompt_tokens, completion_tokens)
+                    self.spend.in_flight += 1
+                    return True
+                if self.spend.in_flight == 0:  # nothing in flight will give budget back
+                    self.stopped = (f"the budget ({self.spend.limit()}) would be exceeded by the next request; "
+                                    "raise teacher.budget and rerun to continue")
+                    break
+                await self._cond.wait()
+            return False
+
+    async def _settle(self, prompt_tokens: int, completion_tokens: int, usage: dict | None) -> None:
+        """Release the reservation and count what the attempt really used (the reservation when
+        the server does not say)."""
+        used_p = used_c = 0  # usage None: no completion came back, nothing billed
+        if usage is not None:  # a reply that does not state its usage is charged its worst case
+            used_p = usage.get("prompt_tokens", prompt_tokens) or 0
+            used_c = usage.get("completion_tokens", completion_tokens) or 0
+        self.spend.prompt_tokens += used_p
+        self.spend.completion_tokens += used_c
+        self.spend.in_flight -= 1
+        if self.spend.max_tokens is None and self.spend.max_usd is None:
+            return
+        async with self._cond:
+            self.spend.reserved_tokens -= prompt_tokens + completion_tokens
+            self.spend.reserved_usd -= self.spend.cost(prompt_tokens, completion_tokens)
+            self._cond.notify_all()
+
+    async def _wait_pause(self) -> None:
+        """After a 429 with Retry-After every worker waits: hammering a rate limit prolongs it."""
+        while (wait := self._paused_until - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
