@@ -7,6 +7,6 @@ Every kind implements the same small interface (`Teacher`), is registered by nam
 from __future__ import annotations
 
 from stepdistill.teachers.base import Completion, Request, Teacher, TEACHERS, make_teacher
-from stepdistill.teachers import hf as _hf, paper as _paper  # noqa: F401  (register)
+from stepdistill.teachers import hf as _hf, llamacpp as _llamacpp, openai as _openai, paper as _paper, vllm as _vllm  # noqa: F401  (register)
 
 __all__ = ["Completion", "Request", "Teacher", "TEACHERS", "make_teacher"]

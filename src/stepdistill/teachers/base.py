@@ -47,6 +47,12 @@ class Teacher:
     def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
         raise NotImplementedError
 
+    def generate_ready(self, requests: list[Request]) -> Iterator[list[tuple[Request, Completion]]]:
+        """Like generate(), but yields every completion that is ready at once, so the caller can
+        commit them in one transaction (group commit). Teachers with concurrent requests override it."""
+        for item in self.generate(requests):
+            yield [item]
+
     def usage(self) -> dict[str, Any]:
         """Live spend of this run so far (tokens, cost, retries) for the progress bar and the summary."""
         return {}
@@ -54,6 +60,24 @@ class Teacher:
     def reference_accuracy(self, completions: list[str], examples: list[Example]) -> float | None:
         """Accuracy under the teacher's own published scoring, where it has one (paper: PaLM)."""
         return None
+
+
+def portable_name(model: str | None) -> str | None:
+    """A local file or folder is named by its file name and size, not its absolute path, so
+    the store serves another checkout or virtual environment holding the same model."""
+    if model and Path(model).is_file():
+        return f"{Path(model).name}:{Path(model).stat().st_size}"
+    return model
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> str:
+    """Generation stops a batch only when every row hits a stop string; cut each row here."""
+    cut = len(text)
+    for s in stops:
+        j = text.find(s)
+        if j != -1:
+            cut = min(cut, j)
+    return text[:cut]
 
 
 TEACHERS: Registry[Teacher] = Registry("teacher")

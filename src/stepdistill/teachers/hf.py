@@ -12,25 +12,7 @@ import torch
 from stepdistill.config import TeacherConfig
 from stepdistill.errors import StepDistillError
 from stepdistill.tasks.base import Task
-from stepdistill.teachers.base import TEACHERS, Completion, Request, Teacher
-
-
-def _portable(model: str | None) -> str | None:
-    """A local file or folder is named by its file name and size, not its absolute path, so
-    the store serves another checkout or virtual environment holding the same model."""
-    if model and Path(model).is_file():
-        return f"{Path(model).name}:{Path(model).stat().st_size}"
-    return model
-
-
-def cut_at_stop(text: str, stops: tuple[str, ...] | list[str]) -> str:
-    """Generation stops a batch only when every row hits a stop string; cut each row here."""
-    cut = len(text)
-    for s in stops:
-        j = text.find(s)
-        if j != -1:
-            cut = min(cut, j)
-    return text[:cut]
+from stepdistill.teachers.base import TEACHERS, Completion, Request, Teacher, portable_name, cut_at_stop
 
 
 @TEACHERS.register("hf")
@@ -45,7 +27,7 @@ class HFTeacher(Teacher):
 
     def identity(self) -> dict[str, Any]:
         c = self.cfg
-        return {"kind": "hf", "model": _portable(c.model), "gguf_file": c.gguf_file, "n_shots": c.n_shots,
+        return {"kind": "hf", "model": portable_name(c.model), "gguf_file": c.gguf_file, "n_shots": c.n_shots,
                 "sampling": c.sampling.model_dump(), "stop": list(self.task.stop)}
 
     def prompt(self, task: Task, example) -> str:

@@ -11,7 +11,7 @@ llama.cpp or Ollama server.
       budget: {usd: 5.00}
 
 How a run behaves:
-- at most `concurrency` requests are in flight (asyncio + one pooled HTTP/1.1 client);
+- at most `concurrency` requests are in flight (asyncio + one pooled aiohttp session);
 - a request that meets a 408/409/425/429/5xx, a timeout (`timeout`, end to end), a dropped
   connection, a malformed or an empty reply is retried up to `max_retries` times, after
   `Retry-After` when the server sends one (a 429's also pauses every other request), else
@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email.utils
+import json
 import os
 import queue
 import random
@@ -41,8 +42,7 @@ from typing import Any, Callable, Iterator
 from stepdistill.config import TeacherConfig
 from stepdistill.errors import StepDistillError
 from stepdistill.tasks.base import Task
-from stepdistill.teachers.base import TEACHERS, Completion, Request, Teacher
-from stepdistill.teachers.hf import cut_at_stop
+from stepdistill.teachers.base import TEACHERS, Completion, Request, Teacher, cut_at_stop
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
@@ -163,8 +163,12 @@ class OpenAITeacher(Teacher):
     # ------------------------------------------------------------ the sync face
 
     def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
-        """Yield (request, completion) as they finish; the event loop runs in a worker thread so
-        the caller commits each completion while the next ones are in flight."""
+        for ready in self.generate_ready(requests):
+            yield from ready
+
+    def generate_ready(self, requests: list[Request]) -> Iterator[list[tuple[Request, Completion]]]:
+        """Yield the completions finished so far, as they finish; the event loop runs in a worker
+        thread, so the caller commits one batch while the next requests are in flight."""
         if not requests:
             return
         results: queue.Queue = queue.Queue()
@@ -174,7 +178,7 @@ class OpenAITeacher(Teacher):
         def run() -> None:
             try:
                 asyncio.run(self._run(requests, results.put, state))
-            except BaseException as e:  # re-raised in the caller's thread
+            except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
                 results.put(e)
             finally:
                 results.put(done)
@@ -182,10 +186,18 @@ class OpenAITeacher(Teacher):
         thread = threading.Thread(target=run, name="openai-teacher", daemon=True)
         thread.start()
         try:
-            while (item := results.get()) is not done:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            finished = False
+            while not finished:
+                ready = [results.get()]
+                while not results.empty():
+                    ready.append(results.get_nowait())
+                if (finished := ready[-1] is done):
+                    ready.pop()
+                for item in ready:
+                    if isinstance(item, BaseException):
+                        raise item
+                if ready:
+                    yield ready
         finally:  # the caller stopped early (Ctrl-C, an error): cancel what is in flight
             loop, task = state.get("loop"), state.get("task")
             if thread.is_alive() and loop is not None and task is not None:
@@ -195,7 +207,7 @@ class OpenAITeacher(Teacher):
     # ------------------------------------------------------------ the async core
 
     async def _run(self, requests: list[Request], emit: Callable, state: dict[str, Any]) -> None:
-        import httpx
+        import aiohttp  # not httpx: its connection pool collapses past ~16 concurrent requests
 
         state["loop"], state["task"] = asyncio.get_running_loop(), asyncio.current_task()
         self._cond = asyncio.Condition()
@@ -203,24 +215,25 @@ class OpenAITeacher(Teacher):
         pending = iter(requests)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         n = min(self.cfg.concurrency, len(requests))
-        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-        async with httpx.AsyncClient(base_url=self.base_url, headers=headers, limits=limits, timeout=None) as client:
-            workers = [asyncio.create_task(self._worker(client, pending, emit)) for _ in range(n)]
+        connector = aiohttp.TCPConnector(limit=n)
+        async with aiohttp.ClientSession(headers=headers, connector=connector,
+                                         timeout=aiohttp.ClientTimeout(total=None)) as session:
+            workers = [asyncio.create_task(self._worker(session, pending, emit)) for _ in range(n)]
             try:
                 await asyncio.gather(*workers)
             finally:
                 for w in workers:
                     w.cancel()
 
-    async def _worker(self, client, pending: Iterator[Request], emit: Callable) -> None:
+    async def _worker(self, session, pending: Iterator[Request], emit: Callable) -> None:
         for req in pending:  # one shared iterator: each request goes to exactly one worker
             if self.stopped:
                 self.counts["not_requested"] += 1
                 emit((req, Completion("", error=f"not requested: {self.stopped}")))
                 continue
-            emit((req, await self._complete(client, req)))
+            emit((req, await self._complete(session, req)))
 
-    async def _complete(self, client, req: Request) -> Completion:
+    async def _complete(self, session, req: Request) -> Completion:
         """One input: attempts until a completion, a permanent failure or the budget says stop."""
         s = self.cfg.sampling
         path, body = self._body(req)
@@ -235,7 +248,7 @@ class OpenAITeacher(Teacher):
             try:
                 await self._wait_pause()
                 self.counts["requests"] += 1
-                comp, usage = await self._attempt(client, path, body)
+                comp, usage = await self._attempt(session, path, body)
                 comp = dataclasses.replace(comp, seconds=time.perf_counter() - t0)
                 if comp.finish_reason == "length":
                     self.counts["truncated"] += 1
@@ -270,19 +283,23 @@ class OpenAITeacher(Teacher):
             return "/chat/completions", {**body, "messages": [{"role": "user", "content": req.prompt}]}
         return "/completions", {**body, "prompt": req.prompt}
 
-    async def _attempt(self, client, path: str, body: dict[str, Any]) -> tuple[Completion, dict | None]:
-        import httpx
+    async def _attempt(self, session, path: str, body: dict[str, Any]) -> tuple[Completion, dict | None]:
+        import aiohttp
+
+        async def post() -> tuple[int, Any, bytes]:
+            async with session.post(self.base_url + path, json=body) as r:
+                return r.status, r.headers, await r.read()
 
         try:
-            resp = await asyncio.wait_for(client.post(path, json=body), self.cfg.timeout)
+            status, headers, raw = await asyncio.wait_for(post(), self.cfg.timeout)
         except asyncio.TimeoutError:
             raise _Retry(f"no reply within {self.cfg.timeout:g}s (teacher.timeout)") from None
-        except httpx.TransportError as e:
-            raise _Retry(f"connection error ({type(e).__name__}: {e or 'dropped'})") from None
-        if resp.status_code != 200:
-            self._raise_for_status(resp)
+        except aiohttp.ClientError as e:
+            raise _Retry(f"connection error ({type(e).__name__}: {str(e)[:80] or 'dropped'})") from None
+        if status != 200:
+            self._raise_for_status(status, headers, raw)
         try:
-            data = resp.json()
+            data = json.loads(raw)
             choice = data["choices"][0]
             text = choice["message"]["content"] if self.cfg.endpoint == "chat" else choice["text"]
             usage = data.get("usage") or {}
@@ -294,20 +311,19 @@ class OpenAITeacher(Teacher):
             raise _Retry("empty completion", usage=usage)  # an empty reply may still be billed
         return Completion(text, p_tok, c_tok, None, choice.get("finish_reason")), usage
 
-    def _raise_for_status(self, resp) -> None:
-        code = resp.status_code
+    def _raise_for_status(self, code: int, headers: Any, raw: bytes) -> None:
         try:
-            detail = resp.json().get("error", {})
+            detail = json.loads(raw).get("error", {})
             message = detail.get("message") if isinstance(detail, dict) else str(detail)
         except (ValueError, AttributeError):
-            message = resp.text[:200]
+            message = raw[:200].decode(errors="replace")
         message = f"HTTP {code}" + (f": {message}" if message else "")
         if code in FATAL_STATUS:
             hint = {401: f"check ${self.cfg.api_key_env}", 403: f"check ${self.cfg.api_key_env} and its permissions",
                     404: f"check teacher.base_url ({self.base_url}), teacher.model ({self.cfg.model}) and teacher.endpoint ({self.cfg.endpoint})"}[code]
             raise StepDistillError(f"the openai teacher stopped: {FATAL_STATUS[code]} ({message}): {hint}")
         if code in RETRY_STATUS or code >= 500:
-            raise _Retry(message, retry_after(resp.headers.get("retry-after")), pause_all=code == 429)
+            raise _Retry(message, retry_after(headers.get("Retry-After")), pause_all=code == 429)
         raise _Fail(message)
 
     # ------------------------------------------------------------ budget and rate limits
