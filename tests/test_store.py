@@ -13,6 +13,19 @@ def test_key_depends_on_everything_that_determines_the_output():
     assert k != annotation_key(ident, "prompt", "2")
 
 
+def test_key_is_the_hash_of_the_canonical_json_stores_were_written_with():
+    import hashlib
+    import json
+
+    ident = {"kind": "hf", "model": "m", "sampling": {"temperature": 0.7}, "stop": ["\n\nQ:"]}
+    prompt = 'Q: "quoted" \u00e9 caf\u00e9\nA:'
+    for sample in (0, 3):
+        fields = {"teacher": ident, "prompt": prompt, "template": "2"} | ({"sample": sample} if sample else {})
+        expected = hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        assert annotation_key(ident, prompt, "2", sample) == expected
+    assert annotation_key(ident, prompt, "2", 1) != annotation_key(ident, prompt, "2", 2)
+
+
 def test_records_survive_reopening_and_are_committed_one_by_one(tmp_path):
     path = tmp_path / "a.sqlite"
     store = AnnotationStore(path)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from stepdistill.config import AnnotateRun, TrainRun, coerce
 from stepdistill.errors import StepDistillError
 from stepdistill.runs import create_run, home, write_json, write_jsonl
-from stepdistill.store import AnnotationStore, StoredCompletion, annotation_key, read_annotations
+from stepdistill.store import AnnotationStore, KeyMaker, StoredCompletion, read_annotations
 from stepdistill.tasks import get_task, load_examples
 from stepdistill.tasks.base import Example, Parsed, Task
 from stepdistill.evaluation import evaluate  # noqa: F401  (the third stage, beside predict())
@@ -102,12 +102,13 @@ def _complete(teacher, task: Task, examples: list[Example], k: int, store_path, 
     store = AnnotationStore(store_path or home() / "annotations.sqlite")
     try:
         identity = teacher.identity()
+        key = KeyMaker(identity, task.template_version)
         requests, keys = [], []
         for ex in examples:
             prompt = teacher.prompt(task, ex)
             for j in range(k):
                 requests.append(Request(ex, prompt, j))
-                keys.append(annotation_key(identity, prompt, task.template_version, j))
+                keys.append(key(prompt, j))
         have = store.get_many(keys)
         todo = {key: r for key, r in zip(keys, requests) if key not in have}  # a repeated prompt generates once
         echo(f"annotate {task.name}/{split} with {teacher.kind} teacher: {len(examples)} examples x {k} "
@@ -116,20 +117,22 @@ def _complete(teacher, task: Task, examples: list[Example], k: int, store_path, 
         failed: dict[str, str] = {}
         generated, tokens, t0 = 0, 0, time.perf_counter()
         with tqdm(total=len(todo), desc="teacher", unit="ex", disable=not todo) as bar:
-            for req, comp in teacher.generate(list(todo.values())):
-                key = key_of[id(req)]
-                if comp.error is not None:
+            for ready in teacher.generate_ready(list(todo.values())):
+                records = []
+                for req, comp in ready:
+                    key = key_of[id(req)]
+                    if comp.error is None:
+                        records.append((key, identity, req.prompt, comp.text, comp.prompt_tokens,
+                                        comp.completion_tokens, comp.seconds, req.sample, comp.finish_reason))
+                        tokens += comp.completion_tokens or 0
+                        continue
                     failed[key] = comp.error
                     if not comp.error.startswith("not requested"):
                         store.put_failure(key, identity, req.prompt, comp.error, sample=req.sample)
-                else:
-                    store.put(key, identity, req.prompt, comp.text, prompt_tokens=comp.prompt_tokens,
-                              completion_tokens=comp.completion_tokens, seconds=comp.seconds,
-                              sample=req.sample, finish_reason=comp.finish_reason)
-                    generated += 1
-                    tokens += comp.completion_tokens or 0
+                store.put_many(records)  # what arrived together, committed together, before more is read
+                generated += len(records)
                 bar.set_postfix_str(_progress(teacher.usage(), tokens, time.perf_counter() - t0), refresh=False)
-                bar.update(1)
+                bar.update(len(ready))
         have = store.get_many(keys)
     finally:
         store.close()

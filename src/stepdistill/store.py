@@ -47,15 +47,30 @@ _ADDED_COLUMNS = {"sample": "INTEGER NOT NULL DEFAULT 0", "finish_reason": "TEXT
 
 
 def annotation_key(identity: dict[str, Any], prompt: str, template_version: str, sample: int = 0) -> str:
-    """sha256 over a canonical JSON of everything that determines the completion.
+    """sha256 over a canonical JSON of everything that determines the completion:
+    `sha256(json.dumps({"prompt", "sample" (only when > 0), "teacher", "template"}, sort_keys=True))`.
 
     `sample` (the self-consistency sample index) enters only when > 0, so sample 0 keeps the
     key a single-sample run wrote."""
-    fields: dict[str, Any] = {"teacher": identity, "prompt": prompt, "template": template_version}
-    if sample:
-        fields["sample"] = sample
-    blob = json.dumps(fields, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return KeyMaker(identity, template_version)(prompt, sample)
+
+
+class KeyMaker:
+    """annotation_key() for many prompts of one teacher: the identity is encoded once, and each
+    prompt once for all its samples (JSON-encoding few-shot prompts dominated annotate's overhead)."""
+
+    def __init__(self, identity: dict[str, Any], template_version: str):
+        self._teacher = json.dumps(identity, sort_keys=True, ensure_ascii=False)
+        self._template = json.dumps(template_version, ensure_ascii=False)
+        self._last: tuple[str, str] = ("", '""')
+
+    def __call__(self, prompt: str, sample: int = 0) -> str:
+        if self._last[0] != prompt:
+            self._last = (prompt, json.dumps(prompt, ensure_ascii=False))
+        # exactly json.dumps(fields, sort_keys=True, ensure_ascii=False), assembled from its parts
+        sample_part = f', "sample": {int(sample)}' if sample else ""
+        blob = f'{{"prompt": {self._last[1]}{sample_part}, "teacher": {self._teacher}, "template": {self._template}}}'
+        return hashlib.sha256(blob.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,7 @@ class AnnotationStore:
             if name not in have:
                 with self._db:
                     self._db.execute(f"ALTER TABLE completions ADD COLUMN {name} {decl}")
+        self._failed = {k for (k,) in self._db.execute("SELECT key FROM failures")}
 
     def get_many(self, keys: Iterable[str]) -> dict[str, StoredCompletion]:
         keys = list(keys)
@@ -101,21 +117,33 @@ class AnnotationStore:
     def put(self, key: str, identity: dict[str, Any], prompt: str, completion: str, *,
             prompt_tokens: int | None = None, completion_tokens: int | None = None,
             seconds: float | None = None, sample: int = 0, finish_reason: str | None = None) -> bool:
-        """Commit one completion (its own transaction). The first answer stored for a key is
-        kept: when two processes annotate the same inputs, training sees one answer per key.
-        Returns False when the key was already there."""
+        """Commit one completion. The first answer stored for a key is kept: when two processes
+        annotate the same inputs, training sees one answer per key. False if the key was there."""
+        return self.put_many([(key, identity, prompt, completion, prompt_tokens, completion_tokens, seconds,
+                               sample, finish_reason)]) == 1
+
+    def put_many(self, records: list[tuple]) -> int:
+        """Commit completions that arrived together in one transaction (group commit); each record
+        is (key, identity, prompt, completion, prompt_tokens, completion_tokens, seconds, sample,
+        finish_reason). Returns how many were new."""
+        now = time.time()
+        rows = [(r[0], json.dumps(r[1], sort_keys=True), *r[2:7], now, *r[7:9]) for r in records]
         with self._db:
-            cur = self._db.execute(
+            before = self._db.total_changes
+            self._db.executemany(
                 "INSERT OR IGNORE INTO completions (key, teacher, prompt, completion, prompt_tokens, "
                 "completion_tokens, seconds, created, sample, finish_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, json.dumps(identity, sort_keys=True), prompt, completion,
-                 prompt_tokens, completion_tokens, seconds, time.time(), sample, finish_reason),
-            )
-            self._db.execute("DELETE FROM failures WHERE key = ?", (key,))
-        return cur.rowcount == 1
+                rows)
+            added = self._db.total_changes - before
+            done = [(r[0],) for r in records if r[0] in self._failed]
+            if done:  # their last attempt had failed: those records are now obsolete
+                self._db.executemany("DELETE FROM failures WHERE key = ?", done)
+                self._failed.difference_update(k for (k,) in done)
+        return added
 
     def put_failure(self, key: str, identity: dict[str, Any], prompt: str, error: str, *, sample: int = 0) -> None:
         """Record why a key could not be annotated (the next run tries it again)."""
+        self._failed.add(key)
         with self._db:
             self._db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, ?)",
                              (key, json.dumps(identity, sort_keys=True), prompt, sample, error, time.time()))
@@ -163,6 +191,8 @@ class AnnotationStore:
         return self._db.execute("SELECT COUNT(*) FROM completions").fetchone()[0]
 
     def close(self) -> None:
+        with self._db:  # failures another process has since annotated
+            self._db.execute("DELETE FROM failures WHERE key IN (SELECT key FROM completions)")
         self._db.close()
 
 
