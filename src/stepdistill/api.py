@@ -169,7 +169,7 @@ def _summarise(task: Task, teacher, examples: list[Example], samples: list[list[
     from stepdistill.verify import verify
 
     rows, unparsed_reasons, dropped = [], Counter(), Counter()
-    parsed_n = kept = correct = gold_n = tokens = truncated = 0
+    parsed_n = kept = correct = gold_n = tokens = truncated = kept_gold = kept_correct = 0
     secs, agreements = [], []
     for ex, recs in zip(examples, samples):
         parsed: list[Parsed | str] = []
@@ -198,6 +198,9 @@ def _summarise(task: Task, teacher, examples: list[Example], samples: list[list[
             gold_n += 1
             is_correct = bool(ok and task.is_correct(v.majority, ex))
             correct += is_correct
+            if v.kept:
+                kept_gold += 1
+                kept_correct += task.is_correct(v.label, ex)
         row = {"id": ex.id, "index": ex.index, "input": ex.input, "gold": ex.label,
                "rationale": v.rationale, "label": v.label if v.kept else v.majority,
                "kept": v.kept, "drop_reason": v.drop_reason, "detail": v.detail,
@@ -218,6 +221,8 @@ def _summarise(task: Task, teacher, examples: list[Example], samples: list[list[
         "kept": kept, "dropped": len(examples) - kept, "dropped_reasons": dict(dropped.most_common()),
         # the teacher's answer is the majority vote of its samples (the only sample when k = 1)
         "teacher_accuracy": correct / gold_n if gold_n else None,
+        # how trustworthy what training will see is: the kept labels against gold
+        "kept_accuracy": kept_correct / kept_gold if kept_gold else None,
         "mean_agreement": round(sum(agreements) / len(agreements), 4) if agreements else None,
         "completion_tokens": tokens, "truncated": truncated,
         # the teacher's latency per prediction (its CoT generation), as measured when generated

@@ -58,7 +58,7 @@ class HFTeacher(Teacher):
                 gen_kwargs.update(stop_strings=list(self.task.stop), tokenizer=tok)
             if s.temperature > 0:
                 # seeded by the batch's content, so a resumed run samples what an unbroken one would
-                torch.manual_seed(s.seed + int(hashlib.sha256(batch[0].prompt.encode()).hexdigest()[:8], 16))
+                torch.manual_seed(s.seed + batch[0].sample + int(hashlib.sha256(batch[0].prompt.encode()).hexdigest()[:8], 16))
                 gen_kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
             else:
                 gen_kwargs.update(do_sample=False)
