@@ -13,6 +13,7 @@ directory to write, and returns the stage's summary dict.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -289,10 +290,17 @@ def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, res
         val_from = f"carved from {cfg.split}"
     if tcfg.train_size:
         train_ex = train_ex[: tcfg.train_size]
+    if val_ex and all(e.label is None for e in val_ex) and annotations is not None:
+        # Sequence-level distillation of unlabelled data: select the model on agreement with the
+        # teacher's (verified) labels, since no gold exists to select on.
+        val_ex = [dataclasses.replace(e, label=annotations[e.id].label) for e in val_ex
+                  if e.id in annotations and annotations[e.id].ok]
+        val_from += ", no gold labels: scored against the teacher's labels"
     record_set = method.records(train_ex, annotations)
     records = record_set.records
     with create_run(out, cfg, command="train", seed=tcfg.seed, overwrite=overwrite, resume=resume,
-                    inputs=(cfg.task.path, cfg.annotations, cfg.student.model)) as run:
+                    inputs=(cfg.task.path, cfg.annotations, cfg.student.model,
+                            cfg.method.kd.teacher if cfg.method.kd else None, cfg.method.kd.cache if cfg.method.kd else None)) as run:
         echo = run.tee(echo)
         echo(f"train {cfg.method.name} on {task.name}/{cfg.split}: {record_set.summary()}; "
              f"{len(val_ex)} validation examples ({val_from}); student {cfg.student.model}")

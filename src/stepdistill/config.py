@@ -134,10 +134,40 @@ class StudentConfig(_Section):
     lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters instead of all weights.")
 
 
+class KDConfig(_Section):
+    """Soft-label distillation from a teacher whose weights you have (and which shares the student's tokenizer)."""
+
+    teacher: str = Field(description="The teacher model: hub id, folder, .gguf file, a training run (its model/), or smollm2-135m-instruct.")
+    kind: Literal["forward_kl", "reverse_kl", "jsd", "tv"] = Field(
+        "forward_kl", description="Divergence: forward KL (Hinton), reverse KL, generalised Jensen-Shannon (beta), total variation."
+    )
+    temperature: float = Field(2.0, gt=0, description="Softens both distributions; KL-type losses are scaled by T^2.")
+    beta: float = Field(0.5, gt=0, lt=1, description="jsd: the teacher's weight in the mixture.")
+    weight: float = Field(0.5, ge=0, le=1, description="Per task: (1 - weight) * cross-entropy + weight * divergence.")
+    cache: Optional[str] = Field(
+        None,
+        description="A top-k logits cache (folder): written once if missing, then read instead of running the teacher "
+        "(for teachers too big to keep beside the student). Forward KL only.",
+    )
+    top_k: int = Field(32, gt=0, description="Teacher tokens kept per position in the cache.")
+    warmup_steps: int = Field(
+        0, ge=0, description="co-distill: steps before the distillation term counts (early predictions are unreliable)."
+    )
+
+    @model_validator(mode="after")
+    def _cache_is_forward_kl(self) -> "KDConfig":
+        if self.cache and self.kind != "forward_kl":
+            raise ValueError(f"kd.cache holds the teacher's top-k tokens only, which supports kind forward_kl, not {self.kind}: "
+                             "drop kd.cache to run the teacher on the fly")
+        return self
+
+
 class MethodConfig(_Section):
-    name: Literal["standard", "distill", "step-by-step"] = Field(
+    name: Literal["standard", "distill", "step-by-step", "co-distill"] = Field(
         "step-by-step",
-        description="standard: gold labels; distill: teacher labels; step-by-step: label + rationale multi-task.",
+        description="standard: gold labels; distill: teacher labels (sequence-level KD; no gold needed); "
+        "step-by-step: label + rationale multi-task; co-distill: kd.teacher and the student trained together, each "
+        "also learning from the other's distribution.",
     )
     alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha * label loss + (1 - alpha) * rationale loss.")
     label_source: Literal["gold", "teacher"] = Field("gold", description="step-by-step: which labels to train on.")
@@ -148,6 +178,17 @@ class MethodConfig(_Section):
     )
     label_prefix: str = Field("predict: ", description="Task prefix of the label task.")
     rationale_prefix: str = Field("explain: ", description="Task prefix of the rationale task.")
+    kd: Optional[KDConfig] = Field(
+        None, description="Soft-label distillation added to any method's tasks; required by co-distill."
+    )
+
+    @model_validator(mode="after")
+    def _co_distill_needs_a_teacher(self) -> "MethodConfig":
+        if self.name == "co-distill" and self.kd is None:
+            raise ValueError("method co-distill trains a teacher beside the student: set method.kd.teacher")
+        if self.name == "co-distill" and self.kd.cache:
+            raise ValueError("method co-distill trains the teacher, so its logits change every step: drop kd.cache")
+        return self
 
 
 class TrainingConfig(_Section):

@@ -16,6 +16,7 @@ out_dir layout after fit: checkpoints/ (Trainer checkpoints, for resume), train_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -26,18 +27,22 @@ import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from stepdistill.config import MethodConfig, TrainingConfig
+from stepdistill.config import KDConfig, MethodConfig, TrainingConfig
 from stepdistill.errors import StepDistillError
 from stepdistill.evaluation import MODEL_INFO, predict
 from stepdistill.methods import get_method
 from stepdistill.methods.base import TrainRecord
 from stepdistill.methods.formatting import Format, encode_example
-from stepdistill.methods.losses import IGNORE_INDEX, count_targets, multitask_loss, token_cross_entropy
+from stepdistill.methods.kd import attach_topk_cache, load_kd_teacher, pad_topk, teacher_logits, vocab_size
+from stepdistill.methods.losses import (
+    IGNORE_INDEX, count_targets, kd_loss, kd_loss_topk, multitask_loss, token_cross_entropy,
+)
 from stepdistill.students import Student, count_parameters
 from stepdistill.tasks.base import Example, Task
 
 log = logging.getLogger(__name__)
 
+TEACHER_DIR = "teacher"  # co-distillation: the trained teacher, in checkpoints and as out_dir/teacher_model
 RATIONALE = "rat_"  # batch keys of the rationale task: rat_input_ids, rat_attention_mask, rat_labels
 
 
@@ -84,6 +89,10 @@ class Collator:
             batch[pre + "input_ids"] = self._pad(ids, self.pad_id)
             batch[pre + "attention_mask"] = self._pad([[1] * len(x) for x in ids], 0)
             batch[pre + "labels"] = self._pad([f[pre + "labels"] for f in rows], IGNORE_INDEX)
+            if pre + "kd_vals" in rows[0]:  # the teacher's cached top-k, one row per logits position
+                width = max(f[pre + "kd_vals"].shape[0] for f in rows)
+                batch[pre + "kd_vals"] = pad_topk([f[pre + "kd_vals"] for f in rows], width, 0.0).float()
+                batch[pre + "kd_ids"] = pad_topk([f[pre + "kd_ids"] for f in rows], width, 0).long()
         return batch
 
 
@@ -99,6 +108,20 @@ class _JsonlLog(TrainerCallback):
                 fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
+class _TeacherCheckpoint(TrainerCallback):
+    """Co-distillation: the trained teacher is saved inside every checkpoint (checkpoint-N/teacher),
+    so resume and best-model selection restore both models from the same step."""
+
+    def __init__(self, teacher: Student):
+        self.teacher = teacher
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / TEACHER_DIR
+            self.teacher.model.save_pretrained(folder)
+            self.teacher.tokenizer.save_pretrained(folder)
+
+
 class StepDistillTrainer(Trainer):
     """Trainer + multi-task loss with exact accumulation + generation-based validation accuracy."""
 
@@ -107,9 +130,16 @@ class StepDistillTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, student: Student, alpha: float, multitask: bool, task: Task | None,
-                 label_prefix: str, val_max_new_tokens: int, **kwargs):
+                 label_prefix: str, val_max_new_tokens: int, kd: KDConfig | None = None,
+                 teacher: Student | None = None, co_distill: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.student = student
+        # soft-label KD: a frozen teacher run on the fly (or cached top-k in the batch);
+        # co-distillation: the teacher is trained too, learning from the student in turn
+        self.kd, self.teacher, self.co_distill = kd, teacher, co_distill
+        self._vocab = vocab_size(teacher, student) if teacher is not None else None
+        if teacher is not None:
+            teacher.model.to(self.args.device)
         self.alpha = alpha if multitask else 1.0
         self.multitask = multitask
         self.task = task
@@ -140,11 +170,58 @@ class StepDistillTrainer(Trainer):
 
     def _task_loss(self, model, inputs: dict, pre: str, n_items) -> torch.Tensor:
         ids, mask, labels = inputs[pre + "input_ids"], inputs[pre + "attention_mask"], inputs[pre + "labels"]
+        shift = not self.student.is_seq2seq
         if self.student.is_seq2seq:
-            out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=self._shift_right(labels))
-            return token_cross_entropy(out.logits, labels, n_items, shift=False)
-        out = model(input_ids=ids, attention_mask=mask)
-        return token_cross_entropy(out.logits, labels, n_items, shift=True)
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=self._shift_right(labels)).logits
+        else:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        ce = token_cross_entropy(logits, labels, n_items, shift=shift)
+        if self.kd is None:
+            return ce
+        kd, w = self.kd, self._kd_weight()
+        if pre + "kd_vals" in inputs:  # the cached teacher
+            div = kd_loss_topk(logits, inputs[pre + "kd_vals"], inputs[pre + "kd_ids"], labels, n_items,
+                               temperature=kd.temperature, shift=shift)
+            self._note(pre + "kd_loss", div)
+            return (1 - w) * ce + w * div
+        with torch.set_grad_enabled(self.co_distill and model.training), self._teacher_autocast():
+            t_logits = teacher_logits(self.teacher.model, ids, mask, labels, seq2seq=self.student.is_seq2seq)
+        div = kd_loss(logits, t_logits, labels, n_items, kind=kd.kind, temperature=kd.temperature, beta=kd.beta,
+                      shift=shift, vocab_size=self._vocab)  # the teacher's logits are detached inside
+        self._note(pre + "kd_loss", div)
+        loss = (1 - w) * ce + w * div
+        if self.co_distill and model.training:  # mutual learning: the teacher learns from the student too
+            t_ce = token_cross_entropy(t_logits, labels, n_items, shift=shift)
+            t_div = kd_loss(t_logits, logits, labels, n_items, kind=kd.kind, temperature=kd.temperature,
+                            beta=kd.beta, shift=shift, vocab_size=self._vocab)
+            self._note(pre + "teacher_loss", t_ce)
+            loss = loss + (1 - w) * t_ce + w * t_div
+        return loss
+
+    def _kd_weight(self) -> float:
+        """kd.weight, or 0 during co-distillation's warm-up (both models' early predictions are noise)."""
+        if self.co_distill and self.state.global_step < self.kd.warmup_steps:
+            return 0.0
+        return self.kd.weight
+
+    def _teacher_autocast(self):
+        if not self.args.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.args.device.type, dtype=torch.bfloat16)
+
+    def _note(self, name: str, value: torch.Tensor) -> None:
+        if self.model.training:
+            self._part_sums[name] = self._part_sums.get(name, 0.0) + value.detach()
+
+    def create_optimizer(self, model=None):
+        """Co-distillation: the teacher's weights join the optimizer (same schedule and decay)."""
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if self.co_distill and not getattr(self, "_teacher_in_optimizer", False):
+            params = [p for p in self.teacher.model.parameters() if p.requires_grad]
+            optimizer.add_param_group({**{k: v for k, v in optimizer.param_groups[0].items() if k != "params"},
+                                       "params": params})
+            self._teacher_in_optimizer = True
+        return optimizer
 
     def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Decoder inputs from seq2seq labels (teacher forcing), as T5/BART build them."""
@@ -156,9 +233,10 @@ class StepDistillTrainer(Trainer):
         return dec.masked_fill(dec == IGNORE_INDEX, cfg.pad_token_id)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """alpha * label CE + (1 - alpha) * rationale CE; each CE is a token sum divided by that
-        task's target count over the whole accumulated batch (per-micro-batch mean when the
-        counts are not given, e.g. when called outside the training loop)."""
+        """alpha * label loss + (1 - alpha) * rationale loss; each task loss is its CE (with kd:
+        (1 - w) * CE + w * divergence), a token sum divided by that task's target count over the
+        whole accumulated batch (per-micro-batch mean when the counts are not given, e.g. when
+        called outside the training loop)."""
         n = num_items_in_batch if isinstance(num_items_in_batch, dict) else {}
         label_loss = self._task_loss(model, inputs, "", n.get(""))
         rationale_loss = None
@@ -204,13 +282,21 @@ def build_trainer(
     out_dir: Path,
     *,
     progress: bool = True,
+    teacher_from: Path | None = None,
 ) -> StepDistillTrainer:
-    """The configured Trainer `fit` runs (exposed for tests and custom loops)."""
+    """The configured Trainer `fit` runs (exposed for tests and custom loops). `teacher_from`:
+    a checkpoint's teacher folder to resume a co-distillation from."""
     if not train_records:
         raise StepDistillError("no training records: the method kept none of the examples (see its summary)")
     method = get_method(method_cfg)
     student.fmt = make_format(student, training)
     feats = build_features(student, method_cfg, student.fmt, train_records)
+    kd, co_distill, teacher = method_cfg.kd, method_cfg.name == "co-distill", None
+    if kd is not None and kd.cache:
+        feats = attach_topk_cache(kd, student, feats, batch_size=training.batch_size)
+    elif kd is not None:
+        teacher = load_kd_teacher(kd, student, trainable=co_distill, weights_from=teacher_from)
+        teacher.fmt = student.fmt
     has_val = bool(val_examples)
     if has_val and task is None:
         raise StepDistillError("validation examples given without their task: pass task= to score them")
@@ -253,6 +339,8 @@ def build_trainer(
     callbacks: list[TrainerCallback] = [_JsonlLog(out_dir / "train_log.jsonl")]
     if has_val and training.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.patience))
+    if co_distill:
+        callbacks.append(_TeacherCheckpoint(teacher))
     return StepDistillTrainer(
         model=student.model,
         args=args,
@@ -267,7 +355,32 @@ def build_trainer(
         task=task,
         label_prefix=method_cfg.label_prefix,
         val_max_new_tokens=min(training.val_max_new_tokens, training.max_target_length),
+        kd=kd,
+        teacher=teacher,
+        co_distill=co_distill,
     )
+
+
+def _save_co_teacher(trainer: StepDistillTrainer, info: dict[str, Any], out_dir: Path,
+                     val_examples: list[Example], task: Task | None) -> dict[str, Any]:
+    """Co-distillation trains two models: save the teacher from the selected step beside the
+    student (out_dir/teacher_model, loadable like any trained model) and score it on validation."""
+    teacher = trainer.teacher
+    best = trainer.state.best_model_checkpoint
+    if best and (Path(best) / TEACHER_DIR).is_dir():
+        teacher = load_kd_teacher(trainer.kd, trainer.student, weights_from=Path(best) / TEACHER_DIR)
+        teacher.fmt = trainer.student.fmt
+    teacher.model.eval()
+    model_dir = out_dir / "teacher_model"
+    teacher.model.save_pretrained(model_dir)
+    teacher.tokenizer.save_pretrained(model_dir)
+    (model_dir / MODEL_INFO).write_text(json.dumps({**info, "co_distill_role": "teacher"}, indent=2) + "\n")
+    acc = None
+    if val_examples and task is not None:
+        preds = predict(teacher, [e.input for e in val_examples], prefix=trainer.label_prefix,
+                        batch_size=trainer.args.per_device_eval_batch_size, max_new_tokens=trainer.val_max_new_tokens)
+        acc = task.accuracy(preds, val_examples)
+    return {"teacher_model": str(model_dir), "teacher_val_accuracy": acc}
 
 
 def fit(
@@ -300,7 +413,9 @@ def fit(
     if resume and not last:
         log.warning("resume requested but %s has no checkpoint: training from the start", ckpt_root)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(student, method_cfg, training, train_records, val_examples, task, out_dir, progress=progress)
+    teacher_from = Path(last) / TEACHER_DIR if resume and last and method_cfg.name == "co-distill" else None
+    trainer = build_trainer(student, method_cfg, training, train_records, val_examples, task, out_dir,
+                            progress=progress, teacher_from=teacher_from)
     trainable, total = count_parameters(student.model)
     start = time.time()
     trainer.train(resume_from_checkpoint=last if resume else None)
@@ -326,10 +441,15 @@ def fit(
         "best_val_accuracy": state.best_metric,
         "best_step": state.best_global_step,
     }
+    if method_cfg.kd is not None:
+        info["kd"] = method_cfg.kd.model_dump()
     (model_dir / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    extra: dict[str, Any] = {}
+    if trainer.co_distill:
+        extra = _save_co_teacher(trainer, info, out_dir, val_examples, task)
 
     history = state.log_history
-    return {
+    return {**extra,
         "train_loss": [(h["step"], h["loss"]) for h in history if "loss" in h],
         "val_accuracy": [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h],
         "best_val_accuracy": state.best_metric,

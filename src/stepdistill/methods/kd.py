@@ -1,0 +1,165 @@
+"""White-box teachers for soft-label distillation: load one, check it can teach this student,
+and (for teachers too big to keep beside the student) write its top-k distributions once.
+
+    teacher = load_kd_teacher(kd, student)            # frozen, same device, vocabulary checked
+    feats = attach_topk_cache(kd, student, feats)     # kd.cache: top-k log-probs per position
+
+The losses themselves are pure functions in losses.py (kd_loss, kd_loss_topk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+import torch
+
+from stepdistill.config import KDConfig
+from stepdistill.errors import StepDistillError
+from stepdistill.methods.losses import IGNORE_INDEX, topk_logprobs
+from stepdistill.students import Student, load_pretrained
+
+log = logging.getLogger(__name__)
+
+KD_KEYS = ("kd_vals", "kd_ids")  # feature keys of cached top-k log-probs and token ids (per position)
+RATIONALE = "rat_"
+
+
+def load_kd_teacher(kd: KDConfig, student: Student, *, trainable: bool = False,
+                    weights_from: Path | None = None) -> Student:
+    """The teacher named by kd.teacher, checked against the student: same model kind and the
+    same tokenizer vocabulary (soft labels compare distributions token by token).
+    `weights_from`: a saved teacher folder (a co-distillation checkpoint) to take the weights from."""
+    from stepdistill.evaluation import MODEL_INFO
+
+    path = Path(kd.teacher).expanduser()
+    source = path / "model" if (path / "model" / MODEL_INFO).is_file() else path  # a training run
+    if weights_from is not None:
+        source = Path(weights_from)
+    kind = "seq2seq" if student.is_seq2seq else "causal"
+    teacher = load_pretrained(str(source) if source.exists() else kd.teacher, kind=kind)
+    check_same_vocabulary(teacher, student, kd.teacher)
+    teacher.model.train(trainable)
+    teacher.model.requires_grad_(trainable)
+    return teacher
+
+
+def check_same_vocabulary(teacher: Student, student: Student, name: str) -> None:
+    t, s = teacher.tokenizer, student.tokenizer
+    if len(t) != len(s) or t.get_vocab() != s.get_vocab():
+        raise StepDistillError(
+            f"the teacher {name} and the student have different vocabularies ({len(t)} vs {len(s)} tokens), "
+            "so their token distributions cannot be compared: use a student that shares the teacher's tokenizer "
+            "(e.g. `stepdistill make-student --from <teacher>`), or distil its generated text instead "
+            "(method distill or step-by-step on `stepdistill annotate` outputs)"
+        )
+
+
+def vocab_size(teacher: Student, student: Student) -> int | None:
+    """The shared vocabulary size when an embedding matrix is padded beyond the tokenizer."""
+    sizes = {teacher.model.get_output_embeddings().weight.shape[0], student.model.get_output_embeddings().weight.shape[0]}
+    return len(student.tokenizer) if len(sizes) > 1 else None
+
+
+def teacher_logits(teacher, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, *, seq2seq: bool) -> torch.Tensor:
+    """Logits aligned with the student's for the same batch (seq2seq: teacher-forced on labels)."""
+    if not seq2seq:
+        return teacher(input_ids=ids, attention_mask=mask).logits
+    cfg = teacher.config
+    start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
+    dec = labels.new_full(labels.shape, cfg.pad_token_id)
+    dec[:, 1:] = labels[:, :-1]
+    dec[:, 0] = start
+    dec = dec.masked_fill(dec == IGNORE_INDEX, cfg.pad_token_id)
+    return teacher(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+
+
+# ---------------------------------------------------------------- the top-k cache
+
+
+def _digest(kd: KDConfig, teacher_name: str, feats: list[dict]) -> str:
+    """What the cache was computed from: teacher, temperature, k and every token it saw."""
+    h = hashlib.sha256(json.dumps({"teacher": teacher_name, "T": kd.temperature, "k": kd.top_k}).encode())
+    for f in feats:
+        for pre in ("", RATIONALE):
+            if pre + "input_ids" in f:
+                h.update(json.dumps([f[pre + "input_ids"], f[pre + "labels"]]).encode())
+    return h.hexdigest()
+
+
+def attach_topk_cache(kd: KDConfig, student: Student, feats: list[dict], *, batch_size: int = 8) -> list[dict]:
+    """Add the teacher's top-k log-probs (kd_vals, kd_ids; rat_kd_* for the rationale task) to
+    each feature, reading kd.cache or, when it is missing, computing it once and writing it."""
+    from safetensors.torch import load_file, save_file
+
+    from stepdistill.teachers.base import portable_name
+
+    cache = Path(kd.cache)
+    digest = _digest(kd, portable_name(kd.teacher), feats)
+    meta_file, tensors_file = cache / "meta.json", cache / "topk.safetensors"
+    if meta_file.is_file() and tensors_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("digest") != digest:
+            raise StepDistillError(
+                f"the top-k cache {cache} was written for another teacher, temperature, k or training data: "
+                "delete it (it is rewritten) or point kd.cache to a new folder")
+        tensors = load_file(str(tensors_file))
+        log.info("kd: read the teacher's top-%d distributions from %s", kd.top_k, cache)
+    else:
+        teacher = load_kd_teacher(kd, student)
+        log.info("kd: writing the teacher's top-%d distributions to %s (once)", kd.top_k, cache)
+        tensors = _compute_topk(kd, teacher, student.is_seq2seq, feats, batch_size)
+        del teacher
+        tmp = cache.with_name(cache.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp / "topk.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({"digest": digest, "teacher": kd.teacher, "top_k": kd.top_k,
+                                                   "temperature": kd.temperature, "features": len(feats)}, indent=2))
+        if cache.exists():
+            raise StepDistillError(f"{cache} exists but is not a complete top-k cache: delete it")
+        tmp.rename(cache)
+    out = []
+    for i, f in enumerate(feats):
+        g = dict(f)
+        for pre in ("", RATIONALE):
+            if f"{pre}{i}.vals" in tensors:
+                g[pre + "kd_vals"] = tensors[f"{pre}{i}.vals"]
+                g[pre + "kd_ids"] = tensors[f"{pre}{i}.ids"]
+        out.append(g)
+    return out
+
+
+@torch.inference_mode()
+def _compute_topk(kd: KDConfig, teacher: Student, seq2seq: bool, feats: list[dict], batch_size: int
+                  ) -> dict[str, torch.Tensor]:
+    """Per feature and task: (positions, k) log-probs at temperature T and their token ids, for
+    the positions the student's logits have (decoder positions for seq2seq, all for causal)."""
+    model = teacher.model
+    pad = teacher.tokenizer.pad_token_id or 0
+    tensors: dict[str, torch.Tensor] = {}
+    for pre in ("", RATIONALE):
+        rows = [(i, f) for i, f in enumerate(feats) if pre + "input_ids" in f]
+        for b in range(0, len(rows), batch_size):
+            chunk = rows[b : b + batch_size]
+            width = max(len(f[pre + "input_ids"]) for _, f in chunk)
+            lwidth = max(len(f[pre + "labels"]) for _, f in chunk)
+            ids = torch.tensor([f[pre + "input_ids"] + [pad] * (width - len(f[pre + "input_ids"])) for _, f in chunk])
+            mask = torch.tensor([[1] * len(f[pre + "input_ids"]) + [0] * (width - len(f[pre + "input_ids"])) for _, f in chunk])
+            labels = torch.tensor([f[pre + "labels"] + [IGNORE_INDEX] * (lwidth - len(f[pre + "labels"])) for _, f in chunk])
+            logits = teacher_logits(model, ids, mask, labels, seq2seq=seq2seq)
+            vals, idx = topk_logprobs(logits, kd.top_k, kd.temperature)
+            for j, (i, f) in enumerate(chunk):
+                n = len(f[pre + "labels"]) if seq2seq else len(f[pre + "input_ids"])
+                tensors[f"{pre}{i}.vals"] = vals[j, :n].to(torch.float16).contiguous()
+                tensors[f"{pre}{i}.ids"] = idx[j, :n].to(torch.int32).contiguous()
+    return tensors
+
+
+def pad_topk(rows: list[torch.Tensor], width: int, value: float) -> torch.Tensor:
+    """(batch, width, k) from per-row (positions, k) tensors, right-padded (padding is masked by labels)."""
+    k = rows[0].shape[-1]
+    out = torch.full((len(rows), width, k), value, dtype=rows[0].dtype)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out
