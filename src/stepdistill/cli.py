@@ -5,6 +5,7 @@
     stepdistill eval --model runs/sbs --split test
     stepdistill quickstart
     stepdistill make-student --from model.gguf --layers 4 --out models/small
+    stepdistill prune --model smollm2-135m-instruct --layers 8 --heads 1 --ffn 0.25 --out models/pruned
 
 Every domain error becomes one line on stderr and exit code 1, never a traceback.
 """
@@ -101,6 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4, help="decoder layers (t5: encoder and decoder layers each)")
     p.add_argument("--d-model", type=int, default=256, help="t5: hidden size")
     p.add_argument("--out", required=True, help="folder to write the model to")
+    p = sub.add_parser("prune", help="prune a causal LM (Llama family): drop layers, heads, FFN neurons, small weights",
+                       description="Applies layers -> structured (--heads/--ffn) -> magnitude (--sparsity), saves to --out "
+                                   "and prints parameters, size on disk, ms/prediction (and accuracy with --task) before/after. "
+                                   "--sparsity only writes zeros: the file is no smaller and dense kernels no faster.")
+    p.add_argument("--model", required=True, help="hub id, folder, .gguf, smollm2-135m-instruct, or a training run / its model folder")
+    p.add_argument("--out", required=True, help="folder to write the pruned model to (must not exist)")
+    p.add_argument("--layers", type=int, help="decoder layers to keep (with --strategy every: keep every N-th layer)")
+    p.add_argument("--strategy", choices=["spread", "first", "every"], default="spread",
+                   help="which layers: spread = evenly spaced incl. first and last; first = the first N; every = every N-th")
+    p.add_argument("--heads", type=int, default=0, help="key/value head groups to remove per layer (each with its query heads)")
+    p.add_argument("--ffn", type=float, default=0.0, help="fraction of feed-forward neurons to remove per layer, e.g. 0.25")
+    p.add_argument("--importance", choices=["magnitude", "taylor"], default="magnitude",
+                   help="how --heads/--ffn pick units: weight L2 norm, or |w * grad| on the first 32 training examples of --task (needs --task)")
+    p.add_argument("--sparsity", type=float, default=0.0, help="share of decoder Linear weights to zero by magnitude (zeros only: no smaller, no faster)")
+    p.add_argument("--scope", choices=["global", "layer"], default="global", help="--sparsity: one threshold over all weights, or per Linear")
+    p.add_argument("--task", help="measure accuracy on this task before and after (and the source of taylor gradients)")
+    p.add_argument("--data", help="task data (as for eval); unset = the hub or the built-in task")
+    p.add_argument("--split", default="test", help="split to measure accuracy on")
+    p.add_argument("--limit", type=int, help="measure accuracy on the first N examples only")
     p = sub.add_parser("store", help="inspect or export the annotation store")
     p.add_argument("action", choices=["stats", "export"], help="stats: counts; export: every completion to --out")
     p.add_argument("--store", help="annotation store file (default $STEPDISTILL_HOME/annotations.sqlite)")
@@ -164,6 +184,13 @@ def run(argv: list[str] | None = None) -> int:
             out = new_t5(args.source, args.out, n_layers=args.layers, d_model=args.d_model,
                          n_heads=max(1, args.d_model // 64), d_ff=4 * args.d_model)
         print(f"wrote {out} ({count_parameters(load_pretrained(str(out)).model)[1] / 1e6:.1f}M parameters)")
+        return 0
+    if args.command == "prune":
+        from stepdistill.pruning import prune
+
+        prune(args.model, args.out, layers=args.layers, strategy=args.strategy, heads=args.heads, ffn=args.ffn,
+              importance=args.importance, sparsity=args.sparsity, scope=args.scope, task=args.task, data=args.data,
+              split=args.split, limit=args.limit)
         return 0
     if args.command == "store":
         return _store_command(args)
