@@ -36,15 +36,6 @@ from tiny_models import examples, t5_student, tokenizer
 H, LAYERS, HEADS, KV, INTER = 64, 4, 4, 2, 128  # GQA: 2 query heads per KV head, head_dim 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are dominated by thread hand-offs: one thread runs this file ~10x faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_llama(seed: int = 0, **over) -> LlamaForCausalLM:
     tok = tokenizer()
     torch.manual_seed(seed)
