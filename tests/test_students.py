@@ -9,7 +9,8 @@ from stepdistill.config import LoraConfig, StudentConfig
 from stepdistill.errors import StepDistillError
 from stepdistill.evaluation import predict
 from stepdistill.runs import home
-from stepdistill.students import count_parameters, cut_layers, load_pretrained, load_student, new_t5
+from stepdistill.pruning import cut_layers
+from stepdistill.students import count_parameters, load_pretrained, load_student, new_t5
 from tiny_models import llama_student, t5_student
 
 def _gguf() -> Path:
@@ -85,7 +86,7 @@ def test_cut_layers_keeps_the_first_layers_and_the_tokenizer(tmp_path):
     first = full.model.model.layers[0].self_attn.q_proj.weight
     assert (cut.model.model.layers[0].self_attn.q_proj.weight == first).all()
     assert cut.tokenizer.get_vocab() == full.tokenizer.get_vocab()
-    with pytest.raises(StepDistillError, match="choose 1..2"):
+    with pytest.raises(StepDistillError, match="must be 1..2"):
         cut_layers(str(src), 5, tmp_path / "too-many")
     with pytest.raises(StepDistillError, match="already holds a model"):
         cut_layers(str(src), 1, tmp_path / "cut")

@@ -98,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny: a one-minute smoke run; default: the real demo")
     p = sub.add_parser("make-student", help="make a small student: cut a pretrained causal LM, or a new T5 with a given tokenizer")
     p.add_argument("--from", dest="source", required=True, help="pretrained causal LM to cut (--arch cut) or whose tokenizer to use (--arch t5): hub id, folder or .gguf")
-    p.add_argument("--arch", choices=["cut", "t5"], default="cut", help="cut: first --layers layers of --from; t5: a randomly initialised T5")
+    p.add_argument("--arch", choices=["cut", "t5"], default="cut", help="cut: --layers of the layers of --from (see --strategy); t5: a randomly initialised T5")
     p.add_argument("--layers", type=int, default=4, help="decoder layers (t5: encoder and decoder layers each)")
+    p.add_argument("--strategy", choices=["first", "spread", "every"], default="first",
+                   help="cut: which layers to keep: the first --layers, --layers spread evenly, or every --layers-th")
     p.add_argument("--d-model", type=int, default=256, help="t5: hidden size")
     p.add_argument("--out", required=True, help="folder to write the model to")
     p = sub.add_parser("prune", help="prune a causal LM (Llama family): drop layers, heads, FFN neurons, small weights",
@@ -176,10 +178,11 @@ def run(argv: list[str] | None = None) -> int:
         quickstart(args.out, overwrite=args.overwrite, size=args.size)
         return 0
     if args.command == "make-student":
-        from stepdistill.students import count_parameters, cut_layers, load_pretrained, new_t5
+        from stepdistill.pruning import cut_layers
+        from stepdistill.students import count_parameters, load_pretrained, new_t5
 
         if args.arch == "cut":
-            out = cut_layers(args.source, args.layers, args.out)
+            out = cut_layers(args.source, args.layers, args.out, strategy=args.strategy)
         else:
             out = new_t5(args.source, args.out, n_layers=args.layers, d_model=args.d_model,
                          n_heads=max(1, args.d_model // 64), d_ff=4 * args.d_model)

@@ -36,7 +36,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 def cut_student(gguf: Path, n_layers: int) -> Path:
     """The teacher's first `n_layers` layers as the student, cached under $STEPDISTILL_HOME/models."""
-    from stepdistill.students import cut_layers
+    from stepdistill.pruning import cut_layers
 
     dest = home() / "models" / f"smollm2-135m-first{n_layers}layers"
     return dest if (dest / "config.json").is_file() else cut_layers(str(gguf), n_layers, dest)

@@ -246,29 +246,6 @@ def _save_atomic(model, tokenizer, dest: Path, *, source: Path | None = None) ->
     return dest
 
 
-def cut_layers(source: str, n_layers: int, out: str | Path, *, gguf_file: str | None = None) -> Path:
-    """A small causal student: the first `n_layers` decoder layers of a pretrained causal LM.
-
-    It keeps the source's embeddings and tokenizer, so it starts knowing the vocabulary (and
-    the teacher's tokenizer, when cut from the teacher).
-
-    >>> cut_layers("SmolLM2-135M-Instruct.Q4_1.gguf", 4, "models/smollm2-4l")  # 30 -> 4 layers
-    """
-    _refuse_existing(Path(out))  # before the (slow) load
-    student = load_pretrained(source, gguf_file, kind="causal")
-    model = student.model
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise StepDistillError(f"{source}: cannot find decoder layers at model.model.layers: cut_layers supports Llama-style models")
-    if not 0 < n_layers <= len(layers):
-        raise StepDistillError(f"--layers {n_layers}: {source} has {len(layers)} layers; choose 1..{len(layers)}")
-    model.model.layers = layers[:n_layers]
-    model.config.num_hidden_layers = n_layers
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:n_layers]
-    return _save_atomic(model, student.tokenizer, Path(out))
-
-
 def new_t5(tokenizer_source: str, out: str | Path, *, n_layers: int = 4, d_model: int = 256,
            n_heads: int = 4, d_ff: int = 1024, gguf_file: str | None = None) -> Path:
     """A randomly initialised T5 (v1.1 style: gated-GELU) that uses another model's tokenizer.
