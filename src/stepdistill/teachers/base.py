@@ -42,7 +42,16 @@ class Teacher:
         raise NotImplementedError
 
     def prompt(self, task: Task, example: Example) -> str:
-        return task.teacher_prompt(example)
+        """The few-shot prompt, with `cfg.n_shots` exemplars when the teacher's config sets it."""
+        n_shots = getattr(getattr(self, "cfg", None), "n_shots", None)
+        return task.teacher_prompt(example) if n_shots is None else task.teacher_prompt(example, n_shots=n_shots)
+
+    def generation_identity(self, **model: Any) -> dict[str, Any]:
+        """identity() of a teacher that generates: its kind, what names its model (`model`), and
+        the settings that change the text (shots, sampling, stop strings) from `cfg` and `task`."""
+        c = self.cfg  # type: ignore[attr-defined]
+        return {"kind": self.kind, **model, "n_shots": c.n_shots, "sampling": c.sampling.model_dump(),
+                "stop": list(self.task.stop)}  # type: ignore[attr-defined]
 
     def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Completion]]:
         raise NotImplementedError

@@ -26,14 +26,7 @@ class HFTeacher(Teacher):
         self._student = None  # loaded lazily: a fully cached rerun never loads the model
 
     def identity(self) -> dict[str, Any]:
-        c = self.cfg
-        return {"kind": "hf", "model": portable_name(c.model), "gguf_file": c.gguf_file, "n_shots": c.n_shots,
-                "sampling": c.sampling.model_dump(), "stop": list(self.task.stop)}
-
-    def prompt(self, task: Task, example) -> str:
-        if self.cfg.n_shots is not None:
-            return task.teacher_prompt(example, n_shots=self.cfg.n_shots)
-        return task.teacher_prompt(example)
+        return self.generation_identity(model=portable_name(self.cfg.model), gguf_file=self.cfg.gguf_file)
 
     def _load(self):
         if self._student is None:

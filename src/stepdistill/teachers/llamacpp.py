@@ -56,14 +56,7 @@ class LlamaCppTeacher(Teacher):
     def identity(self) -> dict[str, Any]:
         # engine_args (n_ctx, n_threads, n_gpu_layers) are left out: they change speed, not text,
         # and a prompt that does not fit n_ctx is an error rather than a silently shorter answer.
-        c = self.cfg
-        return {"kind": "llamacpp", "model": portable_name(str(self.path)), "n_shots": c.n_shots,
-                "sampling": c.sampling.model_dump(), "stop": list(self.task.stop)}
-
-    def prompt(self, task: Task, example) -> str:
-        if self.cfg.n_shots is not None:
-            return task.teacher_prompt(example, n_shots=self.cfg.n_shots)
-        return task.teacher_prompt(example)
+        return self.generation_identity(model=portable_name(str(self.path)))
 
     def usage(self) -> dict[str, Any]:
         return dict(self._usage)

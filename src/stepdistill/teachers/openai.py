@@ -139,14 +139,7 @@ class OpenAITeacher(Teacher):
 
     def identity(self) -> dict[str, Any]:
         # Not the URL: replicas or a moved server serving the same model share the store.
-        c = self.cfg
-        return {"kind": "openai", "model": c.model, "endpoint": c.endpoint, "n_shots": c.n_shots,
-                "sampling": c.sampling.model_dump(), "stop": list(self.task.stop)}
-
-    def prompt(self, task: Task, example) -> str:
-        if self.cfg.n_shots is not None:
-            return task.teacher_prompt(example, n_shots=self.cfg.n_shots)
-        return task.teacher_prompt(example)
+        return self.generation_identity(model=self.cfg.model, endpoint=self.cfg.endpoint)
 
     def usage(self) -> dict[str, Any]:
         s = self.spend

@@ -38,14 +38,7 @@ class VLLMTeacher(Teacher):
         self._usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0}
 
     def identity(self) -> dict[str, Any]:
-        c = self.cfg
-        return {"kind": "vllm", "model": portable_name(self.model), "n_shots": c.n_shots,
-                "sampling": c.sampling.model_dump(), "stop": list(self.task.stop)}
-
-    def prompt(self, task: Task, example) -> str:
-        if self.cfg.n_shots is not None:
-            return task.teacher_prompt(example, n_shots=self.cfg.n_shots)
-        return task.teacher_prompt(example)
+        return self.generation_identity(model=portable_name(self.model))
 
     def usage(self) -> dict[str, Any]:
         return dict(self._usage)
