@@ -141,6 +141,9 @@ def test_topk_cache_is_written_once_then_read_without_the_teacher(tmp_path, monk
     other = MethodConfig(name="step-by-step", kd=kd.model_copy(update={"temperature": 5.0}))
     with pytest.raises(StepDistillError, match="written for another teacher, temperature"):
         fit(llama_student(0), other, TRAINING, records, [], FakeTask(), tmp_path / "c", progress=False)
+    save_teacher("llama", tmp_path / "teacher", seed=8)  # retrained in place: same path, new weights
+    with pytest.raises(StepDistillError, match="written for another teacher"):
+        fit(llama_student(0), method, TRAINING, records, [], FakeTask(), tmp_path / "d", progress=False)
 
 
 def test_a_teacher_with_another_vocabulary_is_a_clear_error(tmp_path):

@@ -194,9 +194,21 @@ def test_the_budget_is_never_exceeded_and_the_run_stops_cleanly(server, tmp_path
     spent_at_server = sum(_server_tokens(server))
     assert 0 < s["generated"] < 12 and spent_at_server <= limit
     assert u["prompt_tokens"] + u["completion_tokens"] == spent_at_server
-    assert "budget" in u["stopped"] and u["not_requested"] == 12 - s["generated"]
+    assert "budget" in u["stopped"] and u["not_requested"] == s["not_requested"] == 12 - s["generated"]
+    assert s["failed"] == 0  # skipped by the budget is not a failure
     assert s["dropped_reasons"] == {"teacher failed": 12 - s["generated"]}
     assert all("not requested" in r["error"] for r in rows(tmp_path) if r["completion"] is None)
+
+
+def test_an_attempt_that_times_out_is_charged_its_worst_case(server, tmp_path):
+    """The server may still generate (and bill) a reply we stopped waiting for: the budget
+    counts the attempt's reservation, so it stays a bound on what was really spent."""
+    server.inject("slow", match=EXAMPLES[0].input, delay=1.5)
+    s = run(server, tmp_path, n=1, timeout=0.5, price={"prompt": 1.0, "completion": 1.0})
+    u = s["usage"]
+    answered = sum(_server_tokens(server))
+    prompt_bytes = len(server.log[0]["prompt"].encode())
+    assert u["prompt_tokens"] + u["completion_tokens"] >= answered + prompt_bytes + 64  # the lost attempt, in full
 
 
 def _server_tokens(srv):

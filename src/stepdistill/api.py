@@ -137,11 +137,16 @@ def _complete(teacher, task: Task, examples: list[Example], k: int, store_path, 
         have = store.get_many(keys)
     finally:
         store.close()
+    skipped = {k: e for k, e in failed.items() if e.startswith("not requested")}
+    failed = {k: e for k, e in failed.items() if k not in skipped}
     if failed:
         echo(f"{len(failed)} completions failed: " + ", ".join(
             f"{r}: {c}" for r, c in Counter(e.split(":")[0] for e in failed.values()).most_common(5)))
-    per_example = [have.get(key) or failed.get(key, "not requested") for key in keys]
-    counts = {"generated": generated, "from_store": len(keys) - len(todo), "failed": len(failed)}
+    if skipped:
+        echo(f"{len(skipped)} completions not requested: {next(iter(skipped.values()))}")
+    per_example = [have.get(key) or failed.get(key) or skipped.get(key, "not requested") for key in keys]
+    counts = {"generated": generated, "from_store": len(keys) - len(todo), "failed": len(failed),
+              "not_requested": len(skipped)}
     return [per_example[i * k : (i + 1) * k] for i in range(len(examples))], counts
 
 
@@ -250,6 +255,18 @@ def keep_correct(annotations: dict[str, Parsed], examples: list[Example], task: 
     return kept
 
 
+def _note_gold_verified(annotations: str | Path, examples: list[Example], echo: Printer) -> None:
+    """Teacher labels verified against gold are gold labels on a subset: say so, since the
+    paper's distillation baseline trains on every teacher answer, wrong ones included."""
+    import json
+
+    against = json.loads((Path(annotations) / "summary.json").read_text()).get("verify", {}).get("against")
+    if against in ("auto", "gold") and any(e.label is not None for e in examples):
+        echo(f"note: {annotations} keeps only teacher answers that agree with gold (verify.against={against}), "
+             "so these teacher labels are gold labels on a subset; for the paper's distillation baseline, "
+             "annotate with --verify none")
+
+
 def split_validation(examples: list[Example], fraction: float, seed: int, cap: int | None = None
                      ) -> tuple[list[Example], list[Example]]:
     """Carve a validation set from training examples (model selection never looks at test)."""
@@ -276,6 +293,8 @@ def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, res
     method = get_method(cfg.method)
     examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
     annotations = read_annotations(cfg.annotations, task, cfg.split, examples) if cfg.annotations else None
+    if annotations is not None and (cfg.method.name == "distill" or cfg.method.label_source == "teacher"):
+        _note_gold_verified(cfg.annotations, examples, echo)
     if annotations is not None and method.multitask and cfg.method.rationales == "correct":
         annotations = keep_correct(annotations, examples, task, echo)
     tcfg = cfg.training

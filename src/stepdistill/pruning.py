@@ -311,6 +311,7 @@ def prune_structured(model, *, heads: int = 0, ffn: float = 0.0, importance: Imp
     try:
         for layer in layers:
             group_score, neuron_score = _importance(layer, taylor, hd, rep)
+            group_score, neuron_score = group_score.cpu(), neuron_score.cpu()  # index plans on CPU, wherever the model is
             a, m = layer.self_attn, layer.mlp
             if heads:
                 # the lowest scores go; a stable sort makes ties go to the earlier unit, reproducibly

@@ -78,9 +78,23 @@ def teacher_logits(teacher, ids: torch.Tensor, mask: torch.Tensor, labels: torch
 # ---------------------------------------------------------------- the top-k cache
 
 
-def _digest(kd: KDConfig, teacher_name: str, feats: list[dict]) -> str:
-    """What the cache was computed from: teacher, temperature, k and every token it saw."""
-    h = hashlib.sha256(json.dumps({"teacher": teacher_name, "T": kd.temperature, "k": kd.top_k}).encode())
+def _fingerprint(teacher: str) -> list:
+    """The teacher's weights as files (name, size, mtime): a retrained teacher at the same path
+    must not be served a cache made from the old one."""
+    from stepdistill.evaluation import MODEL_INFO
+    from stepdistill.teachers.base import portable_name
+
+    p = Path(teacher).expanduser()
+    p = p / "model" if (p / "model" / MODEL_INFO).is_file() else p
+    if p.is_dir():
+        return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir()
+                      if f.suffix in {".safetensors", ".bin", ".json", ".gguf"})
+    return [portable_name(teacher)]  # a file (size included) or a hub id
+
+
+def _digest(kd: KDConfig, feats: list[dict]) -> str:
+    """What the cache was computed from: teacher weights, temperature, k and every token it saw."""
+    h = hashlib.sha256(json.dumps({"teacher": _fingerprint(kd.teacher), "T": kd.temperature, "k": kd.top_k}).encode())
     for f in feats:
         for pre in ("", RATIONALE):
             if pre + "input_ids" in f:
@@ -93,10 +107,8 @@ def attach_topk_cache(kd: KDConfig, student: Student, feats: list[dict], *, batc
     each feature, reading kd.cache or, when it is missing, computing it once and writing it."""
     from safetensors.torch import load_file, save_file
 
-    from stepdistill.teachers.base import portable_name
-
     cache = Path(kd.cache)
-    digest = _digest(kd, portable_name(kd.teacher), feats)
+    digest = _digest(kd, feats)
     meta_file, tensors_file = cache / "meta.json", cache / "topk.safetensors"
     if meta_file.is_file() and tensors_file.is_file():
         meta = json.loads(meta_file.read_text())
@@ -106,8 +118,12 @@ def attach_topk_cache(kd: KDConfig, student: Student, feats: list[dict], *, batc
                 "delete it (it is rewritten) or point kd.cache to a new folder")
         tensors = load_file(str(tensors_file))
         log.info("kd: read the teacher's top-%d distributions from %s", kd.top_k, cache)
+    elif cache.exists():
+        raise StepDistillError(f"{cache} exists but is not a complete top-k cache (no meta.json/topk.safetensors): "
+                               "delete it, or point kd.cache to a new folder")
     else:
         teacher = load_kd_teacher(kd, student)
+        teacher.model.to("cuda" if torch.cuda.is_available() else "cpu")
         log.info("kd: writing the teacher's top-%d distributions to %s (once)", kd.top_k, cache)
         tensors = _compute_topk(kd, teacher, student.is_seq2seq, feats, batch_size)
         del teacher
@@ -116,8 +132,6 @@ def attach_topk_cache(kd: KDConfig, student: Student, feats: list[dict], *, batc
         save_file(tensors, str(tmp / "topk.safetensors"))
         (tmp / "meta.json").write_text(json.dumps({"digest": digest, "teacher": kd.teacher, "top_k": kd.top_k,
                                                    "temperature": kd.temperature, "features": len(feats)}, indent=2))
-        if cache.exists():
-            raise StepDistillError(f"{cache} exists but is not a complete top-k cache: delete it")
         tmp.rename(cache)
     out = []
     for i, f in enumerate(feats):
@@ -147,8 +161,11 @@ def _compute_topk(kd: KDConfig, teacher: Student, seq2seq: bool, feats: list[dic
             ids = torch.tensor([f[pre + "input_ids"] + [pad] * (width - len(f[pre + "input_ids"])) for _, f in chunk])
             mask = torch.tensor([[1] * len(f[pre + "input_ids"]) + [0] * (width - len(f[pre + "input_ids"])) for _, f in chunk])
             labels = torch.tensor([f[pre + "labels"] + [IGNORE_INDEX] * (lwidth - len(f[pre + "labels"])) for _, f in chunk])
-            logits = teacher_logits(model, ids, mask, labels, seq2seq=seq2seq)
-            vals, idx = topk_logprobs(logits, kd.top_k, kd.temperature)
+            device = next(model.parameters()).device
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = teacher_logits(model, ids.to(device), mask.to(device), labels.to(device), seq2seq=seq2seq)
+            vals, idx = topk_logprobs(logits.float(), kd.top_k, kd.temperature)
+            vals, idx = vals.cpu(), idx.cpu()
             for j, (i, f) in enumerate(chunk):
                 n = len(f[pre + "labels"]) if seq2seq else len(f[pre + "input_ids"])
                 tensors[f"{pre}{i}.vals"] = vals[j, :n].to(torch.float16).contiguous()

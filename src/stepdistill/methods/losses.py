@@ -158,7 +158,9 @@ def kd_loss(
     if kind == "forward_kl":
         per_token = _kl(log_t, log_s) * temperature**2
     elif kind == "reverse_kl":
-        per_token = _kl(log_s, log_t) * temperature**2
+        # a token the teacher rules out (-inf) would make the student's mass there infinitely
+        # costly: a large finite floor keeps the loss and its gradient finite
+        per_token = _kl(log_s, log_t.clamp(min=torch.finfo(log_t.dtype).min / 2)) * temperature**2
     elif kind == "jsd":
         log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]), dim=0)
         per_token = (beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)) * temperature**2

@@ -27,6 +27,7 @@ How a run behaves:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import email.utils
 import json
@@ -55,6 +56,7 @@ class _Retry(Exception):
     """A transient failure: try again after `delay` (the server's Retry-After) or a backoff."""
 
     def __init__(self, reason: str, delay: float | None = None, pause_all: bool = False, usage: dict | None = None):
+        # usage: what the failed attempt is charged ({} = its reserved worst case, None = nothing)
         super().__init__(reason)
         self.delay, self.pause_all, self.usage = delay, pause_all, usage
 
@@ -180,15 +182,17 @@ class OpenAITeacher(Teacher):
                     ready.append(results.get_nowait())
                 if (finished := ready[-1] is done):
                     ready.pop()
-                for item in ready:
-                    if isinstance(item, BaseException):
-                        raise item
-                if ready:
+                errors = [item for item in ready if isinstance(item, BaseException)]
+                ready = [item for item in ready if not isinstance(item, BaseException)]
+                if ready:  # completions that arrived beside an error are paid for: store them first
                     yield ready
+                if errors:
+                    raise errors[0]
         finally:  # the caller stopped early (Ctrl-C, an error): cancel what is in flight
             loop, task = state.get("loop"), state.get("task")
             if thread.is_alive() and loop is not None and task is not None:
-                loop.call_soon_threadsafe(task.cancel)
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to cancel
+                    loop.call_soon_threadsafe(task.cancel)
             thread.join(timeout=10)
 
     # ------------------------------------------------------------ the async core
@@ -225,16 +229,20 @@ class OpenAITeacher(Teacher):
         s = self.cfg.sampling
         path, body = self._body(req)
         est_prompt = len(req.prompt.encode()) + (CHAT_OVERHEAD_TOKENS if self.cfg.endpoint == "chat" else 8)
-        t0 = time.perf_counter()
         reason = ""
         for attempt in range(self.cfg.max_retries + 1):
             if not await self._reserve(est_prompt, s.max_new_tokens):
                 self.counts["not_requested"] += 1
                 return Completion("", error=f"not requested: {self.stopped}")
-            usage = None
+            # What the attempt is charged: {} = the reserved worst case, for any attempt whose
+            # request may have reached the server without us learning its usage (a timeout, a
+            # reply lost or malformed, a cancelled run); None = nothing, when no completion can
+            # have been generated (no connection, an error status).
+            usage: dict | None = {}
             try:
                 await self._wait_pause()
                 self.counts["requests"] += 1
+                t0 = time.perf_counter()  # the teacher's latency: this attempt, not backoff or budget waits
                 comp, usage = await self._attempt(session, path, body)
                 comp = dataclasses.replace(comp, seconds=time.perf_counter() - t0)
                 if comp.finish_reason == "length":
@@ -247,16 +255,19 @@ class OpenAITeacher(Teacher):
                 if e.pause_all:
                     self._paused_until = max(self._paused_until, time.monotonic() + delay)
             except _Fail as e:
+                usage = None
                 self.counts["failed"] += 1
-                return Completion("", error=str(e), seconds=time.perf_counter() - t0)
+                return Completion("", error=str(e))
+            except StepDistillError:
+                usage = None
+                raise
             finally:
                 await self._settle(est_prompt, s.max_new_tokens, usage)
             if attempt < self.cfg.max_retries:
                 self.counts["retries"] += 1
                 await asyncio.sleep(delay)
         self.counts["failed"] += 1
-        return Completion("", error=f"failed after {self.cfg.max_retries + 1} attempts: {reason}",
-                          seconds=time.perf_counter() - t0)
+        return Completion("", error=f"failed after {self.cfg.max_retries + 1} attempts: {reason}")
 
     def _body(self, req: Request) -> tuple[str, dict[str, Any]]:
         s = self.cfg.sampling
@@ -279,10 +290,12 @@ class OpenAITeacher(Teacher):
 
         try:
             status, headers, raw = await asyncio.wait_for(post(), self.cfg.timeout)
-        except asyncio.TimeoutError:
-            raise _Retry(f"no reply within {self.cfg.timeout:g}s (teacher.timeout)") from None
-        except aiohttp.ClientError as e:
-            raise _Retry(f"connection error ({type(e).__name__}: {str(e)[:80] or 'dropped'})") from None
+        except asyncio.TimeoutError:  # the server may still generate (and bill) it: charged in full
+            raise _Retry(f"no reply within {self.cfg.timeout:g}s (teacher.timeout)", usage={}) from None
+        except aiohttp.ClientConnectorError as e:  # never connected: nothing was sent
+            raise _Retry(f"cannot connect ({str(e)[:80]})") from None
+        except aiohttp.ClientError as e:  # sent, then the reply was lost: charged in full
+            raise _Retry(f"connection error ({type(e).__name__}: {str(e)[:80] or 'dropped'})", usage={}) from None
         if status != 200:
             self._raise_for_status(status, headers, raw)
         try:
@@ -290,8 +303,8 @@ class OpenAITeacher(Teacher):
             choice = data["choices"][0]
             text = choice["message"]["content"] if self.cfg.endpoint == "chat" else choice["text"]
             usage = data.get("usage") or {}
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise _Retry(f"malformed reply ({type(e).__name__}: {str(e)[:80]})") from None
+        except (ValueError, KeyError, IndexError, TypeError) as e:  # a 200 without usable usage: charged in full
+            raise _Retry(f"malformed reply ({type(e).__name__}: {str(e)[:80]})", usage={}) from None
         text = cut_at_stop(text or "", self.task.stop)
         p_tok, c_tok = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if not text.strip():
@@ -309,8 +322,8 @@ class OpenAITeacher(Teacher):
             hint = {401: f"check ${self.cfg.api_key_env}", 403: f"check ${self.cfg.api_key_env} and its permissions",
                     404: f"check teacher.base_url ({self.base_url}), teacher.model ({self.cfg.model}) and teacher.endpoint ({self.cfg.endpoint})"}[code]
             raise StepDistillError(f"the openai teacher stopped: {FATAL_STATUS[code]} ({message}): {hint}")
-        if code in RETRY_STATUS or code >= 500:
-            raise _Retry(message, retry_after(headers.get("Retry-After")), pause_all=code == 429)
+        if code in RETRY_STATUS or code >= 500:  # an error reply: no completion was generated
+            raise _Retry(message, retry_after(headers.get("Retry-After")), pause_all=code == 429, usage=None)
         raise _Fail(message)
 
     # ------------------------------------------------------------ budget and rate limits
@@ -335,8 +348,9 @@ class OpenAITeacher(Teacher):
             return False
 
     async def _settle(self, prompt_tokens: int, completion_tokens: int, usage: dict | None) -> None:
-        """Release the reservation and count what the attempt really used (the reservation when
-        the server does not say)."""
+        """Release the reservation and count what the attempt used: its reported usage, the
+        reserved worst case for what the server may have billed without saying ({} or missing
+        fields), or nothing (None)."""
         used_p = used_c = 0  # usage None: no completion came back, nothing billed
         if usage is not None:  # a reply that does not state its usage is charged its worst case
             used_p = usage.get("prompt_tokens", prompt_tokens) or 0
