@@ -110,6 +110,16 @@ class TeacherConfig(_Section):
 
         return _registered(TEACHERS, v)
 
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials_in_url(cls, v: Optional[str]) -> Optional[str]:
+        from urllib.parse import urlsplit
+
+        if v and (urlsplit(v).password or urlsplit(v).query):
+            raise ValueError("teacher.base_url must not carry credentials or a query (they would be written to config.yaml): "
+                             "put the key in an environment variable and name it in teacher.api_key_env")
+        return v
+
     @model_validator(mode="after")
     def _budget_priced(self) -> "TeacherConfig":
         if self.budget.usd is not None and self.price is None:
@@ -132,6 +142,11 @@ class StudentConfig(_Section):
         "auto", description="auto: read config.is_encoder_decoder; causal/seq2seq: assert it (GGUF files load as causal unless seq2seq)."
     )
     lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters instead of all weights.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code shipped with the model (auto_map in its config.json). Off: such a model is "
+        "refused. Turn it on only for a model whose code you have read and trust.",
+    )
 
 
 class KDConfig(_Section):
@@ -270,10 +285,21 @@ class EvalRun(_Section):
     rationales: bool = Field(False, description="Also generate the rationale task's explanations.")
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """repr() for an error message: one line, cut to `limit` characters; never raises (repr of
+    an int over 4300 digits does)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _format_errors(err: ValidationError) -> list[str]:
     out = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        # a key with a newline or other control character is quoted: the message stays one line
+        loc = ".".join(str(p) if str(p).isprintable() else _show(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field (typo?)"
@@ -282,7 +308,7 @@ def _format_errors(err: ValidationError) -> list[str]:
         elif e["type"] == "value_error":  # our validators' messages already name the value and the fix
             msg = msg.removeprefix("Value error, ")
         elif "input" in e and not isinstance(e["input"], (dict, list)):
-            msg = f"{msg} (got {e['input']!r})"
+            msg = f"{msg} (got {_show(e['input'])})"
         out.append(f"{loc}: {msg}")
     return out
 
@@ -305,7 +331,7 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected section.field=value, e.g. --set training.epochs=2")
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml(raw, f"--set {pair!r}") if raw.strip() else None
         if isinstance(value, str) and _SCI.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string
         out.append((key.strip(), value))
@@ -315,14 +341,25 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
 _SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def _yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, with every failure a one-line ConfigError. Besides YAMLError, PyYAML raises
+    ValueError (`2001-13-45` read as a date; an int over 4300 digits) and RecursionError (deep nesting)."""
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: not valid YAML ({first}): fix the syntax") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} not found: check the path")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]}): fix the syntax") from None
+        text = p.read_text(encoding="utf-8")  # not the locale's encoding
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot be read ({e}): a config is a UTF-8 text file") from None
+    data = _yaml(text, str(p)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data
@@ -330,12 +367,41 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def build(model: type[BaseModel], data: dict[str, Any], source: str = "config"):
     """Validate `data` against `model`, reporting every mistake in one ConfigError."""
+    if _count_values(data) > MAX_VALUES:
+        raise ConfigError(f"{source}: more than {MAX_VALUES} values, or a YAML alias inside its own anchor "
+                          f"(`&a [*a]`): write the config out plainly")
     try:
-        return model.model_validate(data)
+        cfg = model.model_validate(data)
     except ValidationError as err:
         problems = _format_errors(err)
         noun = "problem" if len(problems) == 1 else "problems"
         raise ConfigError(f"{source}: {len(problems)} {noun}: " + "; ".join(problems)) from None
+    # a run writes its config back out (runs.py): what cannot be written is refused now, not after
+    # the run started (free-form fields such as teacher.engine_args take any value)
+    try:
+        to_yaml(cfg)
+    except (ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"{source}: a value cannot be written back as YAML ({_show(str(e), 120)}): "
+                          f"use plain strings, numbers, lists and mappings") from None
+    return cfg
+
+
+MAX_VALUES = 10_000  # a real config holds under 200
+
+
+def _count_values(data: Any) -> int:
+    """Values in `data`, repeats counted each time, stopping past MAX_VALUES: a self-referencing
+    YAML alias (`&a [*a]`) or a "billion laughs" of nested aliases would otherwise make validation
+    or to_yaml recurse forever or run for hours."""
+    n, stack = 0, [data]
+    while stack and n <= MAX_VALUES:
+        node = stack.pop()
+        n += 1
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend(node)
+    return n
 
 
 def coerce(model: type[BaseModel], cfg: BaseModel | dict[str, Any]):

@@ -50,8 +50,12 @@ def first_shots(exemplars: list[dict[str, Any]], n_shots: int | None) -> list[di
 
 
 def next_example(marker: str) -> str:
-    """Regex for the start of an invented next example, which begins with `marker` on its own line."""
-    return rf"(?:^|\n)\s*{re.escape(marker)}"
+    """Regex for the start of an invented next example, which begins with `marker` on its own line.
+
+    Only horizontal space may precede the marker on its line: with any whitespace allowed, the
+    regex scans a run of newlines to its end from each newline in it, quadratic in the run
+    (seconds for 20k newlines)."""
+    return rf"(?:^|\n)[^\S\n]*{re.escape(marker)}"
 
 
 def stops_before(marker: str) -> tuple[str, ...]:
@@ -59,6 +63,8 @@ def stops_before(marker: str) -> tuple[str, ...]:
     return (f"\n\n{marker}", f"\n{marker}")
 
 
+# an "Answer:" line (esnli, generic); `[^\S\n]*`, not `\s*`, for the reason given in next_example
+ANSWER_LINE = r"(?:^|\n)[^\S\n]*Answer:"
 NEXT_QUESTION = next_example("Q:")  # the "Q: ... A: ..." format of svamp and cqa
 QUESTION_STOPS = stops_before("Q:")
 
@@ -145,10 +151,16 @@ def normalize_class(label: Any, classes: tuple[str, ...]) -> str | None:
     """`"Neutral."` -> `"neutral"`; an int picks classes[int]; anything else -> None."""
     if isinstance(label, int) and not isinstance(label, bool):
         return classes[label] if 0 <= label < len(classes) else None
-    key = _key(str(label))
-    if key.lstrip("-").isdigit():  # CSV files carry int labels as text
+    text = str(label).strip()
+    if text in classes:  # a class named like a number ("1", "-1") is that class, not an index
+        return text
+    key = _key(text)
+    found = next((c for c in classes if _key(c) == key), None)
+    # CSV files carry int labels as text. ASCII digits only (int("²") raises), at most 9 (int()
+    # refuses 4300+), and unsigned: _key strips the "-" of "-1" (no gold), which is not index 1
+    if found is None and key.isascii() and key.isdigit() and len(key) <= 9 and not text.startswith("-"):
         return normalize_class(int(key), classes)
-    return next((c for c in classes if _key(c) == key), None)
+    return found
 
 
 _LETTER_ONLY = re.compile(r"\(?([a-z])\)?\.?")
@@ -160,6 +172,10 @@ def normalize_choice(label: Any, choices: list[str] | None) -> str | None:
     `(d)`) or both (`(d) math problem`; the text wins when the two disagree, as in the paper).
     Without `choices` the text is returned as written."""
     s = str(label).strip()
+    if choices and not s.startswith("("):  # a bare "x" naming the choice "x" is that choice, not letter (x)
+        found = next((c for c in choices if _key(c) == _key(s)), None)
+        if found is not None:
+            return found
     letter, text = None, s
     if m := _LETTER_TEXT.fullmatch(s):
         letter, text = m.group(1), m.group(2).strip().rstrip(".")
@@ -302,7 +318,7 @@ def _check_labels(records: list[dict[str, Any]], label_field: str, file: Path) -
 __all__ = [
     "SPLITS", "RecordTask", "load_prompt", "first_shots", "cut_at", "split_on_phrase", "answer_line", "parse_completion",
     "normalize_class", "normalize_choice", "normalize_arithmetic", "normalize_free",
-    "next_example", "stops_before", "NEXT_QUESTION", "QUESTION_STOPS",
+    "next_example", "stops_before", "ANSWER_LINE", "NEXT_QUESTION", "QUESTION_STOPS",
     "choice_letter", "choice_lines", "example_choices",
     "NO_ANSWER", "EMPTY_ANSWER", "OUT_OF_SPACE", "NOT_ARITHMETIC", "AMBIGUOUS",
 ]

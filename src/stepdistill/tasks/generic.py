@@ -37,7 +37,7 @@ from stepdistill.errors import ConfigError, DataError
 from stepdistill.tasks import TASKS
 from stepdistill.tasks.base import Example, Parsed
 from stepdistill.tasks.common import (
-    NOT_ARITHMETIC, OUT_OF_SPACE, RecordTask, choice_lines, example_choices, first_shots, next_example,
+    ANSWER_LINE, NOT_ARITHMETIC, OUT_OF_SPACE, RecordTask, choice_lines, example_choices, first_shots, next_example,
     normalize_arithmetic, normalize_choice, normalize_class, normalize_free, parse_completion, stops_before,
 )
 from stepdistill.tasks.io import SUFFIXES, as_list, check_split
@@ -123,8 +123,11 @@ class GenericTask(RecordTask):
             raise ConfigError(f"{path}: no such task spec: point task.spec at a YAML file")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e}): fix the spec") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot be read ({e}): a task spec is a UTF-8 text file") from e
+        except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: `2001-13-45`, ints over 4300 digits
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{path}: not valid YAML ({first}): fix the spec") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a task spec is a mapping of fields (inputs, label, label_kind, ...)")
         try:
@@ -202,7 +205,7 @@ class GenericTask(RecordTask):
 
     def parse(self, completion: str, example: Example | None = None) -> Parsed:
         return parse_completion(
-            completion, next_example=next_example(self._marker), phrase=r"(?:^|\n)\s*Answer:",
+            completion, next_example=next_example(self._marker), phrase=ANSWER_LINE,
             to_label=lambda raw: self.normalize(raw, example),
             invalid=NOT_ARITHMETIC if self.label_kind == "arithmetic" else OUT_OF_SPACE,
             choice_letters=self.label_kind == "choice", free_text=self.label_kind == "free")

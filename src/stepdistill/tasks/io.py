@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,18 +29,16 @@ def read_records(path: str | Path, required: Iterable[str] = ()) -> list[dict[st
     if not path.is_file():
         raise DataError(f"{path}: no such file: check the path (a .jsonl, .json or .csv file)")
     try:
-        text = path.read_text(encoding="utf-8")
+        # bytes, not read_text: no newline translation (a quoted CSV field keeps its "\r"); a
+        # byte-order mark (Excel's CSV, Notepad's JSON) is dropped, not glued to the first field name
+        text = path.read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot be read ({e}): it must be a UTF-8 text file") from e
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields may span lines
-        rows = [(reader.line_num, dict(r)) for r in reader]
+        rows = _csv_rows(path, text)
         where = "line"
     elif text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg}): fix the JSON list") from e
+        data = _json(text, path, "", "fix the JSON list")
         rows = list(enumerate(data, start=1))
         where = "record"
     else:
@@ -62,13 +61,44 @@ def read_records(path: str | Path, required: Iterable[str] = ()) -> list[dict[st
 
 
 def _json_lines(path: Path, text: str):
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {n}: not valid JSON ({e.msg}): each line must be one JSON object") from e
+    # only \n, \r\n and \r end a JSON line: splitlines() also splits on U+2028, U+2029 and
+    # U+0085, which JSON allows unescaped inside a string (json.dumps(ensure_ascii=False) writes them)
+    for n, line in enumerate(_LINE_END.split(text), start=1):
+        if line.strip():
+            yield n, _json(line, path, f" line {n}", "each line must be one JSON object")
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def _json(text: str, path: Path, where: str, fix: str) -> Any:
+    """json.loads, with every failure a DataError: bad syntax, nesting too deep for the parser
+    (RecursionError), an integer over Python's 4300-digit limit (a plain ValueError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = where or f" line {e.lineno}"
+        raise DataError(f"{path}{where}: not valid JSON ({e.msg}): {fix}") from e
+    except RecursionError as e:
+        raise DataError(f"{path}{where}: JSON nested too deeply to read: {fix}") from e
+    except ValueError as e:
+        raise DataError(f"{path}{where}: unreadable JSON value ({e}): {fix}") from e
+
+
+def _csv_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields may span lines
+    rows = []
+    try:
+        for r in reader:
+            if None in r:  # DictReader files a row's surplus fields under the key None
+                raise DataError(
+                    f"{path} line {reader.line_num}: {len(reader.fieldnames) + len(r[None])} fields but the header has "
+                    f"{len(reader.fieldnames)}: quote fields that contain commas (\"a, b\")"
+                )
+            rows.append((reader.line_num, dict(r)))
+    except csv.Error as e:  # e.g. a field over the csv module's 128 KiB limit
+        raise DataError(f"{path} line {reader.line_num}: not valid CSV ({e}): fix the file") from e
+    return rows
 
 
 def _names(fields: tuple[str, ...]) -> str:
@@ -125,7 +155,8 @@ def as_list(value: Any, what: str) -> list[str]:
         if s.startswith("["):
             try:
                 return [str(v) for v in json.loads(s)]
-            except json.JSONDecodeError as e:
-                raise DataError(f"{what}: not a valid JSON list ({e.msg}): write it as [\"x\", \"y\"] or x|y") from e
+            except (ValueError, RecursionError) as e:  # bad syntax, too deep, an int over 4300 digits
+                why = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
+                raise DataError(f"{what}: not a valid JSON list ({why}): write it as [\"x\", \"y\"] or x|y") from e
         return [v.strip() for v in s.split("|")]
     raise DataError(f"{what}: expected a list of strings, got {type(value).__name__}")
