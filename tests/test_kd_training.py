@@ -103,6 +103,27 @@ def test_co_distillation_trains_and_saves_both_models(tmp_path):
     assert any("teacher_loss" in x for x in logged)
 
 
+def test_co_distillation_clears_the_teachers_gradients_every_step(tmp_path, monkeypatch):
+    """Trainer zeroes only the student's gradients: the teacher's must not pile up across steps."""
+    save_teacher("llama", tmp_path / "teacher")
+    method = MethodConfig(name="co-distill", kd=KDConfig(teacher=str(tmp_path / "teacher")))
+    records, exs = _records(method)
+    import stepdistill.training as training
+
+    norms = []
+    real = training.StepDistillTrainer.compute_loss
+
+    def spy(self, model, inputs, *a, **k):
+        grads = [p.grad for p in self.teacher.model.parameters() if p.grad is not None]
+        norms.append(sum(float(g.norm()) for g in grads))  # before this micro-step's backward
+        return real(self, model, inputs, *a, **k)
+
+    monkeypatch.setattr(training.StepDistillTrainer, "compute_loss", spy)
+    fit(llama_student(0), method, TRAINING.model_copy(update={"max_steps": 4, "eval_steps": None}), records, [],
+        FakeTask(), tmp_path / "run", progress=False)
+    assert norms and all(n == 0 for n in norms)
+
+
 def test_co_distillation_warmup_keeps_the_distillation_term_out(tmp_path):
     """During warm-up each model learns from the labels only: a warm-up longer than the run
     gives the student exactly the losses of plain training (same seed, same data)."""
@@ -113,7 +134,8 @@ def test_co_distillation_warmup_keeps_the_distillation_term_out(tmp_path):
     plain = fit(llama_student(0), MethodConfig(name="standard"), TRAINING, records, [], FakeTask(), tmp_path / "p",
                 progress=False)
     logged = [json.loads(x) for x in (tmp_path / "co" / "train_log.jsonl").read_text().splitlines()]
-    student_ce = [x["loss"] - x["teacher_loss"] for x in logged if "loss" in x]
+    student_ce = [x["student_loss"] for x in logged if "loss" in x]
+    assert all(x["loss"] == pytest.approx(x["student_loss"] + x["teacher_loss"], rel=1e-3) for x in logged if "loss" in x)
     assert student_ce == pytest.approx([loss for _, loss in plain["train_loss"]], rel=1e-4)
     assert m["steps"] == 12
 

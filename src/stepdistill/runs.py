@@ -11,6 +11,7 @@ An existing run directory is never overwritten unless the caller asks (`--overwr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from stepdistill.config import to_yaml
-from stepdistill.errors import RunExistsError
+from stepdistill.errors import RunExistsError, StepDistillError
 
 log = logging.getLogger("stepdistill")
 
@@ -62,13 +63,79 @@ def _git_revision() -> str | None:
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+TMP_SUFFIX = ".tmp"  # write_text's temp files: ".<name>.<random>.tmp" beside the file
+
+
+def write_error(path: str | Path, err: BaseException) -> StepDistillError:
+    """A failed write (full disk, read-only folder, size limit) as one line naming the path and the fix."""
+    reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    where = Path(path)
+    folder = where if where.is_dir() else where.parent
+    return StepDistillError(f"cannot write {where}: {reason}: free disk space or make {folder} writable "
+                            "(or choose another --out), then rerun")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or a new file in `path` durable (a file's fsync does not cover its name)."""
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on a directory: nothing to do there
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> dict[str, int]:
+    """fsync every file and folder under `root` (written by code we do not control, e.g. Trainer);
+    returns {relative path: size} of the files, to record what a complete folder holds."""
+    root = Path(root)
+    sizes: dict[str, int] = {}
+    for dirpath, _, names in os.walk(root):
+        for name in sorted(names):
+            p = Path(dirpath) / name
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                sizes[p.relative_to(root).as_posix()] = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+    return sizes
+
+
 def write_text(path: Path, text: str) -> None:
-    """Atomic write: a crash leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Atomic and durable: write a temp file beside `path`, flush and fsync it, rename it over
+    `path`, fsync the folder. A crash (kill -9, power loss) leaves the old file or the new one,
+    never half of one; a failed write (full disk, read-only folder) raises one clear
+    StepDistillError and leaves the old file and no temp file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    except OSError as e:
+        raise write_error(path, e) from e
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # incl. KeyboardInterrupt: never leave the temp file behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from e
+        raise
+    fsync_dir(path.parent)
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Temp files of writes a killed process never finished (kill -9 runs no cleanup)."""
+    stale = [p for p in folder.glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        with contextlib.suppress(OSError):
+            p.unlink()
+    return stale
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -101,11 +168,20 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        env = json.loads(self.path("env.json").read_text())
-        env["status"] = "done" if exc_type is None else ("interrupted" if exc_type is KeyboardInterrupt else "failed")
-        env["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_json(self.path("env.json"), env)
-        self.close()
+        try:
+            env = json.loads(self.path("env.json").read_text())
+            env["status"] = "done" if exc_type is None else ("interrupted" if exc_type is KeyboardInterrupt else "failed")
+            env["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            write_json(self.path("env.json"), env)
+        except (OSError, ValueError, StepDistillError) as e:
+            if exc_type is None and isinstance(e, StepDistillError):
+                raise
+            if exc_type is None:
+                raise write_error(self.path("env.json"), e) from e
+            # the stage already failed (often for the same reason: a full disk): report that error, not this one
+            log.warning("could not record the run's status in %s: %s", self.path("env.json"), e)
+        finally:
+            self.close()
 
     def tee(self, echo: Callable[[str], None]) -> Callable[[str], None]:
         """What a stage tells the user also goes to the run's log.txt."""
@@ -119,6 +195,14 @@ class Run:
             logging.getLogger("stepdistill").removeHandler(self._handler)
             self._handler.close()
             self._handler = None
+
+
+class _LogFile(logging.FileHandler):
+    """log.txt copies what the user is told: when the disk is full, a line lost there must not
+    bury the one-line error under a logging traceback per message."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -153,7 +237,13 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
                 if p.exists() and _inside(p, d):
                     raise RunExistsError(f"--overwrite refused: {d} holds {p}, an input of this run; choose another --out")
             shutil.rmtree(d)
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(d, e) from e
+    if resume:
+        for p in remove_stale_temp_files(d):
+            log.info("removed %s: a write the interrupted run never finished", p)
     write_text(d / "config.yaml", f"# written by: stepdistill {command}\n" + to_yaml(config))
     env = {
         "command": command,
@@ -166,7 +256,10 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
         "host": platform.node(),
     }
     write_json(d / "env.json", env)
-    handler = logging.FileHandler(d / "log.txt")
+    try:
+        handler = _LogFile(d / "log.txt")
+    except OSError as e:
+        raise write_error(d / "log.txt", e) from e
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger("stepdistill")
     logger.addHandler(handler)

@@ -10,13 +10,19 @@ Parsing is not stored: it is cheap, and a better parser must not need a new teac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from stepdistill.errors import StepDistillError
+
+log = logging.getLogger("stepdistill")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS completions (
@@ -88,17 +94,32 @@ class AnnotationStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(completions)")}
-        for name, decl in _ADDED_COLUMNS.items():
-            if name not in have:
-                with self._db:
-                    self._db.execute(f"ALTER TABLE completions ADD COLUMN {name} {decl}")
-        self._failed = {k for (k,) in self._db.execute("SELECT key FROM failures")}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=60)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(completions)")}
+            for name, decl in _ADDED_COLUMNS.items():
+                if name not in have:
+                    with self._db:
+                        self._db.execute(f"ALTER TABLE completions ADD COLUMN {name} {decl}")
+            self._failed = {k for (k,) in self._db.execute("SELECT key FROM failures")}
+        except (OSError, sqlite3.Error) as e:
+            raise StepDistillError(f"cannot open the annotation store {self.path}: {e}: make {self.path.parent} "
+                                   "writable (and free disk space), or point --store at another file") from e
+
+    @contextlib.contextmanager
+    def _failed_write(self, what: str):
+        """A write SQLite refused (disk full, read-only file or folder, I/O error) as one clear error.
+        The transaction is rolled back: every completion committed before stays in the store."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:  # OperationalError ("database or disk is full", ...) and kin
+            raise StepDistillError(
+                f"cannot {what} the annotation store {self.path}: {e}: free disk space or make {self.path.parent} "
+                "writable, then rerun (with --resume): the completions committed so far are kept") from e
 
     def get_many(self, keys: Iterable[str]) -> dict[str, StoredCompletion]:
         keys = list(keys)
@@ -128,7 +149,7 @@ class AnnotationStore:
         finish_reason). Returns how many were new."""
         now = time.time()
         rows = [(r[0], json.dumps(r[1], sort_keys=True), *r[2:7], now, *r[7:9]) for r in records]
-        with self._db:
+        with self._failed_write("commit to"), self._db:
             before = self._db.total_changes
             self._db.executemany(
                 "INSERT OR IGNORE INTO completions (key, teacher, prompt, completion, prompt_tokens, "
@@ -138,15 +159,15 @@ class AnnotationStore:
             done = [(r[0],) for r in records if r[0] in self._failed]
             if done:  # their last attempt had failed: those records are now obsolete
                 self._db.executemany("DELETE FROM failures WHERE key = ?", done)
-                self._failed.difference_update(k for (k,) in done)
+        self._failed.difference_update(k for (k,) in done)  # only once committed
         return added
 
     def put_failure(self, key: str, identity: dict[str, Any], prompt: str, error: str, *, sample: int = 0) -> None:
         """Record why a key could not be annotated (the next run tries it again)."""
-        self._failed.add(key)
-        with self._db:
+        with self._failed_write("commit to"), self._db:
             self._db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, ?)",
                              (key, json.dumps(identity, sort_keys=True), prompt, sample, error, time.time()))
+        self._failed.add(key)
 
     def failures(self, keys: Iterable[str]) -> dict[str, str]:
         keys, found = list(keys), {}
@@ -191,9 +212,13 @@ class AnnotationStore:
         return self._db.execute("SELECT COUNT(*) FROM completions").fetchone()[0]
 
     def close(self) -> None:
-        with self._db:  # failures another process has since annotated
-            self._db.execute("DELETE FROM failures WHERE key IN (SELECT key FROM completions)")
-        self._db.close()
+        try:
+            with self._db:  # failures another process has since annotated
+                self._db.execute("DELETE FROM failures WHERE key IN (SELECT key FROM completions)")
+        except sqlite3.DatabaseError as e:  # housekeeping only: never hide the error that got us here (a full disk)
+            log.warning("annotation store %s: could not tidy the failures table: %s", self.path, e)
+        finally:
+            self._db.close()
 
 
 def read_annotations(run_dir: str | Path, task, split: str | None = None, examples=None) -> dict:

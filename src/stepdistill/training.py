@@ -12,6 +12,12 @@ What this adds to Trainer, and only that:
 
 out_dir layout after fit: checkpoints/ (Trainer checkpoints, for resume), train_log.jsonl
 (every Trainer log line), model/ (best model + tokenizer + stepdistill.json).
+
+Crash safety: Trainer writes checkpoint-N in place, so a kill mid-save leaves a half-written
+folder that `get_last_checkpoint` would pick. A checkpoint therefore counts only once it is
+sealed: every file fsynced, then checkpoint-N/stepdistill-checkpoint.json (the files and their
+sizes) written atomically. Resume takes the last sealed checkpoint and removes unsealed ones;
+old checkpoints are rotated only after the new one is sealed; model/ appears by a rename.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from stepdistill.config import KDConfig, MethodConfig, TrainingConfig
 from stepdistill.errors import StepDistillError
@@ -37,6 +44,7 @@ from stepdistill.methods.kd import attach_topk_cache, load_kd_teacher, pad_topk,
 from stepdistill.methods.losses import (
     IGNORE_INDEX, count_targets, kd_loss, kd_loss_topk, multitask_loss, token_cross_entropy,
 )
+from stepdistill.runs import fsync_dir, fsync_tree, write_error, write_json, write_text
 from stepdistill.students import Student, count_parameters
 from stepdistill.tasks.base import Example, Task
 
@@ -44,6 +52,9 @@ log = logging.getLogger(__name__)
 
 TEACHER_DIR = "teacher"  # co-distillation: the trained teacher, in checkpoints and as out_dir/teacher_model
 RATIONALE = "rat_"  # batch keys of the rationale task: rat_input_ids, rat_attention_mask, rat_labels
+SEAL = "stepdistill-checkpoint.json"  # in checkpoint-N once every file of it is on disk
+SEALS = "stepdistill-seals.json"  # in checkpoints/: {"sealed_after": S}, checkpoints past step S need a seal
+KEEP_CHECKPOINTS = 2  # sealed checkpoints kept (the best one always, besides)
 
 
 def make_format(student: Student, training: TrainingConfig) -> Format:
@@ -108,6 +119,21 @@ class _JsonlLog(TrainerCallback):
                 fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
+class _TeacherSteps(TrainerCallback):
+    """Co-distillation: Trainer clips and zeroes only the student's gradients, so the teacher's
+    are clipped (same max_grad_norm) before each optimizer step and cleared after it."""
+
+    def __init__(self, teacher: Student):
+        self.teacher = teacher
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.teacher.model.parameters(), args.max_grad_norm)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.teacher.model.zero_grad(set_to_none=True)
+
+
 class _TeacherCheckpoint(TrainerCallback):
     """Co-distillation: the trained teacher is saved inside every checkpoint (checkpoint-N/teacher),
     so resume and best-model selection restore both models from the same step."""
@@ -120,6 +146,111 @@ class _TeacherCheckpoint(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}" / TEACHER_DIR
             self.teacher.model.save_pretrained(folder)
             self.teacher.tokenizer.save_pretrained(folder)
+
+
+class _SealCheckpoint(TrainerCallback):
+    """Runs after every other on_save (the co-distillation teacher included): fsync the new
+    checkpoint, seal it, and only then delete old ones, so a sealed checkpoint always remains."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        files = fsync_tree(folder)
+        write_json(folder / SEAL, {"step": state.global_step, "files": files})
+        fsync_dir(folder.parent)
+        rotate_checkpoints(args.output_dir, save_total_limit=KEEP_CHECKPOINTS,
+                           best_model_checkpoint=state.best_model_checkpoint)
+
+
+def _step(folder: Path) -> int | None:
+    prefix = PREFIX_CHECKPOINT_DIR + "-"
+    tail = folder.name[len(prefix):] if folder.name.startswith(prefix) else ""
+    return int(tail) if tail.isdigit() else None
+
+
+def _sealed(folder: Path) -> bool:
+    """Is checkpoint-N complete: sealed, and every file the seal lists there with its size?"""
+    try:
+        files = json.loads((folder / SEAL).read_text())["files"]
+        return all((folder / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _legacy_complete(folder: Path) -> bool:
+    """A checkpoint from before sealing: Trainer writes trainer_state.json last, so a parseable one
+    with this step means Trainer finished the folder (short of a power loss)."""
+    try:
+        return json.loads((folder / "trainer_state.json").read_text()).get("global_step") == _step(folder)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def find_checkpoints(root: Path) -> tuple[Path | None, list[Path]]:
+    """(the last complete checkpoint or None, the incomplete ones) under `root`.
+
+    >>> find_checkpoints(Path("runs/x/checkpoints"))  # (Path(".../checkpoint-6"), [Path(".../checkpoint-9")])
+    """
+    if not root.is_dir():
+        return None, []
+    found = sorted((p for p in root.iterdir() if p.is_dir() and _step(p) is not None), key=_step)
+    sealed_after = None  # no SEALS file: a run from before sealing, whose checkpoints have none
+    if (root / SEALS).exists():
+        try:
+            sealed_after = int(json.loads((root / SEALS).read_text())["sealed_after"])
+        except (OSError, ValueError, KeyError, TypeError):
+            sealed_after = 0
+    done = [p for p in found if _sealed(p) or (
+        (sealed_after is None or _step(p) <= sealed_after) and _legacy_complete(p))]
+    return (done[-1] if done else None), [p for p in found if p not in done]
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """On resume, keep the log lines up to the checkpoint's step: later ones are about to be
+    logged again, and a line a kill cut short is not JSON."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    write_text(path, "".join(keep))
+
+
+def _save_folder(dest: Path, save) -> None:
+    """`save(folder)` into a temp folder beside `dest`, fsync, then rename it to `dest` (replacing an
+    older one): a reader sees the old folder or the complete new one, never a half-written one."""
+    tmp, old = dest.with_name(f".{dest.name}.tmp"), dest.with_name(f".{dest.name}.old")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
+        save(tmp)
+        fsync_tree(tmp)
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+        tmp.rename(dest)
+        fsync_dir(dest.parent)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # free what it took: the disk may be full
+        if old.exists() and not dest.exists():
+            old.rename(dest)
+        raise write_error(dest, _os_error(e) or e) from e
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind an exception (torch and safetensors wrap the one from a failed write)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class StepDistillTrainer(Trainer):
@@ -194,8 +325,10 @@ class StepDistillTrainer(Trainer):
             t_ce = token_cross_entropy(t_logits, labels, n_items, shift=shift)
             t_div = kd_loss(t_logits, logits, labels, n_items, kind=kd.kind, temperature=kd.temperature,
                             beta=kd.beta, shift=shift, vocab_size=self._vocab)
-            self._note(pre + "teacher_loss", t_ce)
-            loss = loss + (1 - w) * t_ce + w * t_div
+            teacher_loss = (1 - w) * t_ce + w * t_div
+            self._note(pre + "student_loss", loss)  # `loss` in the log is the sum of both models' losses
+            self._note(pre + "teacher_loss", teacher_loss)
+            loss = loss + teacher_loss
         return loss
 
     def _kd_weight(self) -> float:
@@ -217,9 +350,13 @@ class StepDistillTrainer(Trainer):
         """Co-distillation: the teacher's weights join the optimizer (same schedule and decay)."""
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         if self.co_distill and not getattr(self, "_teacher_in_optimizer", False):
-            params = [p for p in self.teacher.model.parameters() if p.requires_grad]
-            optimizer.add_param_group({**{k: v for k, v in optimizer.param_groups[0].items() if k != "params"},
-                                       "params": params})
+            decay = set(self.get_decay_parameter_names(self.teacher.model))  # no decay on norms and biases, as for the student
+            base = {k: v for k, v in optimizer.param_groups[0].items() if k not in ("params", "weight_decay")}
+            named = [(n, p) for n, p in self.teacher.model.named_parameters() if p.requires_grad]
+            for wd, params in ((self.args.weight_decay, [p for n, p in named if n in decay]),
+                               (0.0, [p for n, p in named if n not in decay])):
+                if params:
+                    optimizer.add_param_group({**base, "weight_decay": wd, "params": params})
             self._teacher_in_optimizer = True
         return optimizer
 
@@ -321,7 +458,7 @@ def build_trainer(
         save_strategy=strategy,
         eval_steps=training.eval_steps,
         save_steps=training.eval_steps,
-        save_total_limit=2,  # with load_best_model_at_end, the best checkpoint is always kept
+        save_total_limit=None,  # _SealCheckpoint rotates (keeping the best), once the new checkpoint is sealed
         load_best_model_at_end=has_val,
         metric_for_best_model="accuracy" if has_val else None,
         greater_is_better=True,
@@ -340,7 +477,8 @@ def build_trainer(
     if has_val and training.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.patience))
     if co_distill:
-        callbacks.append(_TeacherCheckpoint(teacher))
+        callbacks += [_TeacherSteps(teacher), _TeacherCheckpoint(teacher)]
+    callbacks.append(_SealCheckpoint())  # last: after every file of the checkpoint is written
     return StepDistillTrainer(
         model=student.model,
         args=args,
@@ -372,15 +510,38 @@ def _save_co_teacher(trainer: StepDistillTrainer, info: dict[str, Any], out_dir:
         teacher.fmt = trainer.student.fmt
     teacher.model.eval()
     model_dir = out_dir / "teacher_model"
-    teacher.model.save_pretrained(model_dir)
-    teacher.tokenizer.save_pretrained(model_dir)
-    (model_dir / MODEL_INFO).write_text(json.dumps({**info, "co_distill_role": "teacher"}, indent=2) + "\n")
     acc = None
     if val_examples and task is not None:
         preds = predict(teacher, [e.input for e in val_examples], prefix=trainer.label_prefix,
                         batch_size=trainer.args.per_device_eval_batch_size, max_new_tokens=trainer.val_max_new_tokens)
         acc = task.accuracy(preds, val_examples)
+    teacher_info = {**info, "co_distill_role": "teacher", "base_model": trainer.kd.teacher,
+                    "best_val_accuracy": acc, "note": "selected at the student's best validation step"}
+    _save_folder(model_dir, lambda d: _save_model(teacher.model, teacher.tokenizer, teacher_info, d))
     return {"teacher_model": str(model_dir), "teacher_val_accuracy": acc}
+
+
+def _save_model(model, tokenizer, info: dict[str, Any], folder: Path) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _failed_write(e: Exception, ckpt_root: Path, step: int) -> StepDistillError | None:
+    """A write that failed during training (a checkpoint, the log) as one clear error, or None when
+    `e` is no failed write. The unsealed checkpoint is removed (it may be what filled the disk)."""
+    folder = ckpt_root / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+    unsealed = folder.is_dir() and not _sealed(folder)
+    os_err = _os_error(e)
+    if not unsealed and os_err is None:
+        return None
+    if unsealed:
+        shutil.rmtree(folder, ignore_errors=True)
+    last, _ = find_checkpoints(ckpt_root)
+    where = folder if unsealed else Path(os_err.filename or ckpt_root.parent)
+    err = write_error(where, os_err or e)
+    then = f"training continues from {last.name}" if last else "no checkpoint is complete, so training starts over"
+    return StepDistillError(f"training stopped: {err} with --resume: {then}")
 
 
 def fit(
@@ -404,21 +565,39 @@ def fit(
     """
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_root)) if ckpt_root.is_dir() else None
+    last, incomplete = find_checkpoints(ckpt_root)
     if last and not resume:
         raise StepDistillError(
-            f"{out_dir} already holds training checkpoints ({Path(last).name}): pass resume=True to "
+            f"{out_dir} already holds training checkpoints ({last.name}): pass resume=True to "
             "continue that run, or choose a new output directory"
         )
     if resume and not last:
-        log.warning("resume requested but %s has no checkpoint: training from the start", ckpt_root)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    teacher_from = Path(last) / TEACHER_DIR if resume and last and method_cfg.name == "co-distill" else None
+        log.warning("resume requested but %s has no complete checkpoint: training from the start", ckpt_root)
+    for p in incomplete:  # a run was stopped while writing them: never resume from half a checkpoint
+        log.warning("removing %s: incomplete (the run stopped while writing it)", p)
+        shutil.rmtree(p)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(out_dir, e) from e
+    start_step = _step(last) if resume and last else 0
+    if not (ckpt_root / SEALS).is_file():  # from here on, a checkpoint counts only once sealed
+        write_json(ckpt_root / SEALS, {"sealed_after": start_step})
+    _trim_log(out_dir / "train_log.jsonl", start_step)
+    if start_step:
+        log.info("resuming from %s (step %d)", last, start_step)
+    teacher_from = last / TEACHER_DIR if resume and last and method_cfg.name == "co-distill" else None
     trainer = build_trainer(student, method_cfg, training, train_records, val_examples, task, out_dir,
                             progress=progress, teacher_from=teacher_from)
     trainable, total = count_parameters(student.model)
     start = time.time()
-    trainer.train(resume_from_checkpoint=last if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(last) if resume and last else None)
+    except Exception as e:
+        err = _failed_write(e, ckpt_root, trainer.state.global_step)
+        if err is None:
+            raise
+        raise err from e
     seconds = time.time() - start
     state = trainer.state
 
@@ -428,8 +607,6 @@ def fit(
         model = model.merge_and_unload()
     student.model = model
     model_dir = out_dir / "model"
-    model.save_pretrained(model_dir)
-    student.tokenizer.save_pretrained(model_dir)
     info = {
         "method": method_cfg.name,
         "label_prefix": method_cfg.label_prefix,
@@ -443,7 +620,7 @@ def fit(
     }
     if method_cfg.kd is not None:
         info["kd"] = method_cfg.kd.model_dump()
-    (model_dir / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    _save_folder(model_dir, lambda d: _save_model(model, student.tokenizer, info, d))
     extra: dict[str, Any] = {}
     if trainer.co_distill:
         extra = _save_co_teacher(trainer, info, out_dir, val_examples, task)

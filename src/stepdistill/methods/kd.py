@@ -36,6 +36,9 @@ def load_kd_teacher(kd: KDConfig, student: Student, *, trainable: bool = False,
     path = Path(kd.teacher).expanduser()
     source = path / "model" if (path / "model" / MODEL_INFO).is_file() else path  # a training run
     if weights_from is not None:
+        if not (Path(weights_from) / "config.json").is_file():
+            raise StepDistillError(f"{weights_from} holds no saved teacher: this co-distillation checkpoint is incomplete; "
+                                   "resume from an earlier checkpoint or start the run again")
         source = Path(weights_from)
     kind = "seq2seq" if student.is_seq2seq else "causal"
     teacher = load_pretrained(str(source) if source.exists() else kd.teacher, kind=kind)
