@@ -28,11 +28,13 @@ from stepdistill.students import Student, count_parameters, load_pretrained
 MODEL_INFO = "stepdistill.json"  # written by training.fit next to the saved model
 
 
-def load_trained(path: str | Path) -> tuple[Student, dict[str, Any]]:
+def load_trained(path: str | Path, *, trust_remote_code: bool = False) -> tuple[Student, dict[str, Any]]:
     """Load a model trained by `training.fit` and its stepdistill.json (method, prefixes, format).
 
     `path` is the model folder or a run folder holding `model/`. The returned student carries
-    the saved Format in `student.fmt`.
+    the saved Format in `student.fmt`. A run folder may come from anyone: its weights are read
+    as safetensors (or tensor-only pickles) and code saved with the model runs only with
+    `trust_remote_code=True`, which is never read from the folder itself.
     """
     p = Path(path).expanduser()
     model_dir = p / "model" if (p / "model" / MODEL_INFO).is_file() else p
@@ -42,9 +44,13 @@ def load_trained(path: str | Path) -> tuple[Student, dict[str, Any]]:
             f"{p} holds no trained stepdistill model (no {MODEL_INFO} in it or in its model/ folder): "
             "pass a training run directory or its model/ folder"
         )
-    info = json.loads(info_file.read_text())
-    fmt = Format.from_dict(info["format"])
-    student = load_pretrained(str(model_dir), kind=fmt.kind)
+    try:
+        info = json.loads(info_file.read_text())
+        fmt = Format.from_dict(info["format"])
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
+        raise StepDistillError(f"{info_file} cannot be used as a {MODEL_INFO} ({type(e).__name__}: {str(e)[:120]}): "
+                               "the model folder is damaged; retrain, or restore it from the training run") from None
+    student = load_pretrained(str(model_dir), kind=fmt.kind, trust_remote_code=trust_remote_code)
     student.fmt = fmt
     return student, info
 

@@ -8,18 +8,28 @@ folder or a GGUF file; optional LoRA adapters.
 GGUF files are dequantised by transformers (slow: ~15-30 s for 135M parameters), so the result
 is cached as a plain Hugging Face folder under $STEPDISTILL_HOME/models/<key>; the key hashes
 the file's path, size and mtime, so an edited file is converted again.
+
+Models are untrusted input. Weights are read from safetensors files, or, for checkpoints that
+only have `pytorch_model.bin`, with `torch.load(weights_only=True)`, which reads tensors and
+refuses any pickle that would run code (`safetensors_only=True` refuses pickles altogether).
+Code shipped with a model (`auto_map` in its config.json) runs only with `trust_remote_code=True`
+(`student.trust_remote_code`), never by default and never after an interactive prompt. Before
+the weights are read, `memory.check_load` fails early when the model clearly cannot fit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from stepdistill import memory
 from stepdistill.config import StudentConfig
 from stepdistill.errors import StepDistillError
 from stepdistill.runs import home
@@ -78,10 +88,14 @@ def _convert_gguf(path: Path, kind: Kind, dtype: Any) -> Path:
     # GGUF students are decoder-only in practice; reading the GGUF config just to confirm costs
     # several seconds, so only an explicit kind="seq2seq" takes the other class.
     auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    n = memory.parameters_in_gguf(path)
+    if n is not None:  # dequantising holds the state dict and the model: about twice the model
+        memory.require(2 * memory.load_bytes(n, dtype), f"converting {path.name} ({n / 1e6:,.1f}M parameters)",
+                       hint=memory.LOAD_HINT)
     log.info("converting %s to a Hugging Face folder (once; cached in %s)", path, dest)
     try:
-        model = auto.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = auto.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except ImportError as e:
         raise StepDistillError(f"loading {path.name} needs the `gguf` package ({e}): pip install gguf") from None
     except (OSError, ValueError) as e:
@@ -138,6 +152,8 @@ def load_pretrained(
     kind: Kind = "auto",
     dtype: Any = None,
     tokenizer: str | None = None,
+    trust_remote_code: bool = False,
+    safetensors_only: bool = False,
 ) -> Student:
     """Load a student from a hub id, a local folder or a .gguf file.
 
@@ -145,6 +161,12 @@ def load_pretrained(
     reads `config.is_encoder_decoder`; an explicit kind that contradicts the config is an error.
     `tokenizer` names another tokenizer source when the model folder has none. Causal
     tokenizers without a pad token get eos as pad.
+
+    `trust_remote_code=True` lets a model run the Python code it ships (config.json `auto_map`);
+    off, such a model is refused. Weights come from safetensors, else from `pytorch_model.bin`
+    through `torch.load(weights_only=True)` (tensors only: a pickle that would run code is
+    refused); `safetensors_only=True` refuses pickle checkpoints outright. A model that clearly
+    does not fit in the memory left is refused before its weights are read.
 
     >>> s = load_pretrained("google/flan-t5-small"); s.is_seq2seq
     True
@@ -159,8 +181,9 @@ def load_pretrained(
         _check_local(model)
         source = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        _raise_if_remote_code(model, source, e)
         raise StepDistillError(
             f"cannot load student {model!r} ({str(e).splitlines()[0]}): check the hub id or path; "
             "offline, download it first (huggingface-cli download) and pass the local folder"
@@ -170,10 +193,33 @@ def load_pretrained(
         actual = "seq2seq" if is_seq2seq else "causal"
         raise StepDistillError(f"student {model!r} is a {actual} model, not {kind}: set student.kind to {actual} or auto")
     auto = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
+    memory.check_load(config, auto, dtype=config.dtype if dtype == "auto" else dtype, what=f"loading {model!r}",
+                      source=source, trust_remote_code=trust_remote_code)
+    local = Path(source).is_dir()
+    if local and not _has_safetensors(Path(source)) and _has_pickle(Path(source)):
+        if safetensors_only:
+            raise StepDistillError(f"{model!r} has only pickle weights (pytorch_model.bin), and safetensors_only is set: "
+                                   + _convert_hint(source, auto))
+        log.info("%s has no safetensors weights: reading its pytorch_model.bin with torch.load(weights_only=True)", source)
     try:
-        net = auto.from_pretrained(source, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(tokenizer or source)
+        net = auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, weights_only=True,
+                                   use_safetensors=True if safetensors_only else None)
+        tok = AutoTokenizer.from_pretrained(tokenizer or source, trust_remote_code=trust_remote_code)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        if not isinstance(e, pickle.UnpicklingError) and "weights only load failed" not in str(e).lower():
+            raise
+        # torch's weights_only unpickler met something other than tensors, and did not run it
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        reason = f"it calls {found.group(1)}" if found else str(e).strip().splitlines()[0]
+        raise StepDistillError(
+            f"refused to load {model!r}: its pickle weights file holds more than tensors and could run code when "
+            f"read ({reason}). " + _convert_hint(source if local else model, auto, unsafe=True)
+        ) from None
     except (OSError, ValueError) as e:
+        _raise_if_remote_code(model, source, e)
+        if safetensors_only and not local and "safetensors" in str(e):
+            raise StepDistillError(f"{model!r} has no safetensors weights, and safetensors_only is set: "
+                                   + _convert_hint(model, auto)) from None
         raise StepDistillError(
             f"cannot load student {model!r} ({str(e).splitlines()[0]}): it must be a seq2seq or causal LM "
             "with a tokenizer (set student.tokenizer when the folder has none)"
@@ -185,6 +231,39 @@ def load_pretrained(
     if net.generation_config is not None and net.generation_config.pad_token_id is None:
         net.generation_config.pad_token_id = tok.pad_token_id
     return Student(net, tok, is_seq2seq)
+
+
+_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+_SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _SAFE_WEIGHTS)
+
+
+def _has_pickle(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _PICKLE_WEIGHTS)
+
+
+def _convert_hint(source: str, auto: Any, *, unsafe: bool = False) -> str:
+    """How to turn a pickle checkpoint into safetensors (which needs no trust to read)."""
+    load = f"{auto.__name__}.from_pretrained({str(source)!r}{', weights_only=False' if unsafe else ''})"
+    trust = "Only if you trust where it came from, " if unsafe else ""
+    return (f"{trust}convert it once to safetensors and load the new folder: python -c \"from transformers import "
+            f"{auto.__name__}, AutoTokenizer; {load}.save_pretrained('converted'); "
+            f"AutoTokenizer.from_pretrained({str(source)!r}).save_pretrained('converted')\"")
+
+
+def _raise_if_remote_code(model: str, source: str, e: Exception) -> None:
+    """transformers refuses a model that ships code when trust_remote_code is off: say how to opt in."""
+    if "trust_remote_code" in str(e):
+        where = f"{source}" if Path(source).is_dir() else f"https://hf.co/{source}"
+        raise StepDistillError(
+            f"{model!r} ships its own Python code (auto_map in its config.json or tokenizer_config.json), which "
+            f"is not run unless you allow it: read the code at {where}, and only if you trust it set "
+            "student.trust_remote_code: true "
+            "(load_pretrained(..., trust_remote_code=True))"
+        ) from None
 
 
 def apply_lora(student: Student, lora) -> Student:
@@ -210,7 +289,8 @@ def apply_lora(student: Student, lora) -> Student:
 
 def load_student(cfg: StudentConfig) -> Student:
     """Load the student a config describes, with LoRA adapters when `cfg.lora` is set."""
-    student = load_pretrained(cfg.model, cfg.gguf_file, kind=cfg.kind, tokenizer=cfg.tokenizer)
+    student = load_pretrained(cfg.model, cfg.gguf_file, kind=cfg.kind, tokenizer=cfg.tokenizer,
+                              trust_remote_code=cfg.trust_remote_code)
     return apply_lora(student, cfg.lora) if cfg.lora is not None else student
 
 
@@ -259,10 +339,10 @@ def new_t5(tokenizer_source: str, out: str | Path, *, n_layers: int = 4, d_model
     tokenizer_source = resolve_model_name(tokenizer_source)
     gguf = _resolve_gguf(tokenizer_source, gguf_file)
     if gguf is not None:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
     else:
         _check_local(tokenizer_source)
-        tok = AutoTokenizer.from_pretrained(tokenizer_source)
+        tok = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=False)
     if tok.eos_token is None:
         raise StepDistillError(f"{tokenizer_source}: the tokenizer has no eos token, which T5 needs to end targets")
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:

@@ -293,9 +293,9 @@ class OpenAITeacher(Teacher):
         except asyncio.TimeoutError:  # the server may still generate (and bill) it: charged in full
             raise _Retry(f"no reply within {self.cfg.timeout:g}s (teacher.timeout)", usage={}) from None
         except aiohttp.ClientConnectorError as e:  # never connected: nothing was sent
-            raise _Retry(f"cannot connect ({str(e)[:80]})") from None
+            raise _Retry(self._redact(f"cannot connect ({str(e)[:80]})")) from None
         except aiohttp.ClientError as e:  # sent, then the reply was lost: charged in full
-            raise _Retry(f"connection error ({type(e).__name__}: {str(e)[:80] or 'dropped'})", usage={}) from None
+            raise _Retry(self._redact(f"connection error ({type(e).__name__}: {str(e)[:80] or 'dropped'})"), usage={}) from None
         if status != 200:
             self._raise_for_status(status, headers, raw)
         try:
@@ -311,13 +311,22 @@ class OpenAITeacher(Teacher):
             raise _Retry("empty completion", usage=usage)  # an empty reply may still be billed
         return Completion(text, p_tok, c_tok, None, choice.get("finish_reason")), usage
 
+    def _redact(self, text: str) -> str:
+        """Server text goes into errors, annotations and the store: never with the key in it
+        (some servers echo it, or part of it, in a 401)."""
+        if self.api_key:
+            text = text.replace(self.api_key, "***")
+            if len(self.api_key) > 12:  # "Incorrect API key provided: sk-abc...wxyz"
+                text = text.replace(self.api_key[-4:], "***").replace(self.api_key[:8], "***")
+        return text
+
     def _raise_for_status(self, code: int, headers: Any, raw: bytes) -> None:
         try:
             detail = json.loads(raw).get("error", {})
             message = detail.get("message") if isinstance(detail, dict) else str(detail)
         except (ValueError, AttributeError):
             message = raw[:200].decode(errors="replace")
-        message = f"HTTP {code}" + (f": {message}" if message else "")
+        message = self._redact(f"HTTP {code}" + (f": {message}" if message else ""))
         if code in FATAL_STATUS:
             hint = {401: f"check ${self.cfg.api_key_env}", 403: f"check ${self.cfg.api_key_env} and its permissions",
                     404: f"check teacher.base_url ({self.base_url}), teacher.model ({self.cfg.model}) and teacher.endpoint ({self.cfg.endpoint})"}[code]
