@@ -40,6 +40,7 @@ from stepdistill.evaluation import MODEL_INFO, predict
 from stepdistill.methods import get_method
 from stepdistill.methods.base import TrainRecord
 from stepdistill.methods.formatting import Format, encode_example
+from stepdistill.memory import check_training
 from stepdistill.methods.kd import attach_topk_cache, load_kd_teacher, pad_topk, teacher_logits, vocab_size
 from stepdistill.methods.losses import (
     IGNORE_INDEX, count_targets, kd_loss, kd_loss_topk, multitask_loss, token_cross_entropy,
@@ -589,6 +590,10 @@ def fit(
     teacher_from = last / TEACHER_DIR if resume and last and method_cfg.name == "co-distill" else None
     trainer = build_trainer(student, method_cfg, training, train_records, val_examples, task, out_dir,
                             progress=progress, teacher_from=teacher_from)
+    # a clear error now rather than an out-of-memory kill minutes in (activations not counted)
+    check_training(student.model, device=trainer.args.device)
+    if trainer.co_distill:
+        check_training(trainer.teacher.model, device=trainer.args.device, what="co-distillation's teacher")
     trainable, total = count_parameters(student.model)
     start = time.time()
     try:
