@@ -317,3 +317,29 @@ def test_store_exports_to_jsonl_and_a_dataset(server, tmp_path):
     assert len(ds) == 4 and set(ds["completion"]) == {r["completion"] for r in exported}
     with pytest.raises(StepDistillError, match="exists"):
         cli(["store", "export", "--store", str(tmp_path / "store.sqlite"), "--out", str(tmp_path / "x.jsonl")])
+
+
+def test_large_runs_are_prepared_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """Prompts, keys and teacher calls for a chunk of inputs at a time (bounded memory on a
+    dataset of any size); rows still come out in input order, each with its own answer."""
+    import stepdistill.teachers.openai as openai_teacher
+
+    monkeypatch.setattr(api, "CHUNK_REQUESTS", 4)  # k = 2: two inputs per chunk
+    sizes = []
+    real = openai_teacher.OpenAITeacher.generate_ready
+
+    def spy(self, requests):
+        sizes.append(len(requests))
+        return real(self, requests)
+
+    monkeypatch.setattr(openai_teacher.OpenAITeacher, "generate_ready", spy)
+    with FakeOpenAIServer(_vote_responder) as srv:
+        s = run(srv, tmp_path, n=5, sampling={"temperature": 0.7, "max_new_tokens": 64},
+                verify={"samples": 2, "against": "gold"})
+    assert sizes == [4, 4, 2] and s["generated"] == 10
+    r = rows(tmp_path)
+    assert [x["input"] for x in r] == [e.input for e in EXAMPLES[:5]]
+    store = AnnotationStore(tmp_path / "store.sqlite")
+    prompt_of = {rec["key"]: rec["prompt"] for rec in store.rows()}
+    store.close()
+    assert all(question(prompt_of[smp["key"]]) == x["input"] for x in r for smp in x["samples"])

@@ -19,7 +19,7 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -29,6 +29,7 @@ from stepdistill.runs import create_run, home, write_json, write_jsonl
 from stepdistill.store import AnnotationStore, KeyMaker, StoredCompletion, read_annotations
 from stepdistill.tasks import get_task, load_examples
 from stepdistill.tasks.base import Example, Parsed, Task
+from stepdistill.verify import verify
 from stepdistill.evaluation import evaluate  # noqa: F401  (the third stage, beside predict())
 
 log = logging.getLogger("stepdistill")
@@ -60,7 +61,8 @@ def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = Fals
                     resume=resume, inputs=(cfg.task.path,)) as run:
         echo = run.tee(echo)
         t0 = time.perf_counter()
-        samples, counts = _complete(teacher, task, examples, cfg.verify.samples, store_path, cfg.split, echo)
+        counts: dict[str, int] = {}
+        samples = _complete(teacher, task, examples, cfg.verify.samples, store_path, cfg.split, echo, counts)
         summary = _summarise(task, teacher, examples, samples, run, cfg)
         summary.update(**counts, seconds=round(time.perf_counter() - t0, 2), usage=teacher.usage() or None)
         write_json(run.path("summary.json"), summary)
@@ -91,63 +93,81 @@ def _report(summary: dict[str, Any], echo: Printer) -> None:
 Sample = StoredCompletion | str  # a stored completion, or why the teacher gave none
 
 
-def _complete(teacher, task: Task, examples: list[Example], k: int, store_path, split: str, echo: Printer
-              ) -> tuple[list[list[Sample]], dict[str, int]]:
-    """k samples per example: from the store, or generated and each committed as it arrives.
+CHUNK_REQUESTS = 8192  # requests prepared at a time: memory stays bounded on datasets of any size
 
-    Returns, per example, its k samples (a StoredCompletion, or the failure message), and the
-    counts of completions generated now, found in the store, and failed.
+
+def _complete(teacher, task: Task, examples: list[Example], k: int, store_path, split: str, echo: Printer,
+              counts: dict[str, int]) -> Iterator[list[Sample]]:
+    """Yield, per example in order, its k samples (a StoredCompletion, or why the teacher gave
+    none): from the store, or generated and committed as they arrive.
+
+    Examples are handled a chunk at a time (prompts, keys, store look-ups, teacher calls), so
+    a dataset of any size needs memory for one chunk only. `counts` receives the completions
+    generated now, found in the store, failed and not requested.
     """
     from stepdistill.teachers import Request
 
     store = AnnotationStore(store_path or home() / "annotations.sqlite")
+    identity = teacher.identity()
+    key = KeyMaker(identity, task.template_version)
+    per_chunk = max(1, CHUNK_REQUESTS // k)
+    n_chunks = -(-len(examples) // per_chunk)
+    counts.update(generated=0, from_store=0, failed=0, not_requested=0)
+    failures: Counter = Counter()
+    skip_reason = None
+    t0, tokens = time.perf_counter(), 0
+    echo(f"annotate {task.name}/{split} with {teacher.kind} teacher: {len(examples)} examples x {k} "
+         f"sample{'s' if k > 1 else ''}")
     try:
-        identity = teacher.identity()
-        key = KeyMaker(identity, task.template_version)
-        requests, keys = [], []
-        for ex in examples:
-            prompt = teacher.prompt(task, ex)
-            for j in range(k):
-                requests.append(Request(ex, prompt, j))
-                keys.append(key(prompt, j))
-        have = store.get_many(keys)
-        todo = {key: r for key, r in zip(keys, requests) if key not in have}  # a repeated prompt generates once
-        echo(f"annotate {task.name}/{split} with {teacher.kind} teacher: {len(examples)} examples x {k} "
-             f"sample{'s' if k > 1 else ''}, {len(keys) - len(todo)} already in the store, {len(todo)} to generate")
-        key_of = {id(r): key for key, r in todo.items()}
-        failed: dict[str, str] = {}
-        generated, tokens, t0 = 0, 0, time.perf_counter()
-        with tqdm(total=len(todo), desc="teacher", unit="ex", disable=not todo) as bar:
-            for ready in teacher.generate_ready(list(todo.values())):
-                records = []
-                for req, comp in ready:
-                    key = key_of[id(req)]
-                    if comp.error is None:
-                        records.append((key, identity, req.prompt, comp.text, comp.prompt_tokens,
-                                        comp.completion_tokens, comp.seconds, req.sample, comp.finish_reason))
-                        tokens += comp.completion_tokens or 0
-                        continue
-                    failed[key] = comp.error
-                    if not comp.error.startswith("not requested"):
-                        store.put_failure(key, identity, req.prompt, comp.error, sample=req.sample)
-                store.put_many(records)  # what arrived together, committed together, before more is read
-                generated += len(records)
-                bar.set_postfix_str(_progress(teacher.usage(), tokens, time.perf_counter() - t0), refresh=False)
-                bar.update(len(ready))
-        have = store.get_many(keys)
+        with tqdm(total=len(examples) * k, desc="teacher", unit="ex") as bar:
+            for c in range(n_chunks):
+                chunk = examples[c * per_chunk : (c + 1) * per_chunk]
+                requests, keys = [], []
+                for ex in chunk:
+                    prompt = teacher.prompt(task, ex)
+                    for j in range(k):
+                        requests.append(Request(ex, prompt, j))
+                        keys.append(key(prompt, j))
+                have = store.get_many(keys)
+                todo = {kk: r for kk, r in zip(keys, requests) if kk not in have}  # a repeated prompt generates once
+                counts["from_store"] += len(keys) - len(todo)
+                bar.update(len(keys) - len(todo))
+                if c == 0 or todo:
+                    where = f" (chunk {c + 1} of {n_chunks})" if n_chunks > 1 else ""
+                    echo(f"{len(keys) - len(todo)} already in the store, {len(todo)} to generate{where}")
+                key_of = {id(r): kk for kk, r in todo.items()}
+                failed: dict[str, str] = {}
+                for ready in teacher.generate_ready(list(todo.values())) if todo else ():
+                    records = []
+                    for req, comp in ready:
+                        kk = key_of[id(req)]
+                        if comp.error is None:
+                            records.append((kk, identity, req.prompt, comp.text, comp.prompt_tokens,
+                                            comp.completion_tokens, comp.seconds, req.sample, comp.finish_reason))
+                            tokens += comp.completion_tokens or 0
+                            continue
+                        failed[kk] = comp.error
+                        if comp.error.startswith("not requested"):
+                            counts["not_requested"] += 1
+                            skip_reason = comp.error
+                        else:
+                            counts["failed"] += 1
+                            failures[comp.error.split(":")[0]] += 1
+                            store.put_failure(kk, identity, req.prompt, comp.error, sample=req.sample)
+                    store.put_many(records)  # what arrived together, committed together, before more is read
+                    counts["generated"] += len(records)
+                    bar.set_postfix_str(_progress(teacher.usage(), tokens, time.perf_counter() - t0), refresh=False)
+                    bar.update(len(ready))
+                have.update(store.get_many(list(todo)))
+                flat = [have.get(kk) or failed.get(kk, "not requested") for kk in keys]
+                for i in range(len(chunk)):
+                    yield flat[i * k : (i + 1) * k]
     finally:
         store.close()
-    skipped = {k: e for k, e in failed.items() if e.startswith("not requested")}
-    failed = {k: e for k, e in failed.items() if k not in skipped}
-    if failed:
-        echo(f"{len(failed)} completions failed: " + ", ".join(
-            f"{r}: {c}" for r, c in Counter(e.split(":")[0] for e in failed.values()).most_common(5)))
-    if skipped:
-        echo(f"{len(skipped)} completions not requested: {next(iter(skipped.values()))}")
-    per_example = [have.get(key) or failed.get(key) or skipped.get(key, "not requested") for key in keys]
-    counts = {"generated": generated, "from_store": len(keys) - len(todo), "failed": len(failed),
-              "not_requested": len(skipped)}
-    return [per_example[i * k : (i + 1) * k] for i in range(len(examples))], counts
+    if failures:
+        echo(f"{counts['failed']} completions failed: " + ", ".join(f"{r}: {n}" for r, n in failures.most_common(5)))
+    if skip_reason:
+        echo(f"{counts['not_requested']} completions not requested: {skip_reason}")
 
 
 def _progress(usage: dict[str, Any], tokens: int, seconds: float) -> str:
@@ -168,77 +188,81 @@ def _sample_row(rec: Sample, parsed) -> dict[str, Any]:
     return {"completion": rec.completion, "key": rec.key, "label": parsed.label, "parse_error": parsed.error}
 
 
-def _summarise(task: Task, teacher, examples: list[Example], samples: list[list[Sample]], run, cfg: AnnotateRun
+def _summarise(task: Task, teacher, examples: list[Example], samples: Iterable[list[Sample]], run, cfg: AnnotateRun
                ) -> dict[str, Any]:
-    """Parse and verify every example's samples, write annotations.jsonl, and count the outcome."""
-    from stepdistill.tasks.base import Parsed
-    from stepdistill.verify import verify
-
-    rows, unparsed_reasons, dropped = [], Counter(), Counter()
-    parsed_n = kept = correct = gold_n = tokens = truncated = kept_gold = kept_correct = 0
+    """Parse and verify every example's samples, write annotations.jsonl row by row as they
+    come (nothing is held for the whole dataset), and count the outcome."""
+    n = Counter()  # parsed, kept, correct, gold, tokens, truncated, kept_gold, kept_correct
+    unparsed_reasons, dropped = Counter(), Counter()
     secs, agreements = [], []
-    for ex, recs in zip(examples, samples):
-        parsed: list[Parsed | str] = []
-        for rec in recs:
-            if isinstance(rec, str):
-                parsed.append(rec)
-                continue
-            parsed.append(task.parse(rec.completion, ex))
-            tokens += rec.completion_tokens or 0
-            truncated += rec.finish_reason == "length"
-            if rec.seconds is not None:
-                secs.append(rec.seconds)
-        v = verify(task, ex, parsed, cfg.verify)
-        first = parsed[0]
-        ok = v.majority is not None
-        parsed_n += ok
-        if not ok and isinstance(first, Parsed):
-            unparsed_reasons[first.error or "no label"] += 1
-        kept += v.kept
-        if not v.kept:
-            dropped[v.drop_reason] += 1
-        if v.agreement is not None and len(recs) > 1:
-            agreements.append(v.agreement)
-        is_correct = None
-        if ex.label is not None:
-            gold_n += 1
-            is_correct = bool(ok and task.is_correct(v.majority, ex))
-            correct += is_correct
-            if v.kept:
-                kept_gold += 1
-                kept_correct += task.is_correct(v.label, ex)
-        row = {"id": ex.id, "index": ex.index, "input": ex.input, "gold": ex.label,
-               "rationale": v.rationale, "label": v.label if v.kept else v.majority,
-               "kept": v.kept, "drop_reason": v.drop_reason, "detail": v.detail,
-               "error": None if v.kept else v.as_parsed().error, "correct": is_correct}
-        if len(recs) == 1:  # the single completion inline, as the paper's files have it
-            rec = recs[0]
-            row.update(completion=None if isinstance(rec, str) else rec.completion,
-                       key=None if isinstance(rec, str) else rec.key)
-        else:
-            row.update(majority=v.majority, agreement=v.agreement, votes=v.votes, chosen=v.chosen,
-                       samples=[_sample_row(rec, p) for rec, p in zip(recs, parsed)])
-        rows.append(row)
-    write_jsonl(run.path("annotations.jsonl"), rows)
+    firsts: list[str | None] = []  # the first sample's text, for the teacher's own scoring (paper)
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for i, recs in enumerate(samples):  # runs `samples` to its end, so its clean-up and report run too
+            ex = examples[i]
+            firsts.append(None if isinstance(recs[0], str) else recs[0].completion)
+            parsed = [rec if isinstance(rec, str) else task.parse(rec.completion, ex) for rec in recs]
+            for rec in recs:
+                if not isinstance(rec, str):
+                    n["tokens"] += rec.completion_tokens or 0
+                    n["truncated"] += rec.finish_reason == "length"
+                    if rec.seconds is not None:
+                        secs.append(rec.seconds)
+            v = verify(task, ex, parsed, cfg.verify)
+            ok = v.majority is not None
+            n["parsed"] += ok
+            if not ok and not isinstance(parsed[0], str):
+                unparsed_reasons[parsed[0].error or "no label"] += 1
+            n["kept"] += v.kept
+            if not v.kept:
+                dropped[v.drop_reason] += 1
+            if v.agreement is not None and len(recs) > 1:
+                agreements.append(v.agreement)
+            is_correct = None
+            if ex.label is not None:
+                n["gold"] += 1
+                is_correct = bool(ok and task.is_correct(v.majority, ex))
+                n["correct"] += is_correct
+                if v.kept:
+                    n["kept_gold"] += 1
+                    n["kept_correct"] += task.is_correct(v.label, ex)
+            yield _row(ex, recs, parsed, v, is_correct)
+
+    write_jsonl(run.path("annotations.jsonl"), rows())
     summary = {
         "task": task.name, "split": cfg.split, "teacher": teacher.identity(), "verify": cfg.verify.model_dump(),
-        "n": len(examples), "parsed": parsed_n, "unparsed": len(examples) - parsed_n,
+        "n": len(examples), "parsed": n["parsed"], "unparsed": len(examples) - n["parsed"],
         "unparsed_reasons": dict(unparsed_reasons.most_common()),
-        "kept": kept, "dropped": len(examples) - kept, "dropped_reasons": dict(dropped.most_common()),
+        "kept": n["kept"], "dropped": len(examples) - n["kept"], "dropped_reasons": dict(dropped.most_common()),
         # the teacher's answer is the majority vote of its samples (the only sample when k = 1)
-        "teacher_accuracy": correct / gold_n if gold_n else None,
+        "teacher_accuracy": n["correct"] / n["gold"] if n["gold"] else None,
         # how trustworthy what training will see is: the kept labels against gold
-        "kept_accuracy": kept_correct / kept_gold if kept_gold else None,
+        "kept_accuracy": n["kept_correct"] / n["kept_gold"] if n["kept_gold"] else None,
         "mean_agreement": round(sum(agreements) / len(agreements), 4) if agreements else None,
-        "completion_tokens": tokens, "truncated": truncated,
+        "completion_tokens": n["tokens"], "truncated": n["truncated"],
         # the teacher's latency per prediction (its CoT generation), as measured when generated
         "ms_per_example": round(1000 * sum(secs) / len(secs), 1) if secs else None,
     }
-    firsts = [None if isinstance(r[0], str) else r[0].completion for r in samples]
-    ref = teacher.reference_accuracy(firsts, examples) if gold_n and None not in firsts else None
+    ref = teacher.reference_accuracy(firsts, examples) if n["gold"] and None not in firsts else None
     if ref is not None:
         summary["teacher_accuracy_paper_parsing"] = ref
     return summary
+
+
+def _row(ex: Example, recs: list[Sample], parsed: list, v, is_correct: bool | None) -> dict[str, Any]:
+    """One line of annotations.jsonl: the verdict, and the completion(s) it came from."""
+    row = {"id": ex.id, "index": ex.index, "input": ex.input, "gold": ex.label,
+           "rationale": v.rationale, "label": v.label if v.kept else v.majority,
+           "kept": v.kept, "drop_reason": v.drop_reason, "detail": v.detail,
+           "error": None if v.kept else v.as_parsed().error, "correct": is_correct}
+    if len(recs) == 1:  # the single completion inline, as the paper's files have it
+        rec = recs[0]
+        row.update(completion=None if isinstance(rec, str) else rec.completion,
+                   key=None if isinstance(rec, str) else rec.key)
+    else:
+        row.update(majority=v.majority, agreement=v.agreement, votes=v.votes, chosen=v.chosen,
+                   samples=[_sample_row(rec, p) for rec, p in zip(recs, parsed)])
+    return row
 
 
 # ---------------------------------------------------------------- train

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel
 
@@ -103,11 +103,12 @@ def fsync_tree(root: str | Path) -> dict[str, int]:
     return sizes
 
 
-def write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str | Iterable[str]) -> None:
     """Atomic and durable: write a temp file beside `path`, flush and fsync it, rename it over
     `path`, fsync the folder. A crash (kill -9, power loss) leaves the old file or the new one,
     never half of one; a failed write (full disk, read-only folder) raises one clear
-    StepDistillError and leaves the old file and no temp file."""
+    StepDistillError and leaves the old file and no temp file. `text` may be an iterable of
+    pieces, written as they come (a large file never has to be held in memory)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +117,8 @@ def write_text(path: Path, text: str) -> None:
         raise write_error(path, e) from e
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(text)
+            for piece in [text] if isinstance(text, str) else text:
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -142,8 +144,8 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    write_text(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))  # streamed, row by row
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
