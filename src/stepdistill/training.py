@@ -41,7 +41,9 @@ from stepdistill.methods import get_method
 from stepdistill.methods.base import TrainRecord
 from stepdistill.methods.formatting import Format, encode_example
 from stepdistill.memory import check_training
-from stepdistill.methods.kd import attach_topk_cache, load_kd_teacher, pad_topk, teacher_logits, vocab_size
+from stepdistill.methods.kd import (
+    attach_topk_cache, decoder_inputs, load_kd_teacher, pad_topk, teacher_logits, vocab_size,
+)
 from stepdistill.methods.losses import (
     IGNORE_INDEX, count_targets, kd_loss, kd_loss_topk, multitask_loss, token_cross_entropy,
 )
@@ -304,7 +306,7 @@ class StepDistillTrainer(Trainer):
         ids, mask, labels = inputs[pre + "input_ids"], inputs[pre + "attention_mask"], inputs[pre + "labels"]
         shift = not self.student.is_seq2seq
         if self.student.is_seq2seq:
-            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=self._shift_right(labels)).logits
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs(labels, self.student.model.config)).logits
         else:
             logits = model(input_ids=ids, attention_mask=mask).logits
         ce = token_cross_entropy(logits, labels, n_items, shift=shift)
@@ -360,15 +362,6 @@ class StepDistillTrainer(Trainer):
                     optimizer.add_param_group({**base, "weight_decay": wd, "params": params})
             self._teacher_in_optimizer = True
         return optimizer
-
-    def _shift_right(self, labels: torch.Tensor) -> torch.Tensor:
-        """Decoder inputs from seq2seq labels (teacher forcing), as T5/BART build them."""
-        cfg = self.student.model.config
-        start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
-        dec = labels.new_full(labels.shape, cfg.pad_token_id)
-        dec[:, 1:] = labels[:, :-1]
-        dec[:, 0] = start
-        return dec.masked_fill(dec == IGNORE_INDEX, cfg.pad_token_id)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """alpha * label loss + (1 - alpha) * rationale loss; each task loss is its CE (with kd:

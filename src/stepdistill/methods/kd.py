@@ -69,13 +69,17 @@ def teacher_logits(teacher, ids: torch.Tensor, mask: torch.Tensor, labels: torch
     """Logits aligned with the student's for the same batch (seq2seq: teacher-forced on labels)."""
     if not seq2seq:
         return teacher(input_ids=ids, attention_mask=mask).logits
-    cfg = teacher.config
+    return teacher(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs(labels, teacher.config)).logits
+
+
+def decoder_inputs(labels: torch.Tensor, cfg) -> torch.Tensor:
+    """Decoder inputs from seq2seq labels (teacher forcing), as T5/BART build them: shifted right
+    behind the decoder start token, padding where the labels are masked."""
     start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
     dec = labels.new_full(labels.shape, cfg.pad_token_id)
     dec[:, 1:] = labels[:, :-1]
     dec[:, 0] = start
-    dec = dec.masked_fill(dec == IGNORE_INDEX, cfg.pad_token_id)
-    return teacher(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    return dec.masked_fill(dec == IGNORE_INDEX, cfg.pad_token_id)
 
 
 # ---------------------------------------------------------------- the top-k cache
