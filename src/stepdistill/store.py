@@ -121,19 +121,16 @@ class AnnotationStore:
                 f"cannot {what} the annotation store {self.path}: {e}: free disk space or make {self.path.parent} "
                 "writable, then rerun (with --resume): the completions committed so far are kept") from e
 
-    def get_many(self, keys: Iterable[str]) -> dict[str, StoredCompletion]:
+    def _select_keys(self, select: str, keys: Iterable[str]) -> Iterator[tuple]:
+        """Rows of `select ... WHERE key IN (keys)`, in chunks: SQLite caps the bound parameters."""
         keys = list(keys)
-        found: dict[str, StoredCompletion] = {}
-        for i in range(0, len(keys), 500):  # SQLite caps the number of bound parameters
+        for i in range(0, len(keys), 500):
             chunk = keys[i : i + 500]
-            rows = self._db.execute(
-                "SELECT key, completion, prompt_tokens, completion_tokens, seconds, finish_reason FROM completions "
-                f"WHERE key IN ({','.join('?' * len(chunk))})",
-                chunk,
-            )
-            for row in rows:
-                found[row[0]] = StoredCompletion(*row)
-        return found
+            yield from self._db.execute(f"{select} WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, StoredCompletion]:
+        select = "SELECT key, completion, prompt_tokens, completion_tokens, seconds, finish_reason FROM completions"
+        return {row[0]: StoredCompletion(*row) for row in self._select_keys(select, keys)}
 
     def put(self, key: str, identity: dict[str, Any], prompt: str, completion: str, *,
             prompt_tokens: int | None = None, completion_tokens: int | None = None,
@@ -170,12 +167,7 @@ class AnnotationStore:
         self._failed.add(key)
 
     def failures(self, keys: Iterable[str]) -> dict[str, str]:
-        keys, found = list(keys), {}
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            found.update(self._db.execute(
-                f"SELECT key, error FROM failures WHERE key IN ({','.join('?' * len(chunk))})", chunk))
-        return found
+        return dict(self._select_keys("SELECT key, error FROM failures", keys))
 
     def rows(self) -> Iterator[dict[str, Any]]:
         """Every stored completion, oldest first, as plain dicts (the export format)."""

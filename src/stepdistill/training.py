@@ -346,6 +346,7 @@ class StepDistillTrainer(Trainer):
         return torch.autocast(device_type=self.args.device.type, dtype=torch.bfloat16)
 
     def _note(self, name: str, value: torch.Tensor) -> None:
+        """Add a loss term to what the next log line averages (no .item(): no GPU sync per step)."""
         if self.model.training:
             self._part_sums[name] = self._part_sums.get(name, 0.0) + value.detach()
 
@@ -376,9 +377,9 @@ class StepDistillTrainer(Trainer):
             rationale_loss = (self._task_loss(model, inputs, RATIONALE, n.get(RATIONALE))
                               if RATIONALE + "input_ids" in inputs else label_loss.new_zeros(()))
         loss = multitask_loss(label_loss, rationale_loss, self.alpha)
-        if model.training and self.multitask:
-            for name, part in (("label_loss", label_loss), ("rationale_loss", rationale_loss)):
-                self._part_sums[name] = self._part_sums.get(name, 0.0) + part.detach()  # no .item(): no GPU sync per step
+        if self.multitask:
+            self._note("label_loss", label_loss)
+            self._note("rationale_loss", rationale_loss)
         if n and self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; counts are global
         return (loss, None) if return_outputs else loss

@@ -31,10 +31,9 @@ def load_kd_teacher(kd: KDConfig, student: Student, *, trainable: bool = False,
     """The teacher named by kd.teacher, checked against the student: same model kind and the
     same tokenizer vocabulary (soft labels compare distributions token by token).
     `weights_from`: a saved teacher folder (a co-distillation checkpoint) to take the weights from."""
-    from stepdistill.evaluation import MODEL_INFO
+    from stepdistill.evaluation import model_folder
 
-    path = Path(kd.teacher).expanduser()
-    source = path / "model" if (path / "model" / MODEL_INFO).is_file() else path  # a training run
+    source = model_folder(kd.teacher)  # a training run's model/, or the path itself
     if weights_from is not None:
         if not (Path(weights_from) / "config.json").is_file():
             raise StepDistillError(f"{weights_from} holds no saved teacher: this co-distillation checkpoint is incomplete; "
@@ -88,11 +87,10 @@ def decoder_inputs(labels: torch.Tensor, cfg) -> torch.Tensor:
 def _fingerprint(teacher: str) -> list:
     """The teacher's weights as files (name, size, mtime): a retrained teacher at the same path
     must not be served a cache made from the old one."""
-    from stepdistill.evaluation import MODEL_INFO
+    from stepdistill.evaluation import model_folder
     from stepdistill.teachers.base import portable_name
 
-    p = Path(teacher).expanduser()
-    p = p / "model" if (p / "model" / MODEL_INFO).is_file() else p
+    p = model_folder(teacher)
     if p.is_dir():
         return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir()
                       if f.suffix in {".safetensors", ".bin", ".json", ".gguf"})
@@ -156,18 +154,17 @@ def _compute_topk(kd: KDConfig, teacher: Student, seq2seq: bool, feats: list[dic
                   ) -> dict[str, torch.Tensor]:
     """Per feature and task: (positions, k) log-probs at temperature T and their token ids, for
     the positions the student's logits have (decoder positions for seq2seq, all for causal)."""
+    from stepdistill.training import Collator  # here: training imports this module
+
     model = teacher.model
-    pad = teacher.tokenizer.pad_token_id or 0
+    collate = Collator(teacher.tokenizer.pad_token_id or 0)
     tensors: dict[str, torch.Tensor] = {}
     for pre in ("", RATIONALE):
         rows = [(i, f) for i, f in enumerate(feats) if pre + "input_ids" in f]
         for b in range(0, len(rows), batch_size):
             chunk = rows[b : b + batch_size]
-            width = max(len(f[pre + "input_ids"]) for _, f in chunk)
-            lwidth = max(len(f[pre + "labels"]) for _, f in chunk)
-            ids = torch.tensor([f[pre + "input_ids"] + [pad] * (width - len(f[pre + "input_ids"])) for _, f in chunk])
-            mask = torch.tensor([[1] * len(f[pre + "input_ids"]) + [0] * (width - len(f[pre + "input_ids"])) for _, f in chunk])
-            labels = torch.tensor([f[pre + "labels"] + [IGNORE_INDEX] * (lwidth - len(f[pre + "labels"])) for _, f in chunk])
+            batch = collate([f for _, f in chunk])  # the padding training uses
+            ids, mask, labels = batch[pre + "input_ids"], batch[pre + "attention_mask"], batch[pre + "labels"]
             device = next(model.parameters()).device
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = teacher_logits(model, ids.to(device), mask.to(device), labels.to(device), seq2seq=seq2seq)

@@ -45,12 +45,7 @@ def token_cross_entropy(
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    if num_items_in_batch is None:
-        num_items_in_batch = labels.ne(IGNORE_INDEX).sum()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch.clamp(min=1)
-    return total / max(num_items_in_batch, 1)
+    return _normalise(total, labels, num_items_in_batch)
 
 
 def count_targets(labels: torch.Tensor, *, shift: bool = False) -> torch.Tensor:
@@ -245,7 +240,8 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def _normalise(total: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None):
-    """total / num_items_in_batch (the target count when None), 0 for an empty batch — as in token_cross_entropy."""
+    """total / num_items_in_batch (the target count when None), 0 for an empty batch: every token
+    loss here (cross-entropy and KD) is normalised this way, so gradient accumulation is exact."""
     if num_items_in_batch is None:
         num_items_in_batch = labels.ne(IGNORE_INDEX).sum()
     if torch.is_tensor(num_items_in_batch):
