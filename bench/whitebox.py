@@ -39,7 +39,9 @@ TASKS = {
 
 
 def folder_mb(path: Path) -> float:
-    return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6, 1)
+    from stepdistill.pruning import folder_bytes
+
+    return round(folder_bytes(path) / 1e6, 1)
 
 
 def main() -> None:
@@ -53,7 +55,7 @@ def main() -> None:
     args = p.parse_args()
 
     from stepdistill import api
-    from stepdistill.evaluation import load_trained
+    from stepdistill.evaluation import load_trained, model_folder
     from stepdistill.pruning import cut_layers
     from stepdistill.students import _gguf_cache_dir, count_parameters, load_pretrained, smollm2_gguf
     from stepdistill.teachers import TEACHERS
@@ -117,8 +119,7 @@ def main() -> None:
         def add(label, tag, run):
             m = evaluate(tag, run)
             student, _ = load_trained(run)
-            model_dir = run / "model" if (run / "model").is_dir() else run
-            rows.append(row(label, m["accuracy"], count_parameters(student.model)[1], folder_mb(model_dir),
+            rows.append(row(label, m["accuracy"], count_parameters(student.model)[1], folder_mb(model_folder(run)),
                             m["ms_per_example"], path=str(run)))
 
         ft_teacher = train("teacher-ft", gguf, {"name": "standard"}, lr=1e-4)

@@ -28,6 +28,13 @@ from stepdistill.students import Student, count_parameters, load_pretrained
 MODEL_INFO = "stepdistill.json"  # written by training.fit next to the saved model
 
 
+def model_folder(path: str | Path) -> Path:
+    """The folder a model path names: a training run's `model/` (it holds stepdistill.json), else
+    the path itself (a model folder, a file or a hub id)."""
+    p = Path(path).expanduser()
+    return p / "model" if (p / "model" / MODEL_INFO).is_file() else p
+
+
 def load_trained(path: str | Path, *, trust_remote_code: bool = False) -> tuple[Student, dict[str, Any]]:
     """Load a model trained by `training.fit` and its stepdistill.json (method, prefixes, format).
 
@@ -37,7 +44,7 @@ def load_trained(path: str | Path, *, trust_remote_code: bool = False) -> tuple[
     `trust_remote_code=True`, which is never read from the folder itself.
     """
     p = Path(path).expanduser()
-    model_dir = p / "model" if (p / "model" / MODEL_INFO).is_file() else p
+    model_dir = model_folder(p)
     info_file = model_dir / MODEL_INFO
     if not info_file.is_file():
         raise StepDistillError(

@@ -421,6 +421,11 @@ def sparsity_report(model) -> dict[str, Any]:
 
 # --- measuring ------------------------------------------------------------------------------
 
+def folder_bytes(folder: str | Path) -> int:
+    """Size on disk of a saved model: the bytes of every file under `folder`."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
 def measure(model, tokenizer, *, prompts: list[str] | None = None, max_new_tokens: int = 8, repeats: int = 3,
             task: Any = None, split: str = "test", data: str | Path | None = None, limit: int | None = None,
             prefix: str = "", fmt: Any = None, batch_size: int = 16, timed: bool = True) -> dict[str, Any]:
@@ -439,7 +444,7 @@ def measure(model, tokenizer, *, prompts: list[str] | None = None, max_new_token
     out: dict[str, Any] = {"parameters": count_parameters(model)[1]}
     with tempfile.TemporaryDirectory(prefix="stepdistill-measure-") as d, _quiet_progress():
         model.save_pretrained(d)
-        size = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
+        size = folder_bytes(d)
     out.update(size_bytes=size, size_mb=round(size / 1e6, 2))
     if timed:
         out.update(latency([model], tokenizer, prompts=prompts, max_new_tokens=max_new_tokens, repeats=repeats)[0])
@@ -531,31 +536,17 @@ def taylor_batches(student, examples, *, prefix: str, batch_size: int = 4) -> li
     return [collate(feats[i : i + batch_size]) for i in range(0, len(feats), batch_size)]
 
 
-class _TokenizerAndFiles:
-    """Stands in for the tokenizer in students._save_atomic, so that our extra files are written
-    into its temp folder and appear together with the model in its one rename."""
-
-    def __init__(self, tokenizer, files: dict[str, str]):
-        self.tokenizer, self.files = tokenizer, files
-
-    def save_pretrained(self, path) -> None:
-        self.tokenizer.save_pretrained(path)
-        for name, text in self.files.items():
-            (Path(path) / name).write_text(text)
-
-
 def _load(model: str):
     """(student, stepdistill.json info or None, the folder holding stepdistill.json or None)."""
-    from stepdistill.evaluation import MODEL_INFO, load_trained
+    from stepdistill.evaluation import MODEL_INFO, load_trained, model_folder
     from stepdistill.students import load_pretrained
 
-    p = Path(model).expanduser()
-    for d in (p, p / "model"):
-        if (d / MODEL_INFO).is_file():
-            student, info = load_trained(p)
-            if student.is_seq2seq:
-                _layers(student.model)  # the clear error
-            return student, info, d
+    d = model_folder(model)
+    if (d / MODEL_INFO).is_file():
+        student, info = load_trained(d)
+        if student.is_seq2seq:
+            _layers(student.model)  # the clear error
+        return student, info, d
     student = load_pretrained(model)
     _layers(student.model)  # a seq2seq or other unsupported model: the clear error, before any work
     return student, None, None
@@ -663,7 +654,7 @@ def prune(model: str, out: str | Path, *, layers: int | None = None, strategy: S
     files = {"prune_report.json": json.dumps(report, indent=2) + "\n"}
     if info_dir is not None:
         files[MODEL_INFO] = (info_dir / MODEL_INFO).read_text()
-    _save_atomic(net, _TokenizerAndFiles(student.tokenizer, files), out, source=Path(str(model)))
+    _save_atomic(net, student.tokenizer, out, source=Path(str(model)), extra_files=files)
     for line in table(before, after):
         echo(line)
     if sparsity:

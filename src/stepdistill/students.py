@@ -305,9 +305,10 @@ def _refuse_existing(out: Path) -> None:
         raise StepDistillError(f"{out} already holds a model: choose another --out or delete it")
 
 
-def _save_atomic(model, tokenizer, dest: Path, *, source: Path | None = None) -> Path:
-    """Model + tokenizer to `dest` through a temp folder and a rename: a reader sees no folder
-    or a complete one. A concurrent writer that got there first wins."""
+def _save_atomic(model, tokenizer, dest: Path, *, source: Path | None = None,
+                 extra_files: dict[str, str] | None = None) -> Path:
+    """Model + tokenizer (+ `extra_files`, name -> text) to `dest` through a temp folder and a
+    rename: a reader sees no folder or a complete one. A concurrent writer that got there first wins."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
@@ -316,6 +317,8 @@ def _save_atomic(model, tokenizer, dest: Path, *, source: Path | None = None) ->
         tokenizer.save_pretrained(tmp)
         if source is not None:
             (tmp / "source.txt").write_text(f"{source}\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         try:
             tmp.rename(dest)
         except OSError:

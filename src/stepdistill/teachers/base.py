@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from stepdistill.config import TeacherConfig
+from stepdistill.errors import StepDistillError
 from stepdistill.registry import Registry
 from stepdistill.tasks.base import Example, Task
 
@@ -45,6 +46,13 @@ class Teacher:
         """The few-shot prompt, with `cfg.n_shots` exemplars when the teacher's config sets it."""
         n_shots = getattr(getattr(self, "cfg", None), "n_shots", None)
         return task.teacher_prompt(example) if n_shots is None else task.teacher_prompt(example, n_shots=n_shots)
+
+    @classmethod
+    def require_model(cls, cfg: TeacherConfig, what: str) -> str:
+        """cfg.model, or the error that says what this kind of teacher needs it to name."""
+        if not cfg.model:
+            raise StepDistillError(f"the {cls.kind} teacher needs a model: set teacher.model (--model) to {what}")
+        return cfg.model
 
     def generation_identity(self, **model: Any) -> dict[str, Any]:
         """identity() of a teacher that generates: its kind, what names its model (`model`), and

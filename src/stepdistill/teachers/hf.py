@@ -10,7 +10,6 @@ from typing import Any, Iterator
 import torch
 
 from stepdistill.config import TeacherConfig
-from stepdistill.errors import StepDistillError
 from stepdistill.tasks.base import Task
 from stepdistill.teachers.base import TEACHERS, Completion, Request, Teacher, portable_name, cut_at_stop
 
@@ -20,8 +19,7 @@ class HFTeacher(Teacher):
     kind = "hf"
 
     def __init__(self, cfg: TeacherConfig, *, task: Task, split: str, data_path: str | Path | None):
-        if not cfg.model:
-            raise StepDistillError("the hf teacher needs a model: set teacher.model (--model) to a hub id, folder or .gguf file")
+        self.require_model(cfg, "a hub id, folder or .gguf file")
         self.cfg, self.task = cfg, task
         self._student = None  # loaded lazily: a fully cached rerun never loads the model
 

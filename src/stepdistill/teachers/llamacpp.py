@@ -27,9 +27,7 @@ def _gguf_path(cfg: TeacherConfig) -> Path:
     """The .gguf file meant by teacher.model (and teacher.gguf_file, a file inside `model`)."""
     from stepdistill.students import resolve_model_name
 
-    if not cfg.model:
-        raise StepDistillError("the llamacpp teacher needs a model: set teacher.model (--model) to a .gguf file")
-    model = resolve_model_name(cfg.model)
+    model = resolve_model_name(LlamaCppTeacher.require_model(cfg, "a .gguf file"))
     p = Path(model).expanduser()
     if cfg.gguf_file:
         g = Path(cfg.gguf_file).expanduser()

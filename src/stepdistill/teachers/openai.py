@@ -126,8 +126,7 @@ class OpenAITeacher(Teacher):
     kind = "openai"
 
     def __init__(self, cfg: TeacherConfig, *, task: Task, split: str, data_path: str | Path | None):
-        if not cfg.model:
-            raise StepDistillError("the openai teacher needs the served model's name: set teacher.model (--model)")
+        self.require_model(cfg, "the served model's name")
         self.cfg, self.task = cfg, task
         self.base_url = (cfg.base_url or DEFAULT_BASE_URL).rstrip("/")
         self.api_key = os.environ.get(cfg.api_key_env) or None

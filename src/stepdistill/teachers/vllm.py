@@ -28,8 +28,7 @@ class VLLMTeacher(Teacher):
     kind = "vllm"
 
     def __init__(self, cfg: TeacherConfig, *, task: Task, split: str, data_path: str | Path | None):
-        if not cfg.model:
-            raise StepDistillError("the vllm teacher needs a model: set teacher.model (--model) to a hub id or local folder")
+        self.require_model(cfg, "a hub id or local folder")
         from stepdistill.students import resolve_model_name
 
         self.cfg, self.task = cfg, task
