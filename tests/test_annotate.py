@@ -144,3 +144,76 @@ def test_annotations_of_other_data_are_refused(svamp_dir, tmp_path):
         read_annotations(tmp_path / "ann", task, "test", other)
     with pytest.raises(DataError, match="for split 'test', not 'train'"):
         read_annotations(tmp_path / "ann", task, "train")
+
+
+# --- large inputs are streamed, not loaded whole ----------------------------------------------
+
+
+class CountingTeacher(Teacher):
+    """Answers every problem (1 + 1) and notes, at each call, how far the loader has read."""
+
+    kind = "counting"
+    seen: list[tuple[int, int]] = []  # (examples in this call, highest example index so far)
+
+    def __init__(self, cfg, *, task, split, data_path):
+        self.cfg = cfg
+
+    def identity(self):
+        return {"kind": "counting", "model": self.cfg.model}
+
+    def generate(self, requests):
+        CountingTeacher.seen.append((len(requests), max(r.example.index for r in requests)))
+        for req in requests:
+            yield req, Completion("1 plus 1 is 2. The answer is (1 + 1).", 10, 5, 0.0)
+
+
+if "counting" not in TEACHERS:
+    TEACHERS.register("counting")(CountingTeacher)
+
+
+def _big_jsonl(path, n, width):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"input": f"Problem {i}: " + "x" * width + " How much is 1 + 1?", "label": "(1 + 1)"}) + "\n")
+    return path
+
+
+def test_annotate_streams_a_large_file_in_bounded_memory(tmp_path, monkeypatch):
+    import tracemalloc
+
+    from stepdistill.tasks import get_task, load_examples
+
+    data = _big_jsonl(tmp_path / "big.jsonl", n=2000, width=6000)  # 12 MB of inputs
+    size = data.stat().st_size
+    monkeypatch.setattr(api, "CHUNK_REQUESTS", 50)
+    CountingTeacher.seen = []
+    cfg = {"task": {"name": "svamp", "path": str(data)}, "split": "train", "teacher": {"kind": "counting", "model": "m"}}
+
+    tracemalloc.start()
+    try:
+        summary = api.annotate(cfg, tmp_path / "run", store_path=tmp_path / "store.sqlite", echo=lambda _: None)
+        _, streamed_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        whole = load_examples(get_task("svamp"), "train", data)  # the list a whole-file loader would hold
+        _, whole_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(whole) == summary["n"] == summary["kept"] == 2000
+    assert whole_peak > 0.9 * size  # the measurement can tell the two apart
+    assert streamed_peak < 0.25 * size, f"annotate peaked at {streamed_peak / 1e6:.1f} MB for a {size / 1e6:.1f} MB file"
+    # the teacher saw the file a chunk at a time, in order
+    assert [n for n, _ in CountingTeacher.seen] == [50] * 40
+    assert [hi for _, hi in CountingTeacher.seen] == [50 * (c + 1) - 1 for c in range(40)]
+    rows = (tmp_path / "run" / "annotations.jsonl").read_text().splitlines()
+    assert len(rows) == 2000 and json.loads(rows[-1])["index"] == 1999
+
+
+def test_a_bad_line_late_in_a_file_stops_annotate_before_any_teacher_call(tmp_path):
+    data = _big_jsonl(tmp_path / "big.jsonl", n=300, width=10)
+    with open(data, "a") as f:
+        f.write('{"input": "unfinished\n')
+    CountingTeacher.seen = []
+    cfg = {"task": {"name": "svamp", "path": str(data)}, "split": "train", "teacher": {"kind": "counting", "model": "m"}}
+    with pytest.raises(StepDistillError, match=r"big.jsonl line 301: not valid JSON"):
+        api.annotate(cfg, tmp_path / "run", store_path=tmp_path / "store.sqlite", echo=lambda _: None)
+    assert CountingTeacher.seen == []

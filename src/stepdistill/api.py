@@ -18,6 +18,7 @@ import logging
 import random
 import time
 from collections import Counter
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -27,7 +28,7 @@ from stepdistill.config import AnnotateRun, TrainRun, coerce
 from stepdistill.errors import StepDistillError
 from stepdistill.runs import create_run, home, write_json, write_jsonl
 from stepdistill.store import AnnotationStore, KeyMaker, StoredCompletion, read_annotations
-from stepdistill.tasks import get_task, load_examples
+from stepdistill.tasks import ExampleStream, get_task, load_examples, stream_examples
 from stepdistill.tasks.base import Example, Parsed, Task
 from stepdistill.verify import verify
 from stepdistill.evaluation import evaluate  # noqa: F401  (the third stage, beside predict())
@@ -53,7 +54,7 @@ def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = Fals
 
     cfg = coerce(AnnotateRun, cfg)
     task = get_task(cfg.task.name, cfg.task.spec)
-    examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
+    examples = stream_examples(task, cfg.split, cfg.task.path, cfg.limit)  # read a chunk at a time
     teacher = make_teacher(cfg.teacher, task, cfg.split, cfg.task.path)
     if cfg.verify.samples > 1 and not teacher.samples:
         raise StepDistillError(f"the {teacher.kind} teacher has one fixed output per input: set verify.samples=1")
@@ -63,7 +64,7 @@ def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = Fals
         t0 = time.perf_counter()
         counts: dict[str, int] = {}
         samples = _complete(teacher, task, examples, cfg.verify.samples, store_path, cfg.split, echo, counts)
-        summary = _summarise(task, teacher, examples, samples, run, cfg)
+        summary = _summarise(task, teacher, len(examples), samples, run, cfg)
         summary.update(**counts, seconds=round(time.perf_counter() - t0, 2), usage=teacher.usage() or None)
         write_json(run.path("summary.json"), summary)
         _report(summary, echo)
@@ -96,13 +97,13 @@ Sample = StoredCompletion | str  # a stored completion, or why the teacher gave 
 CHUNK_REQUESTS = 8192  # requests prepared at a time: memory stays bounded on datasets of any size
 
 
-def _complete(teacher, task: Task, examples: list[Example], k: int, store_path, split: str, echo: Printer,
-              counts: dict[str, int]) -> Iterator[list[Sample]]:
-    """Yield, per example in order, its k samples (a StoredCompletion, or why the teacher gave
-    none): from the store, or generated and committed as they arrive.
+def _complete(teacher, task: Task, examples: ExampleStream, k: int, store_path, split: str, echo: Printer,
+              counts: dict[str, int]) -> Iterator[tuple[Example, list[Sample]]]:
+    """Yield, per example in order, the example and its k samples (a StoredCompletion, or why
+    the teacher gave none): from the store, or generated and committed as they arrive.
 
-    Examples are handled a chunk at a time (prompts, keys, store look-ups, teacher calls), so
-    a dataset of any size needs memory for one chunk only. `counts` receives the completions
+    Examples are read and handled a chunk at a time (prompts, keys, store look-ups, teacher
+    calls), so a dataset of any size needs memory for one chunk only. `counts` receives the completions
     generated now, found in the store, failed and not requested.
     """
     from stepdistill.teachers import Request
@@ -112,6 +113,7 @@ def _complete(teacher, task: Task, examples: list[Example], k: int, store_path, 
     key = KeyMaker(identity, task.template_version)
     per_chunk = max(1, CHUNK_REQUESTS // k)
     n_chunks = -(-len(examples) // per_chunk)
+    source = iter(examples)
     counts.update(generated=0, from_store=0, failed=0, not_requested=0)
     failures: Counter = Counter()
     skip_reason = None
@@ -121,7 +123,7 @@ def _complete(teacher, task: Task, examples: list[Example], k: int, store_path, 
     try:
         with tqdm(total=len(examples) * k, desc="teacher", unit="ex") as bar:
             for c in range(n_chunks):
-                chunk = examples[c * per_chunk : (c + 1) * per_chunk]
+                chunk = list(islice(source, per_chunk))
                 requests, keys = [], []
                 for ex in chunk:
                     prompt = teacher.prompt(task, ex)
@@ -160,8 +162,8 @@ def _complete(teacher, task: Task, examples: list[Example], k: int, store_path, 
                     bar.update(len(ready))
                 have.update(store.get_many(list(todo)))
                 flat = [have.get(kk) or failed.get(kk, "not requested") for kk in keys]
-                for i in range(len(chunk)):
-                    yield flat[i * k : (i + 1) * k]
+                for i, ex in enumerate(chunk):
+                    yield ex, flat[i * k : (i + 1) * k]
     finally:
         store.close()
     if failures:
@@ -188,19 +190,23 @@ def _sample_row(rec: Sample, parsed) -> dict[str, Any]:
     return {"completion": rec.completion, "key": rec.key, "label": parsed.label, "parse_error": parsed.error}
 
 
-def _summarise(task: Task, teacher, examples: list[Example], samples: Iterable[list[Sample]], run, cfg: AnnotateRun
-               ) -> dict[str, Any]:
+def _summarise(task: Task, teacher, n_examples: int, samples: Iterable[tuple[Example, list[Sample]]], run,
+               cfg: AnnotateRun) -> dict[str, Any]:
     """Parse and verify every example's samples, write annotations.jsonl row by row as they
     come (nothing is held for the whole dataset), and count the outcome."""
     n = Counter()  # parsed, kept, correct, gold, tokens, truncated, kept_gold, kept_correct
     unparsed_reasons, dropped = Counter(), Counter()
     secs, agreements = [], []
-    firsts: list[str | None] = []  # the first sample's text, for the teacher's own scoring (paper)
+    # the first sample's text, for the teacher's own scoring (the paper's recorded outputs only:
+    # a list as long as the dataset, which those finite files bound)
+    firsts: list[str | None] = []
+    scored: list[Example] = []
 
     def rows() -> Iterator[dict[str, Any]]:
-        for i, recs in enumerate(samples):  # runs `samples` to its end, so its clean-up and report run too
-            ex = examples[i]
-            firsts.append(None if isinstance(recs[0], str) else recs[0].completion)
+        for ex, recs in samples:  # runs `samples` to its end, so its clean-up and report run too
+            if teacher.own_scoring:
+                firsts.append(None if isinstance(recs[0], str) else recs[0].completion)
+                scored.append(ex)
             parsed = [rec if isinstance(rec, str) else task.parse(rec.completion, ex) for rec in recs]
             for rec in recs:
                 if not isinstance(rec, str):
@@ -231,9 +237,9 @@ def _summarise(task: Task, teacher, examples: list[Example], samples: Iterable[l
     write_jsonl(run.path("annotations.jsonl"), rows())
     summary = {
         "task": task.name, "split": cfg.split, "teacher": teacher.identity(), "verify": cfg.verify.model_dump(),
-        "n": len(examples), "parsed": n["parsed"], "unparsed": len(examples) - n["parsed"],
+        "n": n_examples, "parsed": n["parsed"], "unparsed": n_examples - n["parsed"],
         "unparsed_reasons": dict(unparsed_reasons.most_common()),
-        "kept": n["kept"], "dropped": len(examples) - n["kept"], "dropped_reasons": dict(dropped.most_common()),
+        "kept": n["kept"], "dropped": n_examples - n["kept"], "dropped_reasons": dict(dropped.most_common()),
         # the teacher's answer is the majority vote of its samples (the only sample when k = 1)
         "teacher_accuracy": n["correct"] / n["gold"] if n["gold"] else None,
         # how trustworthy what training will see is: the kept labels against gold
@@ -243,7 +249,7 @@ def _summarise(task: Task, teacher, examples: list[Example], samples: Iterable[l
         # the teacher's latency per prediction (its CoT generation), as measured when generated
         "ms_per_example": round(1000 * sum(secs) / len(secs), 1) if secs else None,
     }
-    ref = teacher.reference_accuracy(firsts, examples) if n["gold"] and None not in firsts else None
+    ref = teacher.reference_accuracy(firsts, scored) if scored and n["gold"] and None not in firsts else None
     if ref is not None:
         summary["teacher_accuracy_paper_parsing"] = ref
     return summary

@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
+from typing import Iterator
 
 from stepdistill.errors import ConfigError, DataError
 from stepdistill.registry import Registry
@@ -36,12 +38,39 @@ def get_task(name: str, spec: str | Path | None = None) -> Task:
     return factory()
 
 
-__all__ = ["TASKS", "Example", "Parsed", "Task", "get_task"]
+__all__ = ["TASKS", "Example", "ExampleStream", "Parsed", "Task", "get_task", "load_examples", "stream_examples"]
 
 
 def load_examples(task: Task, split: str, path: str | Path | None, limit: int | None = None) -> list[Example]:
-    """`task.load`, refusing an empty split and keeping the first `limit` examples."""
-    examples = task.load(split, path)
+    """The first `limit` examples of a split (all when None), in a list; an empty split is refused."""
+    examples = list(islice(task.iter_load(split, path), limit or None))
     if not examples:
-        raise DataError(f"{task.name} split {split!r} has no examples at {path or 'the hub'}: check --data and --split")
-    return examples[:limit] if limit else examples
+        raise _no_examples(task, split, path)
+    return examples
+
+
+class ExampleStream:
+    """The examples of a split, read from their source one at a time on every iteration, so a
+    dataset of any size is handled in bounded memory. Built by a first pass over the source
+    that checks every record and counts them: a bad line stops a run before it starts."""
+
+    def __init__(self, task: Task, split: str, path: str | Path | None, limit: int | None = None):
+        self.task, self.split, self.path = task, split, path
+        self.n = sum(1 for _ in islice(task.iter_load(split, path), limit or None))
+        if not self.n:
+            raise _no_examples(task, split, path)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Example]:
+        return islice(self.task.iter_load(self.split, self.path), self.n)
+
+
+def _no_examples(task: Task, split: str, path: str | Path | None) -> DataError:
+    return DataError(f"{task.name} split {split!r} has no examples at {path or 'the hub'}: check --data and --split")
+
+
+def stream_examples(task: Task, split: str, path: str | Path | None, limit: int | None = None) -> ExampleStream:
+    """The first `limit` examples of a split (all when None), streamed; an empty split is refused."""
+    return ExampleStream(task, split, path, limit)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 LabelKind = Literal["classes", "choice", "free", "arithmetic"]
 
@@ -56,6 +56,10 @@ class Task:
 
     def load(self, split: str, path: str | Path | None = None) -> list[Example]:
         raise NotImplementedError
+
+    def iter_load(self, split: str, path: str | Path | None = None) -> Iterator[Example]:
+        """The examples of `load`, one at a time; tasks that read files stream them."""
+        yield from self.load(split, path)
 
     def teacher_prompt(self, example: Example, n_shots: int | None = None) -> str:
         """The few-shot chain-of-thought prompt whose completion is the rationale + answer.

@@ -12,14 +12,14 @@ import re
 import string
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import yaml
 
 from stepdistill.arith import ExpressionError, evaluate_expression, values_equal
 from stepdistill.errors import DataError
 from stepdistill.tasks.base import Example, Parsed, Task
-from stepdistill.tasks.io import SPLITS, as_list, check_split, hub_records, paper_file, read_records
+from stepdistill.tasks.io import SPLITS, as_list, check_split, hub_records, iter_records, paper_file
 
 # Stable, short reasons for an unparseable completion: reports count them by this text.
 NO_ANSWER = "no answer phrase"
@@ -226,7 +226,7 @@ class RecordTask(Task):
 
     # --- loading ---
 
-    def load(self, split: str, path: str | Path | None = None) -> list[Example]:
+    def iter_load(self, split: str, path: str | Path | None = None) -> Iterator[Example]:
         check_split(split)
         if path is None:
             if split not in self.hub_splits:
@@ -234,17 +234,20 @@ class RecordTask(Task):
                     f"{self.name}: the hub dataset {self.hub_id} has no {split!r} split "
                     f"(have: {', '.join(self.hub_splits)}): choose one of those, or pass a data path"
                 )
-            rows = hub_records(self.hub_id, self.hub_config, self.hub_splits[split])
-            records = [self.from_hub(r) for r in rows]
+            records = (self.from_hub(r) for r in hub_records(self.hub_id, self.hub_config, self.hub_splits[split]))
             where = f"{self.hub_id} {self.hub_splits[split]}"
         else:
             p = Path(path)
             file = paper_file(p, self.name, split) if p.is_dir() else p
-            records = read_records(file, self.input_fields)
-            _check_labels(records, self.label_field, file)
+            records = _labelled_alike(iter_records(file, self.input_fields), self.label_field, file)
             where = str(file)
         # a hub row may be dropped (None) but keeps its position: index is the source position
-        return [self.example(r, split, i, where) for i, r in enumerate(records) if r is not None]
+        for i, r in enumerate(records):
+            if r is not None:
+                yield self.example(r, split, i, where)
+
+    def load(self, split: str, path: str | Path | None = None) -> list[Example]:
+        return list(self.iter_load(split, path))
 
     def from_hub(self, row: dict[str, Any]) -> dict[str, Any] | None:
         """A hub row in this task's file fields; None drops the row."""
@@ -304,15 +307,22 @@ class _Probe:
         self.fields = fields
 
 
-def _check_labels(records: list[dict[str, Any]], label_field: str, file: Path) -> None:
-    """All records labelled, or none (an unlabelled pool for the teacher); never a mix."""
-    have = [r.get(label_field) not in (None, "") for r in records]
-    if any(have) and not all(have):
-        n = have.index(False) + 1
-        raise DataError(
-            f"{file} record {n}: no field {label_field!r} while other records have one: "
-            f"label every record, or none (the teacher then labels them)"
-        )
+def _labelled_alike(records: Iterable[tuple[int, dict[str, Any]]], label_field: str, file: Path
+                    ) -> Iterator[dict[str, Any]]:
+    """All records labelled, or none (an unlabelled pool for the teacher); never a mix. The
+    first record decides; the first that differs is named."""
+    first = None
+    for i, (_, r) in enumerate(records, start=1):
+        has = r.get(label_field) not in (None, "")
+        if first is None:
+            first = has
+        elif has != first:
+            what = f"no field {label_field!r}" if first else f"a field {label_field!r}"
+            raise DataError(
+                f"{file} record {i}: {what} while other records {'have one' if first else 'have none'}: "
+                f"label every record, or none (the teacher then labels them)"
+            )
+        yield r
 
 
 __all__ = [

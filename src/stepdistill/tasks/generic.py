@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -142,7 +142,7 @@ class GenericTask(RecordTask):
 
     # --- loading ---
 
-    def load(self, split: str, path: str | Path | None = None) -> list[Example]:
+    def iter_load(self, split: str, path: str | Path | None = None) -> Iterator[Example]:
         check_split(split)
         if path is None:
             if split not in self.spec.data:
@@ -155,7 +155,7 @@ class GenericTask(RecordTask):
         path = Path(path)
         if path.is_dir():
             path = self._split_file(path, split)
-        return super().load(split, path)
+        return super().iter_load(split, path)
 
     def _split_file(self, folder: Path, split: str) -> Path:
         names = [f"{stem}{suffix}" for stem in (split, f"{self.name}_{split}") for suffix in SUFFIXES]

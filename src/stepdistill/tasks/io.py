@@ -6,11 +6,9 @@ Every problem becomes a DataError whose one line names the file, the line and th
 from __future__ import annotations
 
 import csv
-import io
 import json
-import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, TextIO
 
 from stepdistill.errors import DataError
 
@@ -25,50 +23,58 @@ def read_records(path: str | Path, required: Iterable[str] = ()) -> list[dict[st
     >>> read_records("data/train.jsonl", required=("question", "choices"))
     [{'question': '...', 'choices': [...], 'answer': '...'}, ...]
     """
+    return [record for _, record in iter_records(path, required)]
+
+
+def iter_records(path: str | Path, required: Iterable[str] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line or record number, record) of a data file, read one record at a time: JSON lines
+    and CSV files of any size stream in bounded memory. A JSON list is one document and is read
+    whole (write large data as JSON lines). Every problem is a DataError naming the line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file: check the path (a .jsonl, .json or .csv file)")
+    required = tuple(required)
+    count, where = 0, "line"
     try:
-        # bytes, not read_text: no newline translation (a quoted CSV field keeps its "\r"); a
+        # newline="": lines end only at \n, \r\n or \r and are not translated (a quoted CSV field
+        # keeps its "\r"; U+2028, which JSON allows inside a string, ends nothing); utf-8-sig: a
         # byte-order mark (Excel's CSV, Notepad's JSON) is dropped, not glued to the first field name
-        text = path.read_bytes().decode("utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            if path.suffix.lower() == ".csv":
+                rows = _csv_rows(path, f)
+            elif _first_char(f) == "[":
+                rows, where = enumerate(_json(f.read(), path, "", "fix the JSON list"), start=1), "record"
+            else:
+                rows = _json_lines(path, f)
+            for n, row in rows:
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} {where} {n}: not a JSON object: each {where} must be an object "
+                                    f"with fields {_names(required)}")
+                for name in required:
+                    if row.get(name) in (None, ""):
+                        raise DataError(f"{path} {where} {n}: no field {name!r}: each {where} needs {_names(required)}")
+                count += 1
+                yield n, row
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot be read ({e}): it must be a UTF-8 text file") from e
-    if path.suffix.lower() == ".csv":
-        rows = _csv_rows(path, text)
-        where = "line"
-    elif text.lstrip().startswith("["):
-        data = _json(text, path, "", "fix the JSON list")
-        rows = list(enumerate(data, start=1))
-        where = "record"
-    else:
-        rows = list(_json_lines(path, text))
-        where = "line"
-    required = tuple(required)
-    records = []
-    for n, row in rows:
-        if not isinstance(row, dict):
-            raise DataError(
-                f"{path} {where} {n}: not a JSON object: each {where} must be an object with fields {_names(required)}"
-            )
-        for name in required:
-            if row.get(name) in (None, ""):
-                raise DataError(f"{path} {where} {n}: no field {name!r}: each {where} needs {_names(required)}")
-        records.append(row)
-    if not records:
+    if not count:
         raise DataError(f"{path}: holds no records: add at least one {where} with fields {_names(required)}")
-    return records
 
 
-def _json_lines(path: Path, text: str):
-    # only \n, \r\n and \r end a JSON line: splitlines() also splits on U+2028, U+2029 and
-    # U+0085, which JSON allows unescaped inside a string (json.dumps(ensure_ascii=False) writes them)
-    for n, line in enumerate(_LINE_END.split(text), start=1):
+def _first_char(f: TextIO) -> str:
+    """The first non-blank character of a text file, which is left at its start."""
+    while chunk := f.read(1 << 16):
+        if chunk.strip():
+            f.seek(0)
+            return chunk.lstrip()[0]
+    f.seek(0)
+    return ""
+
+
+def _json_lines(path: Path, f: TextIO) -> Iterator[tuple[int, Any]]:
+    for n, line in enumerate(f, start=1):
         if line.strip():
             yield n, _json(line, path, f" line {n}", "each line must be one JSON object")
-
-
-_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def _json(text: str, path: Path, where: str, fix: str) -> Any:
@@ -85,9 +91,8 @@ def _json(text: str, path: Path, where: str, fix: str) -> Any:
         raise DataError(f"{path}{where}: unreadable JSON value ({e}): {fix}") from e
 
 
-def _csv_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields may span lines
-    rows = []
+def _csv_rows(path: Path, f: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(f)  # quoted fields may span lines
     try:
         for r in reader:
             if None in r:  # DictReader files a row's surplus fields under the key None
@@ -95,10 +100,9 @@ def _csv_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
                     f"{path} line {reader.line_num}: {len(reader.fieldnames) + len(r[None])} fields but the header has "
                     f"{len(reader.fieldnames)}: quote fields that contain commas (\"a, b\")"
                 )
-            rows.append((reader.line_num, dict(r)))
+            yield reader.line_num, dict(r)
     except csv.Error as e:  # e.g. a field over the csv module's 128 KiB limit
         raise DataError(f"{path} line {reader.line_num}: not valid CSV ({e}): fix the file") from e
-    return rows
 
 
 def _names(fields: tuple[str, ...]) -> str:
@@ -131,8 +135,9 @@ def paper_file(path: str | Path, task: str, split: str) -> Path:
     raise DataError(f"{folder}: no {split!r} split for {task} (have: {', '.join(have)}): choose one of those splits")
 
 
-def hub_records(dataset: str, config: str | None, split: str) -> list[dict[str, Any]]:
-    """All rows of one split of a Hugging Face hub dataset, as plain dicts (needs the internet)."""
+def hub_records(dataset: str, config: str | None, split: str) -> Iterator[dict[str, Any]]:
+    """The rows of one split of a Hugging Face hub dataset, as plain dicts, one at a time (the
+    split is memory-mapped Arrow on disk; needs the internet the first time)."""
     import datasets  # heavy; and tests monkeypatch datasets.load_dataset, so look it up at call time
 
     try:
@@ -143,7 +148,7 @@ def hub_records(dataset: str, config: str | None, split: str) -> list[dict[str, 
             f"cannot load {dataset} split {split!r} from the Hugging Face hub ({type(e).__name__}: {e}): "
             f"check the internet connection, or pass a local data path"
         ) from e
-    return [dict(r) for r in ds]
+    return (dict(r) for r in ds)
 
 
 def as_list(value: Any, what: str) -> list[str]:

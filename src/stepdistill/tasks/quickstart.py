@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from stepdistill.arith import evaluate_expression
 from stepdistill.errors import DataError
@@ -116,9 +116,9 @@ class QuickstartTask(ArithmeticTask):
         self.sizes = {"train": train, "valid": valid, "test": test}
         self.seed = seed
 
-    def load(self, split: str, path: Any = None) -> list[Example]:
+    def iter_load(self, split: str, path: Any = None) -> Iterator[Example]:
         check_split(split)
         if path is not None:
             raise DataError("task quickstart is generated, it reads no files: remove the data path")
         records = generate(split, self.sizes[split], self.seed)
-        return [self.example(rec, split, i) for i, rec in enumerate(records)]
+        return (self.example(rec, split, i) for i, rec in enumerate(records))

@@ -38,6 +38,7 @@ class Teacher:
 
     kind: str
     samples: bool = True  # can give k different samples per input (self-consistency); False for recorded outputs
+    own_scoring: bool = False  # has a published scoring of its own: reference_accuracy() is asked for it
 
     def identity(self) -> dict[str, Any]:
         raise NotImplementedError

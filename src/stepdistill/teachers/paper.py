@@ -28,6 +28,7 @@ def recorded_files(task_dir: Path, split: str) -> list[Path]:
 class PaperTeacher(Teacher):
     kind = "paper"
     samples = False
+    own_scoring = True
 
     def __init__(self, cfg: TeacherConfig, *, task: Task, split: str, data_path: str | Path | None):
         if data_path is None:
