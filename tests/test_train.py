@@ -81,7 +81,7 @@ def test_single_task_methods_train_label_task_only(name, tmp_path):
 def _one_step_update(make, records, batch_size, accum, tmp_path, *, hf_default=False):
     """Parameter change after one SGD(lr=1) step = -(clipped) gradient of the full batch of 4."""
     student = make(seed=0)
-    training = TrainingConfig(batch_size=batch_size, grad_accum=accum, max_steps=1, learning_rate=1.0)
+    training = TrainingConfig(batch_size=batch_size, grad_accum=accum, max_steps=1, learning_rate=1.0, bf16=False)
     trainer = build_trainer(student, SBS, training, records, [], None, tmp_path / f"{batch_size}x{accum}{hf_default}",
                             progress=False)
     trainer.args.max_grad_norm = 0.0  # no clipping: compare raw gradients

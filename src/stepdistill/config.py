@@ -193,6 +193,12 @@ class MethodConfig(_Section):
     )
     label_prefix: str = Field("predict: ", description="Task prefix of the label task.")
     rationale_prefix: str = Field("explain: ", description="Task prefix of the rationale task.")
+    task_marker: Literal["encoder", "decoder"] = Field(
+        "encoder",
+        description="Where the task prefix goes. encoder: before the input (the paper). decoder (encoder-decoder "
+        "students only): the input is encoded once and both tasks are decoded from it, the prefix forced at the "
+        "start of the decoder.",
+    )
     kd: Optional[KDConfig] = Field(
         None, description="Soft-label distillation added to any method's tasks; required by co-distill."
     )
@@ -203,6 +209,8 @@ class MethodConfig(_Section):
             raise ValueError("method co-distill trains a teacher beside the student: set method.kd.teacher")
         if self.name == "co-distill" and self.kd.cache:
             raise ValueError("method co-distill trains the teacher, so its logits change every step: drop kd.cache")
+        if self.task_marker == "decoder" and self.kd is not None:
+            raise ValueError("method.task_marker=decoder does not combine with kd yet: use task_marker=encoder")
         return self
 
 
@@ -220,7 +228,15 @@ class TrainingConfig(_Section):
     val_size: Optional[int] = Field(None, gt=0, description="Cap on validation examples (generation on CPU is slow).")
     eval_steps: Optional[int] = Field(None, gt=0, description="Evaluate every N steps (default: once per epoch).")
     patience: Optional[int] = Field(None, gt=0, description="Early stopping after N evaluations without improvement.")
-    bf16: bool = Field(False, description="bfloat16 autocast (2-3x faster matmuls on modern CPUs).")
+    bf16: Optional[bool] = Field(
+        None, description="bfloat16 autocast; default (null): on where the hardware has fast bf16 (a GPU that supports "
+        "it, a CPU with AVX512-BF16 or AMX: 2-3x faster matmuls), off elsewhere.")
+    group_by_length: bool = Field(True, description="Batches of examples of similar length (less padding), order still shuffled.")
+    fuse_tasks: bool = Field(True, description="step-by-step: the label and the rationale task in one forward pass.")
+    target_logits_only: bool = Field(
+        True, description="Compute the output layer only at target tokens (not at padding or, for causal students, "
+        "the prompt): most of a small student's step is its vocabulary projection.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, slower steps.")
     seed: int = 42
     train_size: Optional[int] = Field(None, gt=0, description="Use only the first N training examples (after the validation split).")
     logging_steps: int = Field(10, gt=0)

@@ -22,7 +22,7 @@ from stepdistill.errors import StepDistillError
 from stepdistill.runs import create_run, write_json, write_jsonl
 from stepdistill.store import read_annotations
 from stepdistill.tasks import get_task, load_examples
-from stepdistill.methods.formatting import Format, encode_source
+from stepdistill.methods.formatting import Format, decoder_marker, encode_source
 from stepdistill.students import Student, count_parameters, load_pretrained
 
 MODEL_INFO = "stepdistill.json"  # written by training.fit next to the saved model
@@ -96,7 +96,8 @@ def predict(
     tok, model = student.tokenizer, student.model
     fmt = student.fmt or Format(kind=student.kind)
     assert (fmt.kind == "seq2seq") == student.is_seq2seq, f"format {fmt.kind} does not fit a {student.kind} student"
-    encoded = [encode_source(tok, fmt, prefix, text) for text in inputs]
+    marker = decoder_marker(tok, prefix) if student.is_seq2seq and fmt.task_marker == "decoder" else None
+    encoded = [encode_source(tok, fmt, "" if marker is not None else prefix, text) for text in inputs]
     order = sorted(range(len(inputs)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(inputs)
     was_training = model.training
@@ -106,16 +107,24 @@ def predict(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, mask = _pad([encoded[i] for i in idx], tok.pad_token_id, left=not student.is_seq2seq)
+            forced = {}
+            if marker is not None:  # the task marker starts the decoder; it is not part of the answer
+                start = [model.config.decoder_start_token_id, *marker]
+                forced["decoder_input_ids"] = torch.tensor([start] * len(idx), device=device)
             gen = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
+                **forced,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 num_beams=1,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
             )
-            new = gen if student.is_seq2seq else gen[:, ids.shape[1] :]
+            if student.is_seq2seq:
+                new = gen[:, len(forced["decoder_input_ids"][0]):] if forced else gen
+            else:
+                new = gen[:, ids.shape[1] :]
             for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
                 out[i] = text.strip()
     finally:

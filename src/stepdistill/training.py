@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from stepdistill.config import KDConfig, MethodConfig, TrainingConfig
@@ -45,7 +47,7 @@ from stepdistill.methods.kd import (
     attach_topk_cache, decoder_inputs, load_kd_teacher, pad_topk, teacher_logits, vocab_size,
 )
 from stepdistill.methods.losses import (
-    IGNORE_INDEX, count_targets, kd_loss, kd_loss_topk, multitask_loss, token_cross_entropy,
+    IGNORE_INDEX, _normalise, count_targets, kd_loss, kd_loss_topk, multitask_loss, token_cross_entropy,
 )
 from stepdistill.runs import fsync_dir, fsync_tree, write_error, write_json, write_text
 from stepdistill.students import Student, count_parameters
@@ -60,11 +62,15 @@ SEALS = "stepdistill-seals.json"  # in checkpoints/: {"sealed_after": S}, checkp
 KEEP_CHECKPOINTS = 2  # sealed checkpoints kept (the best one always, besides)
 
 
-def make_format(student: Student, training: TrainingConfig) -> Format:
+def make_format(student: Student, training: TrainingConfig, task_marker: str = "encoder") -> Format:
+    if task_marker == "decoder" and not student.is_seq2seq:
+        raise StepDistillError("method.task_marker=decoder needs an encoder-decoder student (T5, BART): "
+                               "use task_marker=encoder with a causal LM")
     return Format(
         kind=student.kind,
         max_input_length=training.max_input_length,
         max_target_length=training.max_target_length,
+        task_marker=task_marker,
     )
 
 
@@ -72,11 +78,13 @@ def build_features(student: Student, method_cfg: MethodConfig, fmt: Format, reco
     """Tokenise records: {'input_ids', 'labels'} for the label task and, for multi-task
     methods and records with a rationale, {'rat_input_ids', 'rat_labels'} for the rationale task."""
     multitask = get_method(method_cfg).multitask
+    start = getattr(student.model.config, "decoder_start_token_id", None) if student.is_seq2seq else None
     feats = []
     for r in records:
-        f = encode_example(student.tokenizer, fmt, method_cfg.label_prefix, r.input, r.label)
+        f = encode_example(student.tokenizer, fmt, method_cfg.label_prefix, r.input, r.label, decoder_start=start)
         if multitask and r.rationale:
-            g = encode_example(student.tokenizer, fmt, method_cfg.rationale_prefix, r.input, r.rationale)
+            g = encode_example(student.tokenizer, fmt, method_cfg.rationale_prefix, r.input, r.rationale,
+                               decoder_start=start)
             f.update({RATIONALE + k: v for k, v in g.items()})
         feats.append(f)
     return feats
@@ -99,10 +107,14 @@ class Collator:
             rows = [f for f in feats if pre + "input_ids" in f]
             if not rows:
                 continue
+            if pre:  # which label rows the rationale rows belong to (to share one encoder pass)
+                batch[pre + "index"] = torch.tensor([i for i, f in enumerate(feats) if pre + "input_ids" in f])
             ids = [f[pre + "input_ids"] for f in rows]
             batch[pre + "input_ids"] = self._pad(ids, self.pad_id)
             batch[pre + "attention_mask"] = self._pad([[1] * len(x) for x in ids], 0)
             batch[pre + "labels"] = self._pad([f[pre + "labels"] for f in rows], IGNORE_INDEX)
+            if pre + "decoder_input_ids" in rows[0]:  # the task marker forced at the decoder's start
+                batch[pre + "decoder_input_ids"] = self._pad([f[pre + "decoder_input_ids"] for f in rows], self.pad_id)
             if pre + "kd_vals" in rows[0]:  # the teacher's cached top-k, one row per logits position
                 width = max(f[pre + "kd_vals"].shape[0] for f in rows)
                 batch[pre + "kd_vals"] = pad_topk([f[pre + "kd_vals"] for f in rows], width, 0.0).float()
@@ -256,6 +268,85 @@ def _os_error(e: BaseException | None) -> OSError | None:
     return None
 
 
+def target_positions(labels: torch.Tensor, *, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, targets): the positions whose logits are scored, and the token each must predict
+    (shift: a causal LM's position t predicts token t + 1), in the same row-major order."""
+    if not shift:
+        keep = labels.ne(IGNORE_INDEX)
+        return keep, labels[keep]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:].ne(IGNORE_INDEX)
+    return keep, labels[:, 1:][keep[:, :-1]]
+
+
+@contextlib.contextmanager
+def logits_at(model, keep: torch.Tensor):
+    """Inside, `model(...).logits` is (keep.sum(), vocab): the output layer is applied at the
+    `keep` positions only. A small student's vocabulary projection is most of its step, and
+    padding (and a causal prompt) needs none of it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise StepDistillError(f"{type(model).__name__} has no output embeddings to restrict to the target "
+                               "tokens: set training.target_logits_only=false")
+
+    def gather(module, args):
+        hidden = args[0]
+        if hidden.shape[:2] != keep.shape:
+            raise StepDistillError(f"{type(model).__name__} feeds its output layer {tuple(hidden.shape[:2])} "
+                                   f"positions, not the batch's {tuple(keep.shape)}: set training.target_logits_only=false")
+        return (hidden[keep], *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def stack_padded(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
+    """Rows of `a` then rows of `b`, the narrower right-padded with `value` to the wider's width."""
+    width = max(a.shape[1], b.shape[1])
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in (a, b)])
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Shuffled, then sorted by length within groups of 50 batches (transformers'
+    get_length_grouped_indices), so a batch wastes little padding. Seeded by (seed, epoch): a
+    resumed run sees the same order."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+
+def feature_length(f: dict) -> int:
+    """What a training example costs: the tokens of every sequence of both tasks."""
+    return sum(len(v) for k, v in f.items() if k.endswith(("input_ids", "labels")))
+
+
+def resolve_bf16(bf16: bool | None) -> bool:
+    """training.bf16, or (None) whether this machine has fast bf16: a GPU that supports it, or a
+    CPU with AVX512-BF16 / AMX (elsewhere CPU bf16 is emulated, and slower than float32)."""
+    if bf16 is not None:
+        return bf16
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
 class StepDistillTrainer(Trainer):
     """Trainer + multi-task loss with exact accumulation + generation-based validation accuracy."""
 
@@ -265,9 +356,16 @@ class StepDistillTrainer(Trainer):
 
     def __init__(self, *args, student: Student, alpha: float, multitask: bool, task: Task | None,
                  label_prefix: str, val_max_new_tokens: int, kd: KDConfig | None = None,
-                 teacher: Student | None = None, co_distill: bool = False, **kwargs):
+                 teacher: Student | None = None, co_distill: bool = False, lengths: list[int] | None = None,
+                 fuse_tasks: bool = False, target_logits_only: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.student = student
+        # the speed-ups (TrainingConfig): length-grouped batches, both tasks in one pass (the
+        # encoder once, with the task marker on the decoder), the output layer at targets only
+        self.lengths = lengths
+        self.fuse_tasks = fuse_tasks and kd is None
+        self.encode_once = student.is_seq2seq and bool(student.fmt and student.fmt.task_marker == "decoder")
+        self.target_logits_only = target_logits_only
         # soft-label KD: a frozen teacher run on the fly (or cached top-k in the batch);
         # co-distillation: the teacher is trained too, learning from the student in turn
         self.kd, self.teacher, self.co_distill = kd, teacher, co_distill
@@ -282,6 +380,12 @@ class StepDistillTrainer(Trainer):
         # per-task losses since the last log line, so a log shows which task is being learned
         self._part_sums: dict[str, torch.Tensor] = {}
         self._part_steps = 0
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        return LengthGroupedSampler(self.lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    self.args.seed)
 
     # -- exact gradient accumulation --------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -302,16 +406,64 @@ class StepDistillTrainer(Trainer):
             counts = {k: self.accelerator.gather(v.to(device).reshape(1)).sum() for k, v in counts.items()}
         return batches, {k: v.to(device) for k, v in counts.items()}
 
-    def _task_loss(self, model, inputs: dict, pre: str, n_items) -> torch.Tensor:
-        ids, mask, labels = inputs[pre + "input_ids"], inputs[pre + "attention_mask"], inputs[pre + "labels"]
-        shift = not self.student.is_seq2seq
+    def _model_inputs(self, inputs: dict, pre: str) -> dict[str, torch.Tensor]:
+        """The forward() arguments of one task's sub-batch (seq2seq: decoder inputs from the labels
+        by teacher forcing, unless the batch carries them with a task marker)."""
+        kw = {"input_ids": inputs[pre + "input_ids"], "attention_mask": inputs[pre + "attention_mask"]}
         if self.student.is_seq2seq:
-            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs(labels, self.student.model.config)).logits
+            kw["decoder_input_ids"] = inputs.get(pre + "decoder_input_ids")
+            if kw["decoder_input_ids"] is None:
+                kw["decoder_input_ids"] = decoder_inputs(inputs[pre + "labels"], self.student.model.config)
+        return kw
+
+    def _target_losses(self, model, kw: dict, labels: torch.Tensor, splits: list[int] | None = None
+                       ) -> list[torch.Tensor]:
+        """Summed token cross-entropies of one forward pass, one per group of rows (`splits`: row
+        counts; None: one group). With `target_logits_only` the output layer runs at target tokens only."""
+        shift = not self.student.is_seq2seq
+        splits = splits or [labels.shape[0]]
+        if not self.target_logits_only:
+            logits = model(**kw).logits
+            return [token_cross_entropy(lg, lb, 1, shift=shift)
+                    for lg, lb in zip(logits.split(splits), labels.split(splits))]
+        keep, targets = target_positions(labels, shift=shift)
+        with logits_at(self.accelerator.unwrap_model(model), keep):
+            logits = model(**kw).logits
+        losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        per_group = keep.sum(dim=1).split(splits)
+        return [part.sum() for part in losses.split([int(n.sum()) for n in per_group])]
+
+    def _fused_losses(self, model, inputs: dict, n: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both tasks in one forward pass: the label and rationale rows padded to one width and
+        stacked. With the task marker on the decoder side, the encoder runs once per input and
+        both tasks decode from its output."""
+        a, b = self._model_inputs(inputs, ""), self._model_inputs(inputs, RATIONALE)
+        la, lb = inputs["labels"], inputs[RATIONALE + "labels"]
+        pad = {"input_ids": self.student.tokenizer.pad_token_id, "attention_mask": 0,
+               "decoder_input_ids": self.student.tokenizer.pad_token_id}
+        if self.encode_once:
+            encoder = self.accelerator.unwrap_model(model).get_encoder()
+            hidden = encoder(input_ids=a["input_ids"], attention_mask=a["attention_mask"]).last_hidden_state
+            rows = inputs[RATIONALE + "index"]
+            kw = {"encoder_outputs": (torch.cat([hidden, hidden[rows]]),),
+                  "attention_mask": torch.cat([a["attention_mask"], a["attention_mask"][rows]]),
+                  "decoder_input_ids": stack_padded(a["decoder_input_ids"], b["decoder_input_ids"], pad["decoder_input_ids"])}
         else:
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        ce = token_cross_entropy(logits, labels, n_items, shift=shift)
+            kw = {k: stack_padded(a[k], b[k], pad[k]) for k in a}
+        label_sum, rationale_sum = self._target_losses(model, kw, stack_padded(la, lb, IGNORE_INDEX),
+                                                       [la.shape[0], lb.shape[0]])
+        return _normalise(label_sum, la, n.get("")), _normalise(rationale_sum, lb, n.get(RATIONALE))
+
+    def _task_loss(self, model, inputs: dict, pre: str, n_items) -> torch.Tensor:
+        labels = inputs[pre + "labels"]
+        shift = not self.student.is_seq2seq
+        kw = self._model_inputs(inputs, pre)
         if self.kd is None:
-            return ce
+            (total,) = self._target_losses(model, kw, labels)
+            return _normalise(total, labels, n_items)
+        ids, mask = kw["input_ids"], kw["attention_mask"]
+        logits = model(**kw).logits
+        ce = token_cross_entropy(logits, labels, n_items, shift=shift)
         kd, w = self.kd, self._kd_weight()
         if pre + "kd_vals" in inputs:  # the cached teacher
             div = kd_loss_topk(logits, inputs[pre + "kd_vals"], inputs[pre + "kd_ids"], labels, n_items,
@@ -370,9 +522,12 @@ class StepDistillTrainer(Trainer):
         whole accumulated batch (per-micro-batch mean when the counts are not given, e.g. when
         called outside the training loop)."""
         n = num_items_in_batch if isinstance(num_items_in_batch, dict) else {}
-        label_loss = self._task_loss(model, inputs, "", n.get(""))
         rationale_loss = None
-        if self.multitask:
+        if self.multitask and RATIONALE + "input_ids" in inputs and (self.fuse_tasks or self.encode_once):
+            label_loss, rationale_loss = self._fused_losses(model, inputs, n)
+        else:
+            label_loss = self._task_loss(model, inputs, "", n.get(""))
+        if self.multitask and rationale_loss is None:
             # a micro-batch without rationales still contributes 0, never skips the alpha weight
             rationale_loss = (self._task_loss(model, inputs, RATIONALE, n.get(RATIONALE))
                               if RATIONALE + "input_ids" in inputs else label_loss.new_zeros(()))
@@ -421,7 +576,7 @@ def build_trainer(
     if not train_records:
         raise StepDistillError("no training records: the method kept none of the examples (see its summary)")
     method = get_method(method_cfg)
-    student.fmt = make_format(student, training)
+    student.fmt = make_format(student, training, method_cfg.task_marker)
     feats = build_features(student, method_cfg, student.fmt, train_records)
     kd, co_distill, teacher = method_cfg.kd, method_cfg.name == "co-distill", None
     if kd is not None and kd.cache:
@@ -438,6 +593,7 @@ def build_trainer(
             "validate on a labelled split (or pass no validation examples)"
         )
     strategy = "steps" if training.eval_steps else "epoch"
+    bf16 = resolve_bf16(training.bf16)
     args = TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=training.batch_size,
@@ -458,9 +614,10 @@ def build_trainer(
         metric_for_best_model="accuracy" if has_val else None,
         greater_is_better=True,
         logging_steps=training.logging_steps,
-        bf16=training.bf16,
+        bf16=bf16,
         # Trainer refuses bf16 without a GPU unless told the CPU is meant: CPU autocast is real
-        use_cpu=training.bf16 and not torch.cuda.is_available(),
+        use_cpu=bf16 and not torch.cuda.is_available(),
+        activation_checkpointing=training.gradient_checkpointing,
         seed=training.seed,
         report_to="none",
         remove_unused_columns=False,  # our batches carry rat_* keys the model's forward lacks
@@ -491,6 +648,9 @@ def build_trainer(
         kd=kd,
         teacher=teacher,
         co_distill=co_distill,
+        lengths=[feature_length(f) for f in feats] if training.group_by_length else None,
+        fuse_tasks=training.fuse_tasks,
+        target_logits_only=training.target_logits_only,
     )
 
 

@@ -27,6 +27,9 @@ class Format:
     separator: str = "\n"  # causal only: ends the prompt, so the model knows the answer starts
     max_input_length: int = 512  # tokens of source (seq2seq) or prompt (causal)
     max_target_length: int = 256  # tokens of the answer, eos included
+    # seq2seq only. encoder: the task prefix starts the source (the paper). decoder: the source is
+    # the input alone (encoded once for both tasks) and the prefix is forced at the decoder's start
+    task_marker: Literal["encoder", "decoder"] = "encoder"
     version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,14 +94,29 @@ def encode_target(tokenizer, fmt: Format, target: str) -> list[int]:
     return ids[: fmt.max_target_length]
 
 
-def encode_example(tokenizer, fmt: Format, prefix: str, text: str, target: str) -> dict[str, list[int]]:
+def decoder_marker(tokenizer, prefix: str) -> list[int]:
+    """The task prefix as decoder tokens (task_marker=decoder): forced, never predicted."""
+    return _ids(tokenizer, prefix, False)
+
+
+def encode_example(tokenizer, fmt: Format, prefix: str, text: str, target: str, *,
+                   decoder_start: int | None = None) -> dict[str, list[int]]:
     """One training example: {'input_ids', 'labels'} (unpadded lists).
 
     seq2seq: input_ids = source, labels = target.
+    seq2seq, task_marker=decoder: input_ids = the input alone; decoder_input_ids = start +
+             marker + target[:-1]; labels = [-100] * len(marker) + target (`decoder_start`: the
+             model's decoder start token).
     causal:  input_ids = prompt + target, labels = [-100] * len(prompt) + target.
     """
-    source = encode_source(tokenizer, fmt, prefix, text)
+    marked = fmt.kind == "seq2seq" and fmt.task_marker == "decoder"
+    source = encode_source(tokenizer, fmt, "" if marked else prefix, text)
     target_ids = encode_target(tokenizer, fmt, target)
+    if marked:
+        assert decoder_start is not None, "task_marker=decoder needs the model's decoder start token"
+        marker = decoder_marker(tokenizer, prefix)
+        return {"input_ids": source, "decoder_input_ids": [decoder_start, *marker, *target_ids[:-1]],
+                "labels": [IGNORE_INDEX] * len(marker) + target_ids}
     if fmt.kind == "seq2seq":
         return {"input_ids": source, "labels": target_ids}
     return {"input_ids": source + target_ids, "labels": [IGNORE_INDEX] * len(source) + target_ids}

@@ -1,0 +1,180 @@
+"""The training speed-ups change how a step is computed, never what it computes: both tasks in
+one forward pass, the output layer at target tokens only, length-grouped batches, and the
+encoder run once per input (task marker on the decoder side). Tiny models, fp32."""
+
+import json
+
+import pytest
+import torch
+
+from stepdistill.config import MethodConfig, TrainingConfig
+from stepdistill.errors import StepDistillError
+from stepdistill.evaluation import load_trained, predict
+from stepdistill.methods import get_method
+from stepdistill.methods.formatting import Format, encode_example
+from stepdistill.training import (
+    LengthGroupedSampler, build_trainer, feature_length, fit, logits_at, resolve_bf16, stack_padded, target_positions,
+)
+from tiny_models import FakeTask, annotations, examples, llama_student, t5_student
+
+STUDENTS = {"t5": t5_student, "llama": llama_student}
+SBS = MethodConfig(name="step-by-step", alpha=0.5)
+PLAIN = dict(fuse_tasks=False, target_logits_only=False, group_by_length=False)  # the paper's way
+
+
+def _records(n=8, bad=frozenset({"ex3"})):
+    exs = examples(n)
+    return get_method(SBS).records(exs, annotations(exs, bad=set(bad))).records
+
+
+def _loss_and_grads(make, training, method=SBS, records=None):
+    """compute_loss on one collated batch of 8 (one row without a rationale), and its gradients."""
+    student = make(seed=0)
+    trainer = build_trainer(student, method, training, records or _records(), [], None, _tmp(), progress=False)
+    model = trainer.model.train()
+    torch.manual_seed(0)
+    for m in model.modules():  # dropout off: the two ways must see the same network
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    batch = trainer.data_collator(trainer.train_dataset[:8])
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    parts = {k: float(v) for k, v in trainer._part_sums.items()}
+    return float(loss), parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _tmp():
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp())
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+@pytest.mark.parametrize("fuse, targets_only", [(True, True), (True, False), (False, True)])
+def test_each_speedup_computes_the_same_loss_and_gradients(kind, fuse, targets_only):
+    ref_loss, ref_parts, ref_grads = _loss_and_grads(STUDENTS[kind], TrainingConfig(bf16=False, **PLAIN))
+    fast = TrainingConfig(bf16=False, fuse_tasks=fuse, target_logits_only=targets_only, group_by_length=False)
+    loss, parts, grads = _loss_and_grads(STUDENTS[kind], fast)
+    assert ref_loss > 0.1
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert parts == pytest.approx(ref_parts, rel=1e-5)  # label and rationale loss each
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_target_positions_and_logits_at_score_only_targets():
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100]])
+    keep, targets = target_positions(labels, shift=False)
+    assert keep.sum() == 3 and targets.tolist() == [5, 6, 7]
+    keep, targets = target_positions(labels, shift=True)  # position t predicts token t + 1
+    assert keep.tolist() == [[False, True, True, False], [True, False, False, False]]
+    assert targets.tolist() == [5, 6, 7]
+
+    student = llama_student()
+    ids = torch.randint(5, min(50, student.model.config.vocab_size), (2, 4))
+    full = student.model(input_ids=ids).logits
+    with logits_at(student.model, keep):
+        some = student.model(input_ids=ids).logits
+    assert some.shape == (3, full.shape[-1])
+    torch.testing.assert_close(some, full[keep])
+    assert student.model(input_ids=ids).logits.shape == full.shape  # the hook is gone afterwards
+
+
+def test_stack_padded_pads_the_narrower():
+    a, b = torch.ones(2, 3, dtype=torch.long), torch.full((1, 5), 2)
+    out = stack_padded(a, b, -100)
+    assert out.tolist() == [[1, 1, 1, -100, -100], [1, 1, 1, -100, -100], [2, 2, 2, 2, 2]]
+
+
+def test_length_grouped_batches_waste_less_padding_and_are_reproducible():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 200, (400,), generator=g).tolist()
+    sampler = LengthGroupedSampler(lengths, 8, seed=42)
+    order = list(sampler)
+    assert sorted(order) == list(range(400))
+    assert order == list(LengthGroupedSampler(lengths, 8, seed=42))  # same seed, same epoch: same order
+    sampler.set_epoch(1)
+    assert list(sampler) != order  # a new epoch reshuffles
+
+    def padding(idx):
+        batches = [idx[i:i + 8] for i in range(0, len(idx), 8)]
+        return sum(max(lengths[j] for j in b) * len(b) - sum(lengths[j] for j in b) for b in batches)
+
+    shuffled = torch.randperm(400, generator=g).tolist()
+    assert padding(order) < 0.2 * padding(shuffled)
+
+
+def test_feature_length_counts_both_tasks():
+    assert feature_length({"input_ids": [1, 2], "labels": [3], "rat_input_ids": [1, 2, 3], "rat_labels": [4, 5],
+                           "rat_index": 0}) == 8
+
+
+def test_bf16_default_follows_the_hardware(monkeypatch):
+    assert resolve_bf16(True) is True and resolve_bf16(False) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("pathlib.Path.read_text", lambda self: "flags : fpu avx2 avx512f")
+    assert resolve_bf16(None) is False  # emulated bf16 would be slower than float32
+    monkeypatch.setattr("pathlib.Path.read_text", lambda self: "flags : fpu avx2 avx512f avx512_bf16")
+    assert resolve_bf16(None) is True
+
+
+# --- encode once: the task marker on the decoder side ----------------------------------------
+
+
+DECODER = MethodConfig(name="step-by-step", alpha=0.5, task_marker="decoder")
+
+
+def test_decoder_marker_layout():
+    student = t5_student()
+    fmt = Format(kind="seq2seq", task_marker="decoder")
+    f = encode_example(student.tokenizer, fmt, "explain: ", "2 + 3", "five", decoder_start=0)
+    plain = encode_example(student.tokenizer, Format(kind="seq2seq"), "explain: ", "2 + 3", "five")
+    n_marker = len(f["labels"]) - len(plain["labels"])
+    assert n_marker > 0 and f["labels"][:n_marker] == [-100] * n_marker  # the marker is forced, not learned
+    assert f["labels"][n_marker:] == plain["labels"]
+    assert f["decoder_input_ids"][0] == 0 and f["decoder_input_ids"][1:] == [*student.tokenizer(
+        "explain: ", add_special_tokens=False)["input_ids"], *plain["labels"][:-1]]
+    assert len(f["input_ids"]) < len(plain["input_ids"])  # no prefix in the source
+
+
+def test_encode_once_runs_the_encoder_once_per_step_and_matches_two_passes():
+    calls = []
+    student = t5_student()
+    student.model.get_encoder().register_forward_hook(lambda *a: calls.append(1))
+    trainer = build_trainer(student, DECODER, TrainingConfig(bf16=False, **PLAIN), _records(), [], None, _tmp(),
+                            progress=False)
+    for m in trainer.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    batch = trainer.data_collator(trainer.train_dataset[:8])
+    assert torch.equal(batch["input_ids"][batch["rat_index"]], batch["rat_input_ids"])  # one source per input
+    once = trainer.compute_loss(trainer.model, batch)
+    assert len(calls) == 1
+    trainer.encode_once = False  # the same decoder-marker batch, each task encoding its own copy
+    twice = trainer.compute_loss(trainer.model, batch)
+    assert len(calls) == 3
+    assert float(once) == pytest.approx(float(twice), rel=1e-5)
+
+
+def test_decoder_marker_trains_saves_and_predicts(tmp_path):
+    exs = examples(16)
+    records = get_method(DECODER).records(exs, annotations(exs)).records
+    training = TrainingConfig(max_steps=30, learning_rate=1e-2, batch_size=8, logging_steps=5, bf16=False)
+    m = fit(t5_student(), DECODER, training, records, exs[:8], FakeTask(), tmp_path / "run", progress=False)
+    losses = [x for _, x in m["train_loss"]]
+    assert losses[-1] < 0.5 * losses[0]
+    info = json.loads((tmp_path / "run" / "model" / "stepdistill.json").read_text())
+    assert info["format"]["task_marker"] == "decoder"
+    loaded, info = load_trained(tmp_path / "run")
+    preds = predict(loaded, [e.input for e in exs[:8]], prefix=info["label_prefix"], max_new_tokens=8)
+    assert FakeTask().accuracy(preds, exs[:8]) >= 0.5
+    assert not any(p.startswith("predict") for p in preds)  # the forced marker is not part of the answer
+
+
+def test_decoder_marker_needs_an_encoder_decoder(tmp_path):
+    with pytest.raises(StepDistillError, match="task_marker=decoder needs an encoder-decoder student"):
+        build_trainer(llama_student(), DECODER, TrainingConfig(), _records(), [], None, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="task_marker=decoder does not combine with kd"):
+        MethodConfig(name="step-by-step", task_marker="decoder", kd={"teacher": "t"})
