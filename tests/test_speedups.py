@@ -12,8 +12,9 @@ from stepdistill.errors import StepDistillError
 from stepdistill.evaluation import load_trained, predict
 from stepdistill.methods import get_method
 from stepdistill.methods.formatting import Format, encode_example
+from stepdistill.methods.targets import logits_at, target_positions
 from stepdistill.training import (
-    LengthGroupedSampler, build_trainer, feature_length, fit, logits_at, resolve_bf16, stack_padded, target_positions,
+    LengthGroupedSampler, build_trainer, feature_length, fit, resolve_bf16, stack_padded,
 )
 from tiny_models import FakeTask, annotations, examples, llama_student, t5_student
 

@@ -62,6 +62,8 @@ _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
         ("--annotations", "annotations", str, "annotation run of the same split: report the teacher's accuracy too"),
         ("--limit", "limit", int, "evaluate only the first N examples"),
         ("--batch-size", "batch_size", int, "predictions per batch"),
+        ("--max-new-tokens", "max_new_tokens", int, "longest label generated (default: from the trained labels)"),
+        ("--label-decoding", "label_decoding", str, "auto | generate | rank (score the allowed answers)"),
     ],
 }
 

@@ -296,7 +296,13 @@ class EvalRun(_Section):
     split: str = "test"
     annotations: Optional[str] = Field(None, description="Annotation run on the same split, to report teacher accuracy beside the student's.")
     batch_size: int = Field(16, gt=0)
-    max_new_tokens: int = Field(64, gt=0)
+    max_new_tokens: Optional[int] = Field(
+        None, gt=0, description="Longest label generated. Default: task-aware, the longest label the student was "
+        "trained on plus a margin (a label needs a few tokens; free generation up to a fixed cap wastes time).")
+    label_decoding: Literal["auto", "generate", "rank"] = Field(
+        "auto", description="generate: greedy decoding. rank: score every allowed answer (the classes, or the "
+        "example's choices) in one pass and take the likeliest, no free generation. auto: rank where the task has "
+        "a closed answer set, else generate.")
     limit: Optional[int] = Field(None, gt=0)
     rationales: bool = Field(False, description="Also generate the rationale task's explanations.")
 

@@ -132,6 +132,63 @@ def predict(
     return out
 
 
+def label_token_limit(info: dict[str, Any], default: int = 64) -> int:
+    """Task-aware generation limit: the longest label the student was trained on (tokens, eos
+    included) with a quarter more and two tokens to spare; `default` for older models."""
+    n = info.get("max_label_tokens")
+    return default if not n else int(n * 1.25) + 2
+
+
+@torch.no_grad()
+def rank(student: Student, inputs: list[str], candidates: list[list[str]], *, prefix: str,
+         batch_size: int = 32) -> list[str]:
+    """For each input, the candidate answer the student finds likeliest: the sum of the
+    log-probabilities of its tokens and eos, with `prefix` picking the task. One forward pass per
+    (input, candidate) pair and no generation, so a label costs no decoding loop.
+
+    >>> rank(student, ["A man sleeps. / A man is awake."], [["entailment", "neutral", "contradiction"]],
+    ...      prefix="predict: ")
+    ['contradiction']
+    """
+    from stepdistill.methods.formatting import encode_example
+    from stepdistill.methods.kd import decoder_inputs
+    from stepdistill.methods.losses import IGNORE_INDEX
+    from stepdistill.methods.targets import logits_at, target_positions
+
+    tok, model = student.tokenizer, student.model
+    fmt = student.fmt or Format(kind=student.kind)
+    start = model.config.decoder_start_token_id if student.is_seq2seq else None
+    pairs = [(i, c) for i, cands in enumerate(candidates) for c in cands]
+    feats = [encode_example(tok, fmt, prefix, inputs[i], c, decoder_start=start) for i, c in pairs]
+    scores = torch.empty(len(pairs))
+    order = sorted(range(len(pairs)), key=lambda j: len(feats[j]["input_ids"]))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            ids, mask = _pad([feats[j]["input_ids"] for j in idx], tok.pad_token_id, left=False)
+            labels, _ = _pad([feats[j]["labels"] for j in idx], IGNORE_INDEX, left=False)
+            kw = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+            if student.is_seq2seq:
+                kw["decoder_input_ids"] = (_pad([feats[j]["decoder_input_ids"] for j in idx], tok.pad_token_id,
+                                                left=False)[0] if "decoder_input_ids" in feats[idx[0]]
+                                           else decoder_inputs(labels, model.config)).to(device)
+            keep, targets = target_positions(labels.to(device), shift=not student.is_seq2seq)
+            with logits_at(model, keep):
+                logits = model(**kw).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+            scores[idx] = torch.stack([part.sum() for part in logp.split(keep.sum(dim=1).tolist())]).cpu()
+    finally:
+        model.train(was_training)
+    out, j = [], 0
+    for cands in candidates:
+        out.append(cands[int(scores[j : j + len(cands)].argmax())])
+        j += len(cands)
+    return out
+
+
 def _pct(x: float | None) -> str:
     return "n/a (no gold labels)" if x is None else f"{x:.2%}"
 
@@ -151,18 +208,29 @@ def evaluate(cfg: EvalRun | dict, out: str | Path | None = None, *, overwrite: b
         raise StepDistillError(f"--model {cfg.model} is not a trained run or model folder: train one with `stepdistill train`")
     out = Path(out) if out else Path(cfg.model) / f"eval-{task.name}-{cfg.split}"
     student, info = load_trained(cfg.model)
+    candidates = [task.label_candidates(e) for e in examples]
+    decoding = cfg.label_decoding
+    if decoding == "auto":
+        decoding = "rank" if all(candidates) else "generate"
+    elif decoding == "rank" and not all(candidates):
+        raise StepDistillError(f"label_decoding=rank needs a closed answer set, but task {task.name} has open "
+                               f"answers ({task.label_kind}): use label_decoding=generate")
     with create_run(out, cfg, command="eval", overwrite=overwrite,
                     inputs=(cfg.model, cfg.annotations, cfg.task.path)) as run:
         echo = run.tee(echo)
         inputs = [e.input for e in examples]
+        limit = cfg.max_new_tokens or label_token_limit(info)
         t0 = time.perf_counter()
-        preds = predict(student, inputs, prefix=info["label_prefix"], batch_size=cfg.batch_size,
-                        max_new_tokens=cfg.max_new_tokens)
+        if decoding == "rank":
+            preds = rank(student, inputs, candidates, prefix=info["label_prefix"], batch_size=cfg.batch_size)
+        else:
+            preds = predict(student, inputs, prefix=info["label_prefix"], batch_size=cfg.batch_size,
+                            max_new_tokens=limit)
         seconds = time.perf_counter() - t0
         rationales = None
         if cfg.rationales:
             rationales = predict(student, inputs, prefix=info["rationale_prefix"], batch_size=cfg.batch_size,
-                                 max_new_tokens=max(cfg.max_new_tokens, 128))
+                                 max_new_tokens=max(limit, 128))
         rows = []
         for i, (ex, pred) in enumerate(zip(examples, preds)):
             row = {"id": ex.id, "input": ex.input, "gold": ex.label, "prediction": pred,
@@ -177,7 +245,10 @@ def evaluate(cfg: EvalRun | dict, out: str | Path | None = None, *, overwrite: b
             "parameters": count_parameters(student.model)[1],
             "ms_per_example": round(1000 * seconds / len(examples), 2),
             "method": info.get("method"),
+            "label_decoding": decoding,
         }
+        if decoding == "generate":
+            metrics["max_new_tokens"] = limit
         if ann is not None:
             metrics["teacher_accuracy"] = task.accuracy([ann[e.id].label if e.id in ann else None for e in examples],
                                                         examples)

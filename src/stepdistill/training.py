@@ -38,10 +38,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from stepdistill.config import KDConfig, MethodConfig, TrainingConfig
 from stepdistill.errors import StepDistillError
-from stepdistill.evaluation import MODEL_INFO, predict
+from stepdistill.evaluation import MODEL_INFO, label_token_limit, predict
 from stepdistill.methods import get_method
 from stepdistill.methods.base import TrainRecord
 from stepdistill.methods.formatting import Format, encode_example
+from stepdistill.methods.targets import logits_at, target_positions
 from stepdistill.memory import check_training
 from stepdistill.methods.kd import (
     attach_topk_cache, decoder_inputs, load_kd_teacher, pad_topk, teacher_logits, vocab_size,
@@ -268,41 +269,6 @@ def _os_error(e: BaseException | None) -> OSError | None:
     return None
 
 
-def target_positions(labels: torch.Tensor, *, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keep, targets): the positions whose logits are scored, and the token each must predict
-    (shift: a causal LM's position t predicts token t + 1), in the same row-major order."""
-    if not shift:
-        keep = labels.ne(IGNORE_INDEX)
-        return keep, labels[keep]
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:].ne(IGNORE_INDEX)
-    return keep, labels[:, 1:][keep[:, :-1]]
-
-
-@contextlib.contextmanager
-def logits_at(model, keep: torch.Tensor):
-    """Inside, `model(...).logits` is (keep.sum(), vocab): the output layer is applied at the
-    `keep` positions only. A small student's vocabulary projection is most of its step, and
-    padding (and a causal prompt) needs none of it."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        raise StepDistillError(f"{type(model).__name__} has no output embeddings to restrict to the target "
-                               "tokens: set training.target_logits_only=false")
-
-    def gather(module, args):
-        hidden = args[0]
-        if hidden.shape[:2] != keep.shape:
-            raise StepDistillError(f"{type(model).__name__} feeds its output layer {tuple(hidden.shape[:2])} "
-                                   f"positions, not the batch's {tuple(keep.shape)}: set training.target_logits_only=false")
-        return (hidden[keep], *args[1:])
-
-    handle = head.register_forward_pre_hook(gather)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def stack_padded(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
     """Rows of `a` then rows of `b`, the narrower right-padded with `value` to the wider's width."""
     width = max(a.shape[1], b.shape[1])
@@ -326,6 +292,11 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+
+def max_label_tokens(feats: list[dict]) -> int:
+    """The longest label-task target of the training features, in tokens (eos included)."""
+    return max(sum(t != IGNORE_INDEX for t in f["labels"]) for f in feats)
 
 
 def feature_length(f: dict) -> int:
@@ -644,7 +615,8 @@ def build_trainer(
         multitask=method.multitask,
         task=task,
         label_prefix=method_cfg.label_prefix,
-        val_max_new_tokens=min(training.val_max_new_tokens, training.max_target_length),
+        val_max_new_tokens=min(training.val_max_new_tokens, training.max_target_length,
+                               label_token_limit({"max_label_tokens": max_label_tokens(feats)})),
         kd=kd,
         teacher=teacher,
         co_distill=co_distill,
@@ -776,6 +748,8 @@ def fit(
         "base_model": getattr(model.config, "name_or_path", None) or None,
         "best_val_accuracy": state.best_metric,
         "best_step": state.best_global_step,
+        # the longest label target (tokens, eos included): evaluation's task-aware generation limit
+        "max_label_tokens": max_label_tokens(trainer.train_dataset),
     }
     if method_cfg.kd is not None:
         info["kd"] = method_cfg.kd.model_dump()

@@ -79,6 +79,11 @@ class Task:
     def is_correct(self, prediction: str | None, example: Example) -> bool:
         raise NotImplementedError
 
+    def label_candidates(self, example: Example) -> list[str] | None:
+        """The closed set the label of `example` comes from (the classes, or its choices), so a
+        student's answer can be ranked instead of generated; None for open answers."""
+        return list(self.classes) if self.label_kind == "classes" and self.classes else None
+
     def vote_key(self, label: str, example: Example | None = None) -> Any:
         """What self-consistency votes on: labels with equal keys are the same answer
         (arithmetic: the value, so `(3 + 4)` and `(4 + 3)` agree)."""

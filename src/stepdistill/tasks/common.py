@@ -286,6 +286,11 @@ class RecordTask(Task):
 
     # --- labels ---
 
+    def label_candidates(self, example: Example) -> list[str] | None:
+        if self.label_kind == "choice":
+            return example_choices(example)
+        return super().label_candidates(example)
+
     def is_correct(self, prediction: str | None, example: Example) -> bool:
         if prediction is None or example.label is None:
             return False

@@ -219,6 +219,11 @@ class GenericTask(RecordTask):
             return normalize_choice(label, example_choices(example, self.spec.choices))
         return normalize_free(label)
 
+    def label_candidates(self, example: Example) -> list[str] | None:
+        if self.spec.choices:
+            return example_choices(example, self.spec.choices)
+        return super().label_candidates(example)
+
     def is_correct(self, prediction: str | None, example: Example) -> bool:
         if self.label_kind == "free":
             pred = normalize_free(prediction) if prediction is not None else None
