@@ -405,24 +405,38 @@ class StepDistillTrainer(Trainer):
         return [part.sum() for part in losses.split([int(n.sum()) for n in per_group])]
 
     def _fused_losses(self, model, inputs: dict, n: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both tasks in one forward pass: the label and rationale rows padded to one width and
-        stacked. With the task marker on the decoder side, the encoder runs once per input and
-        both tasks decode from its output."""
+        """Both tasks with fewer passes. Causal: the label and rationale rows padded to one width
+        and stacked, one forward pass. Seq2seq: one encoder pass for both tasks' sources (stacked;
+        with the task marker on the decoder side, each input once), then a decoder pass per task,
+        each padded to its own targets (a label is a few tokens, a rationale dozens)."""
         a, b = self._model_inputs(inputs, ""), self._model_inputs(inputs, RATIONALE)
         la, lb = inputs["labels"], inputs[RATIONALE + "labels"]
-        pad = {"input_ids": self.student.tokenizer.pad_token_id, "attention_mask": 0,
-               "decoder_input_ids": self.student.tokenizer.pad_token_id}
-        if self.encode_once:
-            encoder = self.accelerator.unwrap_model(model).get_encoder()
-            hidden = encoder(input_ids=a["input_ids"], attention_mask=a["attention_mask"]).last_hidden_state
-            rows = inputs[RATIONALE + "index"]
-            kw = {"encoder_outputs": (torch.cat([hidden, hidden[rows]]),),
-                  "attention_mask": torch.cat([a["attention_mask"], a["attention_mask"][rows]]),
-                  "decoder_input_ids": stack_padded(a["decoder_input_ids"], b["decoder_input_ids"], pad["decoder_input_ids"])}
+        pad_id = self.student.tokenizer.pad_token_id
+        if not self.student.is_seq2seq:
+            kw = {"input_ids": stack_padded(a["input_ids"], b["input_ids"], pad_id),
+                  "attention_mask": stack_padded(a["attention_mask"], b["attention_mask"], 0)}
+            label_sum, rationale_sum = self._target_losses(model, kw, stack_padded(la, lb, IGNORE_INDEX),
+                                                           [la.shape[0], lb.shape[0]])
         else:
-            kw = {k: stack_padded(a[k], b[k], pad[k]) for k in a}
-        label_sum, rationale_sum = self._target_losses(model, kw, stack_padded(la, lb, IGNORE_INDEX),
-                                                       [la.shape[0], lb.shape[0]])
+            encoder = self.accelerator.unwrap_model(model).get_encoder()
+            if self.encode_once:  # the same source for both tasks: encode it once
+                mask = a["attention_mask"]
+                hidden = encoder(input_ids=a["input_ids"], attention_mask=mask).last_hidden_state
+                rows = inputs[RATIONALE + "index"]
+                enc = {"": (hidden, mask), RATIONALE: (hidden[rows], mask[rows])}
+            else:
+                mask = stack_padded(a["attention_mask"], b["attention_mask"], 0)
+                hidden = encoder(input_ids=stack_padded(a["input_ids"], b["input_ids"], pad_id),
+                                 attention_mask=mask).last_hidden_state
+                k = la.shape[0]
+                enc = {"": (hidden[:k], mask[:k]), RATIONALE: (hidden[k:], mask[k:])}
+            sums = []
+            for pre, kw, labels in (("", a, la), (RATIONALE, b, lb)):
+                h, m = enc[pre]
+                (total,) = self._target_losses(model, {"encoder_outputs": (h,), "attention_mask": m,
+                                                       "decoder_input_ids": kw["decoder_input_ids"]}, labels)
+                sums.append(total)
+            label_sum, rationale_sum = sums
         return _normalise(label_sum, la, n.get("")), _normalise(rationale_sum, lb, n.get(RATIONALE))
 
     def _task_loss(self, model, inputs: dict, pre: str, n_items) -> torch.Tensor:
