@@ -130,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="annotation store file (default $STEPDISTILL_HOME/annotations.sqlite)")
     p.add_argument("--out", help="export: a .jsonl file, or a folder for a Hugging Face Dataset (--format dataset)")
     p.add_argument("--format", choices=["jsonl", "dataset"], default="jsonl", help="export format")
+    p = sub.add_parser("export", help="ship a trained student: safetensors, tokenizer and a model card")
+    p.add_argument("--model", required=True, help="training run directory or its model/ folder")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p = sub.add_parser("predict", help="label every record of a JSONL/CSV file with a trained student")
+    p.add_argument("--model", required=True, help="training run, model folder or exported folder")
+    p.add_argument("--input", required=True, help="a .jsonl or .csv file of inputs")
+    p.add_argument("--field", default="input", help="the field holding each input's text")
+    p.add_argument("--out", required=True, help=".jsonl to write: each record + prediction (+ rationale)")
+    p.add_argument("--batch-size", type=int, default=32, help="predictions per batch")
+    p.add_argument("--max-new-tokens", type=int, help="longest label generated (default: from the trained labels)")
+    p.add_argument("--rationales", action="store_true", help="also generate explanations (the rationale task)")
+    p = sub.add_parser("serve", help="serve a trained student over HTTP (POST /predict)")
+    p.add_argument("--model", required=True, help="training run, model folder or exported folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-new-tokens", type=int, help="longest label generated (default: from the trained labels)")
     sub.add_parser("list", help="list tasks, teachers and methods")
     return parser
 
@@ -199,6 +216,25 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "store":
         return _store_command(args)
+    if args.command == "export":
+        from stepdistill.deploy import export
+
+        print(f"wrote {export(args.model, args.out, overwrite=args.overwrite)} (model card: README.md)")
+        return 0
+    if args.command == "predict":
+        from stepdistill.deploy import predict_file
+
+        if Path(args.out).exists():
+            raise StepDistillError(f"{args.out} exists: choose a new --out (predictions never overwrite a file)")
+        n = predict_file(args.model, args.input, args.out, field=args.field, batch_size=args.batch_size,
+                         rationales=args.rationales, max_new_tokens=args.max_new_tokens)
+        print(f"wrote {n} predictions to {args.out}")
+        return 0
+    if args.command == "serve":
+        from stepdistill.serve import serve
+
+        serve(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens)
+        return 0
     data = _config_dict(args)
     if args.command == "annotate":
         api.annotate(data, args.out, overwrite=args.overwrite, resume=args.resume, store_path=args.store)

@@ -1,0 +1,166 @@
+"""Shipping a student: an exported folder with a model card, and batch prediction on files.
+
+    stepdistill export --model runs/svamp-sbs --out exported/svamp-student
+    stepdistill predict --model exported/svamp-student --input problems.jsonl --out answers.jsonl
+    stepdistill serve --model exported/svamp-student            # see serve.py
+
+An exported folder is what `load_trained` reads (weights as safetensors, tokenizer,
+stepdistill.json) plus README.md: the model card, written from the run's own files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from stepdistill.errors import StepDistillError
+from stepdistill.evaluation import MODEL_INFO, label_token_limit, load_trained, model_folder, predict
+from stepdistill.runs import fsync_tree, write_error, write_jsonl
+from stepdistill.tasks.io import iter_records
+
+CARD = "README.md"
+
+
+def export(run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Copy a trained student (a run directory or its model/ folder) to `out` with a model card.
+
+    Only safetensors weights are exported: a pickle checkpoint is refused, as untrusted code.
+    """
+    run, out = Path(run), Path(out)
+    src = model_folder(run)
+    if not (src / MODEL_INFO).is_file():
+        raise StepDistillError(f"{run} holds no trained stepdistill model: pass a training run directory or its model/ folder")
+    if not any(src.glob("*.safetensors")):
+        raise StepDistillError(f"{src} has no .safetensors weights: export ships safetensors only; retrain with stepdistill")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise StepDistillError(f"{out} already exists and is not empty: pass --overwrite or choose another --out")
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "*.pkl", "training_args*"))
+        (tmp / CARD).write_text(model_card(run))
+        fsync_tree(tmp)
+        tmp.replace(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out, e) from e
+    return out
+
+
+def _read(path: Path, kind: str) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text()
+        return json.loads(text) if kind == "json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def model_card(run: str | Path) -> str:
+    """The model card of a trained student, from the files its run left: config, training
+    metrics, evaluations, the annotation run's summary. What is not known is said to be unknown."""
+    run = Path(run)
+    run_dir = run if (run / "model" / MODEL_INFO).is_file() else run.parent
+    info = _read(model_folder(run) / MODEL_INFO, "json") or {}
+    cfg = _read(run_dir / "config.yaml", "yaml") or {}
+    train = _read(run_dir / "metrics.json", "json") or {}
+    task = (cfg.get("task") or {}).get("name") or info.get("task") or "unknown"
+    teacher = "unknown"
+    ann = cfg.get("annotations")
+    summary = _read(Path(ann) / "summary.json", "json") if ann else None
+    if summary:
+        t = summary.get("teacher") or {}
+        teacher = f"{t.get('kind', '?')}: {t.get('model', '?')}"
+        acc = summary.get("teacher_accuracy")
+        if acc is not None:
+            teacher += f" (its accuracy on the annotated split: {acc:.1%})"
+    elif info.get("method") in ("standard", None):
+        teacher = "none (trained on gold labels only)"
+    evals = []
+    for m in sorted(run_dir.glob("eval*/metrics.json")):
+        e = _read(m, "json") or {}
+        if e.get("accuracy") is not None:
+            evals.append(f"| {e.get('task', task)} | {e.get('split', '?')} | {e['accuracy']:.1%} | {e.get('n', '?')} | "
+                         f"{e.get('ms_per_example', '?')} |")
+    method = info.get("method", "unknown")
+    lines = [
+        f"# {task} student distilled with stepdistill", "",
+        f"- **Task:** {task}",
+        f"- **Method:** {method}" + (f" (alpha {info.get('alpha')}: label task + the teacher's rationales)"
+                                     if method == "step-by-step" else ""),
+        f"- **Teacher:** {teacher}",
+        f"- **Base model:** {info.get('base_model') or (cfg.get('student') or {}).get('model') or 'unknown'}",
+        f"- **Data used:** {train.get('train_records', 'unknown')} training examples"
+        + (f", {train['rationale_records']} with a teacher rationale" if train.get("rationale_records") else ""),
+        f"- **Parameters:** {train.get('total_params', 'unknown')}",
+        f"- **Input format:** the label task prefix {info.get('label_prefix', '')!r}; "
+        f"format {json.dumps(info.get('format', {}))}",
+        "",
+        "## Metrics", "",
+    ]
+    if evals:
+        lines += ["| task | split | accuracy | n | ms/prediction |", "|---|---|---:|---:|---:|", *evals]
+    else:
+        lines.append("No evaluation was found beside the run: run `stepdistill eval` and export again.")
+    lines += [
+        "", "## Intended use", "",
+        f"Answering inputs of the {task} task, formatted as in training, with the label task only "
+        "(`stepdistill predict`, `stepdistill serve`). It is not a general-purpose model.", "",
+        "## Caveats", "",
+        "- **Teacher bias.** A distilled student learns its teacher's answers and explanations, "
+        "mistakes and biases included; rationales were not checked by a person. Its explanations "
+        "(the rationale task) read fluently whether or not they are right.",
+        "- Accuracy was measured on the split above only; inputs unlike the training data may fare worse.", "",
+        "## Use", "",
+        "```python", "from stepdistill.evaluation import load_trained, predict", "",
+        "student, info = load_trained(\"path/to/this/folder\")",
+        "predict(student, [\"your input\"], prefix=info[\"label_prefix\"])", "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def predict_file(model: str | Path, inputs: str | Path, out: str | Path, *, field: str = "input",
+                 batch_size: int = 32, rationales: bool = False, max_new_tokens: int | None = None) -> int:
+    """Predict a label for every record of a JSONL/CSV file (its `field`), streaming, in batches,
+    with a progress bar; writes `out` (each input record + `prediction`, and `rationale` when
+    asked) atomically. Returns the number of predictions."""
+    from tqdm import tqdm
+
+    student, info = load_trained(model)
+    limit = max_new_tokens or label_token_limit(info)
+    total = sum(1 for _ in iter_records(inputs, (field,)))  # checks every record first: a bad line costs nothing
+
+    def rows() -> Iterator[dict[str, Any]]:
+        batch: list[dict[str, Any]] = []
+        with tqdm(total=total, desc="predict", unit="ex") as bar:
+            for _, record in iter_records(inputs, (field,)):
+                batch.append(record)
+                if len(batch) == batch_size:
+                    yield from _predict_batch(student, info, batch, field, rationales, limit)
+                    bar.update(len(batch))
+                    batch = []
+            if batch:
+                yield from _predict_batch(student, info, batch, field, rationales, limit)
+                bar.update(len(batch))
+
+    write_jsonl(out, rows())
+    return total
+
+
+def _predict_batch(student, info, batch, field, rationales, limit):
+    texts = [str(r[field]) for r in batch]
+    labels = predict(student, texts, prefix=info["label_prefix"], batch_size=len(texts), max_new_tokens=limit)
+    why = (predict(student, texts, prefix=info["rationale_prefix"], batch_size=len(texts), max_new_tokens=max(limit, 128))
+           if rationales else None)
+    for i, r in enumerate(batch):
+        row = {**r, "prediction": labels[i]}
+        if why is not None:
+            row["rationale"] = why[i]
+        yield row

@@ -1,0 +1,81 @@
+"""`stepdistill serve`: a trained student behind a small HTTP endpoint (FastAPI + uvicorn).
+
+    stepdistill serve --model exported/svamp-student --port 8000
+    curl -s localhost:8000/predict -H 'content-type: application/json' \\
+         -d '{"inputs": ["Tom has 3 apples and buys 4 more. How many?"], "rationale": true}'
+    {"predictions": [{"label": "(3 + 4)", "rationale": "3 plus 4 is 7."}], "model": "...", "ms": 41.2}
+
+POST /predict takes `input` (one string) or `inputs` (a list); `rationale: true` also runs the
+rationale task. GET /health says which model is loaded. Needs the `serve` extra:
+pip install "stepdistill[serve]".
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+
+from stepdistill.errors import StepDistillError
+
+MAX_INPUTS = 256  # per request: a bigger batch is the batch command's job (stepdistill predict)
+
+
+class Query(BaseModel):
+    """The body of POST /predict."""
+
+    input: str | None = None
+    inputs: list[str] | None = Field(None, max_length=MAX_INPUTS)
+    rationale: bool = False
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "Query":
+        if (self.input is None) == (self.inputs is None):
+            raise ValueError("give either `input` (a string) or `inputs` (a list of strings)")
+        return self
+
+
+def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_size: int = 32):
+    """The FastAPI app serving one trained student (loaded once, here)."""
+    try:
+        from fastapi import FastAPI, HTTPException
+    except ImportError as e:
+        raise StepDistillError('stepdistill serve needs FastAPI: pip install "stepdistill[serve]"') from e
+
+    from stepdistill.evaluation import label_token_limit, load_trained, predict
+
+    student, info = load_trained(model)
+    limit = max_new_tokens or label_token_limit(info)
+    lock = threading.Lock()  # one forward at a time: torch already uses every core for one batch
+
+    app = FastAPI(title="stepdistill student", description=f"{info.get('method')} student from {model}")
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model": str(model), "method": info.get("method")}
+
+    @app.post("/predict")
+    def predict_route(q: Query) -> dict[str, Any]:
+        texts = [q.input] if q.input is not None else list(q.inputs or [])
+        if not texts:
+            raise HTTPException(status_code=422, detail="`inputs` is empty: send at least one input")
+        t0 = time.perf_counter()
+        with lock:
+            labels = predict(student, texts, prefix=info["label_prefix"], batch_size=batch_size, max_new_tokens=limit)
+            why = (predict(student, texts, prefix=info["rationale_prefix"], batch_size=batch_size,
+                           max_new_tokens=max(limit, 128)) if q.rationale else None)
+        preds = [{"label": label, **({"rationale": why[i]} if why is not None else {})} for i, label in enumerate(labels)]
+        return {"predictions": preds, "model": str(model), "ms": round(1000 * (time.perf_counter() - t0), 1)}
+
+    return app
+
+
+def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_new_tokens: int | None = None) -> None:
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise StepDistillError('stepdistill serve needs uvicorn: pip install "stepdistill[serve]"') from e
+    uvicorn.run(create_app(model, max_new_tokens=max_new_tokens), host=host, port=port, log_level="info")
