@@ -311,6 +311,16 @@ def split_validation(examples: list[Example], fraction: float, seed: int, cap: i
     return train, val
 
 
+def nested_subset(examples: list[Example], fraction: float, seed: int) -> list[Example]:
+    """`fraction` of the examples (at least one), in their original order: the first of one
+    fixed shuffle (by `seed`), so the 12.5% subset lies inside the 25% subset, whatever the method
+    or training seed."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    keep = set(order[: max(1, round(len(examples) * fraction))])
+    return [e for i, e in enumerate(examples) if i in keep]
+
+
 def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, resume: bool = False,
           echo: Printer = print) -> dict[str, Any]:
     """Train a student with `standard`, `distill` or `step-by-step`; the best model goes to `out/model`."""
@@ -335,8 +345,11 @@ def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, res
         val_ex = load_examples(task, cfg.val_split, cfg.task.path, tcfg.val_size)
         val_from = f"split {cfg.val_split}"
     else:
-        train_ex, val_ex = split_validation(examples, tcfg.val_fraction, tcfg.seed, tcfg.val_size)
+        data_seed = tcfg.seed if tcfg.data_seed is None else tcfg.data_seed
+        train_ex, val_ex = split_validation(examples, tcfg.val_fraction, data_seed, tcfg.val_size)
         val_from = f"carved from {cfg.split}"
+    if tcfg.data_fraction < 1:
+        train_ex = nested_subset(train_ex, tcfg.data_fraction, tcfg.seed if tcfg.data_seed is None else tcfg.data_seed)
     if tcfg.train_size:
         train_ex = train_ex[: tcfg.train_size]
     if val_ex and all(e.label is None for e in val_ex) and annotations is not None:

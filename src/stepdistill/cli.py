@@ -64,6 +64,7 @@ _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
         ("--batch-size", "batch_size", int, "predictions per batch"),
         ("--max-new-tokens", "max_new_tokens", int, "longest label generated (default: from the trained labels)"),
         ("--label-decoding", "label_decoding", str, "auto | generate | rank (score the allowed answers)"),
+        ("--dtype", "dtype", str, "weights at prediction: float32 | bfloat16 | auto"),
     ],
 }
 
@@ -130,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="annotation store file (default $STEPDISTILL_HOME/annotations.sqlite)")
     p.add_argument("--out", help="export: a .jsonl file, or a folder for a Hugging Face Dataset (--format dataset)")
     p.add_argument("--format", choices=["jsonl", "dataset"], default="jsonl", help="export format")
+    p = sub.add_parser("sweep", help="a grid of runs: methods x data fractions x students x seeds, evaluated, "
+                                      "collected into one table (resumable)")
+    p.add_argument("--config", required=True, help="sweep YAML (task, annotations, methods, fractions, students, seeds, training, eval)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set seeds=[0,1,2]")
+    p.add_argument("--out", required=True, help="sweep directory (rerun with the same --out to resume)")
+    p = sub.add_parser("report", help="a sweep as report.html (self-contained) and report.md, with plots and paired tests")
+    p.add_argument("sweep", help="sweep directory (stepdistill sweep --out)")
+    p.add_argument("--teacher", help="annotation run of the evaluation split: the teacher's accuracy, latency and cost")
+    p.add_argument("--out", required=True, help="folder to write report.html, report.md and figures/ to")
     p = sub.add_parser("export", help="ship a trained student: safetensors, tokenizer and a model card")
     p.add_argument("--model", required=True, help="training run directory or its model/ folder")
     p.add_argument("--out", required=True, help="folder to write")
@@ -140,12 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field", default="input", help="the field holding each input's text")
     p.add_argument("--out", required=True, help=".jsonl to write: each record + prediction (+ rationale)")
     p.add_argument("--batch-size", type=int, default=32, help="predictions per batch")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
+                   help="weights at prediction (auto: bfloat16 where the hardware is fast)")
     p.add_argument("--max-new-tokens", type=int, help="longest label generated (default: from the trained labels)")
     p.add_argument("--rationales", action="store_true", help="also generate explanations (the rationale task)")
     p = sub.add_parser("serve", help="serve a trained student over HTTP (POST /predict)")
     p.add_argument("--model", required=True, help="training run, model folder or exported folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
+                   help="weights at prediction (auto: bfloat16 where the hardware is fast)")
     p.add_argument("--max-new-tokens", type=int, help="longest label generated (default: from the trained labels)")
     sub.add_parser("list", help="list tasks, teachers and methods")
     return parser
@@ -216,6 +231,12 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "store":
         return _store_command(args)
+    if args.command == "report":
+        from stepdistill.report import report
+
+        out = report(args.sweep, args.out, teacher_run=args.teacher)
+        print(f"wrote {out / 'report.html'} and {out / 'report.md'}")
+        return 0
     if args.command == "export":
         from stepdistill.deploy import export
 
@@ -227,13 +248,13 @@ def run(argv: list[str] | None = None) -> int:
         if Path(args.out).exists():
             raise StepDistillError(f"{args.out} exists: choose a new --out (predictions never overwrite a file)")
         n = predict_file(args.model, args.input, args.out, field=args.field, batch_size=args.batch_size,
-                         rationales=args.rationales, max_new_tokens=args.max_new_tokens)
+                         rationales=args.rationales, max_new_tokens=args.max_new_tokens, dtype=args.dtype)
         print(f"wrote {n} predictions to {args.out}")
         return 0
     if args.command == "serve":
         from stepdistill.serve import serve
 
-        serve(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens)
+        serve(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens, dtype=args.dtype)
         return 0
     data = _config_dict(args)
     if args.command == "annotate":
@@ -242,6 +263,10 @@ def run(argv: list[str] | None = None) -> int:
         api.train(data, args.out, overwrite=args.overwrite, resume=args.resume)
     elif args.command == "eval":
         api.evaluate(_eval_defaults(data), args.out, overwrite=args.overwrite)
+    elif args.command == "sweep":
+        from stepdistill.sweep import sweep
+
+        sweep(data, args.out)
     return 0
 
 

@@ -127,13 +127,14 @@ def model_card(run: str | Path) -> str:
 
 
 def predict_file(model: str | Path, inputs: str | Path, out: str | Path, *, field: str = "input",
-                 batch_size: int = 32, rationales: bool = False, max_new_tokens: int | None = None) -> int:
+                 batch_size: int = 32, rationales: bool = False, max_new_tokens: int | None = None,
+                 dtype: str = "float32") -> int:
     """Predict a label for every record of a JSONL/CSV file (its `field`), streaming, in batches,
     with a progress bar; writes `out` (each input record + `prediction`, and `rationale` when
     asked) atomically. Returns the number of predictions."""
     from tqdm import tqdm
 
-    student, info = load_trained(model)
+    student, info = load_trained(model, dtype=dtype)
     limit = max_new_tokens or label_token_limit(info)
     total = sum(1 for _ in iter_records(inputs, (field,)))  # checks every record first: a bad line costs nothing
 

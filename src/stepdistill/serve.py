@@ -38,7 +38,7 @@ class Query(BaseModel):
         return self
 
 
-def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_size: int = 32):
+def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_size: int = 32, dtype: str = "float32"):
     """The FastAPI app serving one trained student (loaded once, here)."""
     try:
         from fastapi import FastAPI, HTTPException
@@ -47,7 +47,7 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
 
     from stepdistill.evaluation import label_token_limit, load_trained, predict
 
-    student, info = load_trained(model)
+    student, info = load_trained(model, dtype=dtype)
     limit = max_new_tokens or label_token_limit(info)
     lock = threading.Lock()  # one forward at a time: torch already uses every core for one batch
 
@@ -73,9 +73,10 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
     return app
 
 
-def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_new_tokens: int | None = None) -> None:
+def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_new_tokens: int | None = None,
+          dtype: str = "auto") -> None:
     try:
         import uvicorn
     except ImportError as e:
         raise StepDistillError('stepdistill serve needs uvicorn: pip install "stepdistill[serve]"') from e
-    uvicorn.run(create_app(model, max_new_tokens=max_new_tokens), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(model, max_new_tokens=max_new_tokens, dtype=dtype), host=host, port=port, log_level="info")

@@ -1,0 +1,413 @@
+"""`stepdistill report`: a sweep as a report a person wants to read.
+
+    stepdistill report runs/sweep-svamp --teacher runs/svamp-palm-test --out docs/results/svamp-cpu
+
+writes report.html (one self-contained file, plots embedded) and report.md (its twin, plots as
+PNG files beside it), from the sweep's own files:
+
+- accuracy against the share of training data, per method, with standard-error bars over seeds;
+- accuracy against student size, with the teacher as a reference line;
+- teacher against student: accuracy, ms and CPU-seconds per 1,000 predictions, parameters, size;
+- paired comparisons between methods on the same test items: McNemar's exact test and a paired
+  bootstrap over items and seeds (95% interval), saying plainly when a difference is noise;
+- training curves, each loss term on its own; annotation statistics; a confusion matrix for
+  classification tasks; a few test items with gold label, teacher rationale and predictions.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stepdistill.errors import StepDistillError
+from stepdistill.runs import write_text
+from stepdistill.sweep import table
+
+BOOTSTRAP = 2000
+
+
+# ---------------------------------------------------------------- reading a sweep
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def load_sweep(d: str | Path) -> dict[str, Any]:
+    d = Path(d)
+    results = _json(d / "results.json")
+    if results is None:
+        raise StepDistillError(f"{d} holds no sweep results (results.json): run `stepdistill sweep` into it first")
+    cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
+    for row in results["cells"]:
+        c = d / "cells" / row["cell"]
+        row["predictions"] = _jsonl(c / "eval" / "predictions.jsonl")
+        row["log"] = _jsonl(c / "train" / "train_log.jsonl")
+        row["size_mb"] = _size_mb(c / "train" / "model")
+    results["config"], results["dir"] = cfg, str(d)
+    ann = cfg.get("annotations")
+    results["annotation_summary"] = _json(Path(ann) / "summary.json") if ann else None
+    return results
+
+
+def _size_mb(folder: Path) -> float | None:
+    files = [p for p in folder.glob("*") if p.is_file()] if folder.is_dir() else []
+    return round(sum(p.stat().st_size for p in files) / 1e6, 1) if files else None
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> dict[str, Any]:
+    """McNemar's exact test on paired outcomes: only the items where the two disagree count."""
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    n = only_a + only_b
+    k = min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"only_a": only_a, "only_b": only_b, "p": p}
+
+
+def paired_bootstrap(a: list[list[bool]], b: list[list[bool]], *, seed: int = 0) -> dict[str, float]:
+    """Accuracy difference a - b and its 95% interval, resampling test items and seeds together
+    (a[s][i]: seed s, item i; the same items in both)."""
+    rng = random.Random(seed)
+    seeds, items = len(a), len(a[0])
+    diff = [[float(a[s][i]) - float(b[s][i]) for i in range(items)] for s in range(seeds)]
+    mean = sum(map(sum, diff)) / (seeds * items)
+    stats = []
+    for _ in range(BOOTSTRAP):
+        ss = [rng.randrange(seeds) for _ in range(seeds)]
+        ii = [rng.randrange(items) for _ in range(items)]
+        stats.append(sum(diff[s][i] for s in ss for i in ii) / (seeds * items))
+    stats.sort()
+    return {"diff": mean, "low": stats[int(0.025 * BOOTSTRAP)], "high": stats[int(0.975 * BOOTSTRAP) - 1]}
+
+
+def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every pair of methods at each (student, fraction), on the test items both were scored on."""
+    by = {}
+    for r in results["cells"]:
+        if r["status"] == "done" and r["predictions"]:
+            by.setdefault((r["student"], r["fraction"], r["method"]), {})[r["seed"]] = {
+                p["id"]: bool(p.get("correct")) for p in r["predictions"]}
+    out = []
+    keys = sorted({(s, f) for s, f, _ in by})
+    for student, fraction in keys:
+        methods = sorted(m for s, f, m in by if (s, f) == (student, fraction))
+        for ma, mb in itertools.combinations(methods, 2):
+            A, B = by[(student, fraction, ma)], by[(student, fraction, mb)]
+            seeds = sorted(set(A) & set(B))
+            if not seeds:
+                continue
+            items = sorted(set.intersection(*(set(A[s]) & set(B[s]) for s in seeds)))
+            a = [[A[s][i] for i in items] for s in seeds]
+            b = [[B[s][i] for i in items] for s in seeds]
+            test = mcnemar([x for row in a for x in row], [x for row in b for x in row])
+            boot = paired_bootstrap(a, b)
+            noise = boot["low"] <= 0 <= boot["high"]
+            out.append({"student": student, "fraction": fraction, "a": ma, "b": mb, "seeds": len(seeds),
+                        "items": len(items), **test, **boot, "within_noise": noise})
+    return out
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _figures(results: dict[str, Any], teacher: dict[str, Any] | None) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs: dict[str, bytes] = {}
+
+    def save(name: str, fig) -> None:
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        figs[name] = buf.getvalue()
+
+    summary = results["summary"]
+    students = sorted({s["student"] for s in summary})
+    fig, axes = plt.subplots(1, len(students), figsize=(6 * len(students), 4), squeeze=False)
+    for ax, student in zip(axes[0], students):
+        for method in sorted({s["method"] for s in summary}):
+            pts = sorted((s["fraction"], s["mean"], s["sem"] or 0) for s in summary
+                         if s["student"] == student and s["method"] == method and s["mean"] is not None)
+            if pts:
+                ax.errorbar([100 * p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
+                            marker="o", capsize=4, label=method)
+        if teacher and teacher.get("accuracy") is not None:
+            ax.axhline(100 * teacher["accuracy"], color="grey", ls="--", label="teacher")
+        ax.set(xlabel="training data used (%)", ylabel="test accuracy (%)", title=f"student {student}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save("accuracy_vs_data", fig)
+
+    params = {}
+    for r in results["cells"]:
+        if r["status"] == "done" and r.get("parameters"):
+            params[r["student"]] = r["parameters"]
+    if params:
+        top = max(s["fraction"] for s in summary)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in sorted({s["method"] for s in summary}):
+            pts = sorted((params[s["student"]], s["mean"], s["sem"] or 0) for s in summary
+                         if s["method"] == method and s["fraction"] == top and s["mean"] is not None
+                         and s["student"] in params)
+            if pts:
+                ax.errorbar([p[0] / 1e6 for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
+                            marker="o", capsize=4, label=method)
+        if teacher and teacher.get("accuracy") is not None:
+            ax.axhline(100 * teacher["accuracy"], color="grey", ls="--", label=f"teacher ({teacher['name']})")
+        ax.set(xscale="log", xlabel="student parameters (millions)", ylabel="test accuracy (%)",
+               title=f"accuracy vs student size ({100 * top:g}% of the data)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save("accuracy_vs_size", fig)
+
+    curves = _curve_cells(results)
+    if curves:
+        terms = sorted({k for r in curves for h in r["log"] for k in h if k.endswith("loss") and k != "eval_loss"})
+        fig, axes = plt.subplots(1, len(terms), figsize=(4.5 * len(terms), 3.6), squeeze=False)
+        for ax, term in zip(axes[0], terms):
+            for r in curves:
+                pts = [(h["step"], h[term]) for h in r["log"] if term in h]
+                if pts:
+                    ax.plot(*zip(*pts), label=r["method"])
+            ax.set(xlabel="step", ylabel=term, title=term.replace("_", " "))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        save("training_curves", fig)
+
+    cm = _confusion(results)
+    if cm:
+        labels, counts, cell = cm
+        fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.1 * len(labels) + 1.5))
+        ax.imshow(counts, cmap="Blues")
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_yticks(range(len(labels)), labels)
+        for i, j in itertools.product(range(len(labels)), repeat=2):
+            ax.text(j, i, counts[i][j], ha="center", va="center")
+        ax.set(xlabel="student prediction", ylabel="gold", title=f"confusion: {cell}")
+        save("confusion", fig)
+    return figs
+
+
+def _curve_cells(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One run per method for the training curves: the first seed, the largest data share."""
+    done = [r for r in results["cells"] if r["status"] == "done" and r["log"]]
+    if not done:
+        return []
+    top, seed = max(r["fraction"] for r in done), min(r["seed"] for r in done)
+    student = sorted(r["student"] for r in done)[0]
+    return [r for r in done if (r["fraction"], r["seed"], r["student"]) == (top, seed, student)]
+
+
+def _confusion(results: dict[str, Any]):
+    from stepdistill.tasks import get_task
+
+    try:
+        task = get_task(results["task"])
+    except StepDistillError:
+        return None
+    if task.label_kind != "classes" or not task.classes:
+        return None
+    best = _best_cell(results)
+    if best is None:
+        return None
+    labels = list(task.classes) + ["(other)"]
+    idx = {c: i for i, c in enumerate(labels)}
+    counts = [[0] * len(labels) for _ in labels]
+    for p in best["predictions"]:
+        if p.get("gold") in idx:
+            pred = task.normalize(p.get("prediction") or "") or "(other)"
+            counts[idx[p["gold"]]][idx.get(pred, len(labels) - 1)] += 1
+    return labels, counts, best["cell"]
+
+
+def _best_cell(results: dict[str, Any]) -> dict[str, Any] | None:
+    done = [r for r in results["cells"] if r["status"] == "done" and r["predictions"] and r.get("accuracy") is not None]
+    return max(done, key=lambda r: (r["fraction"], r["accuracy"])) if done else None
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _teacher(path: str | Path | None) -> dict[str, Any] | None:
+    if not path:
+        return None
+    s = _json(Path(path) / "summary.json")
+    if s is None:
+        raise StepDistillError(f"--teacher {path}: no annotation summary.json there: pass an annotation run "
+                               "of the evaluation split (stepdistill annotate --split test)")
+    t = s.get("teacher") or {}
+    usage = s.get("usage") or {}
+    cost = usage.get("cost_usd")
+    return {"name": f"{t.get('kind', '?')} {t.get('model', '')}".strip(), "accuracy": s.get("teacher_accuracy"),
+            "ms": s.get("ms_per_example"), "n": s.get("n"),
+            "usd_per_1000": 1000 * cost / s["n"] if cost is not None and s.get("n") else None,
+            "rows": {r["id"]: r for r in _jsonl(Path(path) / "annotations.jsonl")}}
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def build(sweep_dir: str | Path, teacher_run: str | Path | None = None) -> tuple[str, str, dict[str, bytes]]:
+    """(markdown, html, figures) of one sweep."""
+    results = load_sweep(sweep_dir)
+    teacher = _teacher(teacher_run)
+    figs = _figures(results, teacher)
+    comps = comparisons(results)
+    md: list[str] = [f"# {results['task']}: distillation sweep", "",
+                     f"Sweep `{results['dir']}`, evaluated on the {results['split']} split. Accuracy is the mean over "
+                     "training seeds ± its standard error; every method and seed saw the same nested data subsets.", ""]
+    md += ["## Accuracy", "", table(results["summary"]), "", "![accuracy vs data](figures/accuracy_vs_data.png)", ""]
+    if "accuracy_vs_size" in figs:
+        md += ["![accuracy vs size](figures/accuracy_vs_size.png)", ""]
+    md += ["## Are the differences real?", "",
+           "Each pair of methods on the same test items (pooled over the seeds both have): items only A got right, "
+           "only B got right, McNemar's exact p, and the accuracy difference A - B with a 95% interval from a "
+           "paired bootstrap over items and seeds. At a few hundred items a change of data order alone moves "
+           "accuracy by several points: a difference whose interval holds 0 is within noise.", "",
+           "| student | data | A | B | seeds x items | only A | only B | McNemar p | A - B (95% interval) | verdict |",
+           "|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    for c in comps:
+        verdict = "within noise" if c["within_noise"] else ("A better" if c["diff"] > 0 else "B better")
+        md.append(f"| {c['student']} | {100 * c['fraction']:g}% | {c['a']} | {c['b']} | {c['seeds']} x {c['items']} | "
+                  f"{c['only_a']} | {c['only_b']} | {c['p']:.3g} | {100 * c['diff']:+.1f} "
+                  f"({100 * c['low']:+.1f}, {100 * c['high']:+.1f}) | {verdict} |")
+    md += ["", "## Teacher against student", ""]
+    md += _deploy_table(results, teacher)
+    if "training_curves" in figs:
+        md += ["## Training", "", "Each loss term separately (first seed, largest data share).", "",
+               "![training curves](figures/training_curves.png)", ""]
+    ann = results.get("annotation_summary")
+    if ann:
+        md += ["## Teacher annotations (training split)", "",
+               f"- {ann.get('n')} inputs, {ann.get('parsed')} parsed, {ann.get('kept')} kept; "
+               f"dropped: {ann.get('dropped_reasons') or 'none'}",
+               f"- teacher accuracy on them: {_pct(ann.get('teacher_accuracy'))}; kept-label accuracy: "
+               f"{_pct(ann.get('kept_accuracy'))}; mean agreement of samples: {ann.get('mean_agreement') or '-'}", ""]
+    if "confusion" in figs:
+        md += ["## Confusion matrix", "", "![confusion](figures/confusion.png)", ""]
+    md += _examples(results, teacher)
+    failed = [r for r in results["cells"] if r["status"] == "failed"]
+    if failed:
+        md += ["## Failed cells", ""] + [f"- `{r['cell']}`: {r.get('error')}" for r in failed] + [""]
+    text = "\n".join(md) + "\n"
+    return text, to_html(text, figs, results["task"]), figs
+
+
+def _deploy_table(results: dict[str, Any], teacher: dict[str, Any] | None) -> list[str]:
+    rows = ["| model | accuracy | ms/prediction | CPU-s per 1,000 predictions | parameters | size on disk (MB) | "
+            "$ per 1,000 predictions |", "|---|---:|---:|---:|---:|---:|---:|"]
+    if teacher:
+        usd = "-" if teacher["usd_per_1000"] is None else f"{teacher['usd_per_1000']:.4f}"
+        ms = teacher["ms"] or "-"
+        rows.append(f"| teacher: {teacher['name']} | {_pct(teacher['accuracy'])} | {ms} | {ms} | - | - | {usd} |")
+    best = _best_cell(results)
+    if best:
+        ms = best.get("ms_per_example")
+        rows.append(f"| student: {best['method']} ({best['student']}, {100 * best['fraction']:g}% data, seed "
+                    f"{best['seed']}) | {_pct(best['accuracy'])} | {ms or '-'} | {ms or '-'} | "
+                    f"{best.get('parameters') or '-'} | {best.get('size_mb') or '-'} | - |")
+    return rows + ["", "ms/prediction as measured by each stage on this machine (the teacher: its chain-of-thought "
+                       "generation; the student: the label only). CPU-seconds per 1,000 predictions equal "
+                       "ms/prediction at one process per machine.", ""]
+
+
+def _examples(results: dict[str, Any], teacher: dict[str, Any] | None, n: int = 5) -> list[str]:
+    best = _best_cell(results)
+    if not best:
+        return []
+    out = ["## Examples", "", f"Test items with the best student ({best['cell']}).", ""]
+    for p in best["predictions"][:n]:
+        t = (teacher or {}).get("rows", {}).get(p["id"], {})
+        out += [f"- **Input:** {p['input'][:400]}", f"  - gold: `{p.get('gold')}`; student: `{p.get('prediction')}` "
+                f"({'right' if p.get('correct') else 'wrong'})"]
+        if t:
+            out.append(f"  - teacher: `{t.get('label')}`; rationale: {(t.get('rationale') or '-')[:400]}")
+        if p.get("rationale"):
+            out.append(f"  - student's own rationale: {p['rationale'][:400]}")
+    return out + [""]
+
+
+def to_html(markdown: str, figs: dict[str, bytes], title: str) -> str:
+    """A self-contained page from the Markdown above: headings, lists, tables, embedded plots."""
+    body, table_rows = [], []
+
+    def flush():
+        if table_rows:
+            head, *rest = table_rows
+            body.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rest) + "</table>")
+            table_rows.clear()
+
+    def inline(text: str) -> str:
+        text = html.escape(text)
+        parts = text.split("`")
+        text = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+        parts = text.split("**")
+        return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= set("-:") for c in cells):
+                table_rows.append([inline(c) for c in cells])
+            continue
+        flush()
+        if line.startswith("!["):
+            name = line.split("(figures/")[1].split(".png")[0]
+            if name in figs:
+                b64 = base64.b64encode(figs[name]).decode()
+                body.append(f'<img alt="{name}" src="data:image/png;base64,{b64}">')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
+        elif line.lstrip().startswith("- "):
+            body.append(f'<li style="margin-left:{len(line) - len(line.lstrip())}em">{inline(line.lstrip()[2:])}</li>')
+        elif line.strip():
+            body.append(f"<p>{inline(line)}</p>")
+    flush()
+    css = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+           "table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;"
+           "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+           "img{max-width:100%;margin:1em 0}code{background:#f5f5f5;padding:0 3px}li{list-style:disc}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}: stepdistill report</title>"
+            f"<style>{css}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def report(sweep_dir: str | Path, out: str | Path, *, teacher_run: str | Path | None = None) -> Path:
+    """Write out/report.md, out/report.html and out/figures/*.png."""
+    md, page, figs = build(sweep_dir, teacher_run)
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    for name, png in figs.items():
+        (out / "figures" / f"{name}.png").write_bytes(png)
+    write_text(out / "report.md", md)
+    write_text(out / "report.html", page)
+    return out

@@ -1,0 +1,157 @@
+"""`stepdistill sweep`: how little data and how small a student can you get away with?
+
+A grid of training runs, methods x data fractions x students x seeds, each trained and then
+evaluated on the same test items:
+
+    stepdistill sweep --config configs/paper/svamp_cpu.yaml --out runs/sweep-svamp
+
+- **Nested, deterministic subsets.** The validation carve and the data subsets come from one
+  `data_seed`: the 12.5% subset lies inside the 25% subset, and is the same for every method
+  and every training seed (the paper's code drew a new subset per seed).
+- **Resumable.** A cell whose evaluation is written is never run again; a cell stopped while
+  training resumes from its last checkpoint. A failed cell is recorded (cells/<cell>/error.txt)
+  and the sweep goes on.
+- **One table.** results.json and cells.csv (one row per cell) and summary.csv (per method,
+  student and fraction: mean, standard error and spread over seeds).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import re
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from stepdistill.config import SweepRun, coerce
+from stepdistill.runs import create_run, write_json, write_text
+
+Printer = Callable[[str], None]
+
+
+def _tag(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:40] or "x"
+
+
+def cells(cfg: SweepRun) -> list[dict[str, Any]]:
+    """The grid, in run order: student, method, fraction, then seed (so every cell of a row of
+    the final table is done before the next row starts)."""
+    method_tags = [_tag(m.name + ("-kd" if m.kd else "") + ("-decoder" if m.task_marker == "decoder" else ""))
+                   for m in cfg.methods]
+    if len(set(method_tags)) < len(method_tags):  # the same method twice, configured differently
+        method_tags = [f"{t}{i}" for i, t in enumerate(method_tags)]
+    student_tags = [_tag(Path(s.model).name) for s in cfg.students]
+    if len(set(student_tags)) < len(student_tags):
+        student_tags = [f"{t}{i}" for i, t in enumerate(student_tags)]
+    out = []
+    for (si, s), (mi, m), f, seed in itertools.product(enumerate(cfg.students), enumerate(cfg.methods),
+                                                       cfg.fractions, cfg.seeds):
+        out.append({"name": f"{method_tags[mi]}__{student_tags[si]}__f{f:g}__s{seed}", "method": m,
+                    "method_tag": method_tags[mi], "student": s, "student_tag": student_tags[si],
+                    "fraction": f, "seed": seed})
+    return out
+
+
+def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print) -> dict[str, Any]:
+    """Run (or resume) every cell of the grid; write and return the collected results."""
+    from stepdistill import api
+
+    cfg = coerce(SweepRun, cfg)
+    grid = cells(cfg)
+    with create_run(out, cfg, command="sweep", resume=True, inputs=(cfg.task.path, cfg.annotations)) as run:
+        echo = run.tee(echo)
+        echo(f"sweep: {len(grid)} cells ({len(cfg.methods)} methods x {len(cfg.fractions)} fractions x "
+             f"{len(cfg.students)} students x {len(cfg.seeds)} seeds) in {run.dir}")
+        rows = []
+        for i, c in enumerate(grid, start=1):
+            d = run.dir / "cells" / c["name"]
+            row = {"cell": c["name"], "method": c["method_tag"], "student": c["student_tag"],
+                   "fraction": c["fraction"], "seed": c["seed"]}
+            done = d / "eval" / "metrics.json"
+            if done.is_file():
+                row.update(_metrics(d), status="done")
+                rows.append(row)
+                continue
+            echo(f"[{i}/{len(grid)}] {c['name']}")
+            try:
+                train_cfg = {"task": cfg.task.model_dump(), "student": c["student"].model_dump(),
+                             "method": c["method"].model_dump(), "annotations": cfg.annotations,
+                             "split": cfg.split, "limit": cfg.limit, "val_split": cfg.val_split,
+                             "training": {**cfg.training.model_dump(), "seed": c["seed"], "data_seed": cfg.data_seed,
+                                          "data_fraction": c["fraction"]}}
+                if not (d / "train" / "metrics.json").is_file():
+                    started = (d / "train").is_dir() and any((d / "train").iterdir())
+                    api.train(train_cfg, d / "train", resume=started, echo=lambda _: None)
+                api.evaluate({"task": cfg.task.model_dump(), "model": str(d / "train"), "split": cfg.eval.split,
+                              "limit": cfg.eval.limit, "batch_size": cfg.eval.batch_size}, d / "eval",
+                             overwrite=(d / "eval").exists(), echo=lambda _: None)
+                row.update(_metrics(d), status="done")
+                (d / "error.txt").unlink(missing_ok=True)
+                echo(f"    accuracy {row['accuracy']:.2%}" if row["accuracy"] is not None else "    accuracy n/a")
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # a failed cell is recorded; the sweep goes on
+                d.mkdir(parents=True, exist_ok=True)
+                write_text(d / "error.txt", "".join(traceback.format_exception(e)))
+                row.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+                echo(f"    failed: {row['error']} (details in {d / 'error.txt'})")
+            rows.append(row)
+        results = {"task": cfg.task.name, "split": cfg.eval.split, "cells": rows, "summary": summarise(rows)}
+        write_json(run.path("results.json"), results)
+        write_text(run.path("cells.csv"), _csv(rows, ["cell", "method", "student", "fraction", "seed", "status",
+                                                      "accuracy", "n", "ms_per_example", "parameters", "error"]))
+        write_text(run.path("summary.csv"), _csv(results["summary"], ["method", "student", "fraction", "seeds",
+                                                                      "mean", "sem", "min", "max", "failed"]))
+        echo(table(results["summary"]))
+        failed = sum(r["status"] == "failed" for r in rows)
+        echo(f"wrote {run.path('results.json')}, cells.csv, summary.csv" + (f"; {failed} cells failed" if failed else ""))
+    return results
+
+
+def _metrics(d: Path) -> dict[str, Any]:
+    m = json.loads((d / "eval" / "metrics.json").read_text())
+    return {"accuracy": m.get("accuracy"), "n": m.get("n"), "ms_per_example": m.get("ms_per_example"),
+            "parameters": m.get("parameters")}
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (method, student, fraction): mean accuracy over seeds, its standard error
+    (sample standard deviation / sqrt(seeds)), min and max."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["student"], r["fraction"]), []).append(r)
+    out = []
+    for (method, student, fraction), rs in groups.items():
+        accs = [r["accuracy"] for r in rs if r["status"] == "done" and r.get("accuracy") is not None]
+        n = len(accs)
+        mean = sum(accs) / n if n else None
+        sem = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1) / n) if n > 1 else None
+        out.append({"method": method, "student": student, "fraction": fraction, "seeds": n,
+                    "mean": mean, "sem": sem, "min": min(accs) if accs else None, "max": max(accs) if accs else None,
+                    "failed": sum(r["status"] == "failed" for r in rs)})
+    return out
+
+
+def table(summary: list[dict[str, Any]]) -> str:
+    """The summary as a Markdown table: accuracy mean ± standard error (seeds)."""
+    lines = ["| method | student | data | accuracy (mean ± s.e.) | seeds | range |", "|---|---|---:|---:|---:|---:|"]
+    for s in summary:
+        acc = "-" if s["mean"] is None else f"{100 * s['mean']:.1f}%" + (
+            f" ± {100 * s['sem']:.1f}" if s["sem"] is not None else "")
+        rng = "-" if s["min"] is None else f"{100 * s['min']:.1f}-{100 * s['max']:.1f}%"
+        seeds = f"{s['seeds']}" + (f" ({s['failed']} failed)" if s["failed"] else "")
+        lines.append(f"| {s['method']} | {s['student']} | {100 * s['fraction']:g}% | {acc} | {seeds} | {rng} |")
+    return "\n".join(lines)
+
+
+def _csv(rows: list[dict[str, Any]], fields: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
