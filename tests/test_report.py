@@ -1,0 +1,113 @@
+"""stepdistill report: the statistics against hand-computed values, and a report written from a
+sweep directory built in the test (no training)."""
+
+import json
+import random
+
+import pytest
+
+from stepdistill import cli
+from stepdistill.errors import StepDistillError
+from stepdistill.report import comparisons, load_sweep, mcnemar, paired_bootstrap, report
+from stepdistill.sweep import summarise
+
+
+def test_mcnemar_exact():
+    a = [True] * 10 + [False] * 10
+    b = [True] * 10 + [True] * 2 + [False] * 8  # b right on 2 items a got wrong, never the reverse
+    r = mcnemar(a, b)
+    assert (r["only_a"], r["only_b"]) == (0, 2) and r["p"] == pytest.approx(0.5)  # 2 * (1/2)^2
+    assert mcnemar([True] * 10 + [False] * 10, [False] * 10 + [True] * 10)["p"] == 1.0  # 10 each way: no evidence
+    r = mcnemar([True] * 20, [False] * 20)  # 20 one way, none the other
+    assert (r["only_a"], r["only_b"]) == (20, 0) and r["p"] == pytest.approx(2 / 2 ** 20)
+    r = mcnemar([True] * 9 + [False], [False] * 9 + [True])  # 9 vs 1: p = 2 * (1 + 10) / 1024
+    assert r["p"] == pytest.approx(22 / 1024)
+    assert mcnemar([True, False], [True, False])["p"] == 1.0
+
+
+def test_paired_bootstrap_interval():
+    rng = random.Random(0)
+    a = [[rng.random() < 0.8 for _ in range(200)] for _ in range(3)]
+    b = [[x and rng.random() < 0.7 for x in row] for row in a]  # clearly worse
+    r = paired_bootstrap(a, b)
+    assert r["low"] <= r["diff"] <= r["high"] and r["low"] > 0
+    same = paired_bootstrap(a, a)
+    assert same["diff"] == same["low"] == same["high"] == 0
+
+
+def _fake_sweep(d, task="esnli"):
+    """A finished sweep's files: 2 methods x 2 fractions x 2 seeds, 40 test items."""
+    rng = random.Random(1)
+    classes = ["entailment", "neutral", "contradiction"]
+    gold = [rng.choice(classes) for _ in range(40)]
+    rows = []
+    for method, skill in (("standard", 0.5), ("step-by-step", 0.8)):
+        for fraction in (0.5, 1.0):
+            for seed in (0, 1):
+                name = f"{method}__s__f{fraction:g}__s{seed}"
+                c = d / "cells" / name
+                (c / "eval").mkdir(parents=True)
+                (c / "train" / "model").mkdir(parents=True)
+                (c / "train" / "model" / "model.safetensors").write_bytes(b"x" * 1000)
+                preds = [g if rng.random() < skill * fraction + 0.1 else rng.choice(classes) for g in gold]
+                (c / "eval" / "predictions.jsonl").write_text("".join(json.dumps(
+                    {"id": f"t{i}", "input": f"premise {i}", "gold": g, "prediction": p, "correct": p == g}) + "\n"
+                    for i, (g, p) in enumerate(zip(gold, preds))))
+                (c / "train" / "train_log.jsonl").write_text("".join(json.dumps(
+                    {"step": s, "loss": 3 / s, "label_loss": 2 / s, "rationale_loss": 4 / s}) + "\n" for s in range(1, 6)))
+                acc = sum(p == g for p, g in zip(preds, gold)) / 40
+                rows.append({"cell": name, "method": method, "student": "s", "fraction": fraction, "seed": seed,
+                             "status": "done", "accuracy": acc, "n": 40, "ms_per_example": 2.5, "parameters": 1000})
+    rows.append({"cell": "broken", "method": "distill", "student": "s", "fraction": 1.0, "seed": 0,
+                 "status": "failed", "error": "StepDistillError: no annotations"})
+    (d / "results.json").write_text(json.dumps({"task": task, "split": "test", "cells": rows,
+                                                "summary": summarise(rows)}))
+    (d / "config.yaml").write_text("task: {name: esnli}\n")
+    return d
+
+
+def test_report_writes_html_and_markdown(tmp_path):
+    sweep = _fake_sweep(tmp_path / "sweep")
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "summary.json").write_text(json.dumps({"teacher": {"kind": "paper", "model": "PaLM-540B"},
+                                                      "teacher_accuracy": 0.73, "ms_per_example": 900.0, "n": 40}))
+    (teacher / "annotations.jsonl").write_text(json.dumps({"id": "t0", "label": "neutral", "rationale": "Because."}) + "\n")
+    out = report(sweep, tmp_path / "out", teacher_run=teacher)
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    for fig in ("accuracy_vs_data", "accuracy_vs_size", "training_curves", "confusion"):
+        assert (out / "figures" / f"{fig}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"figures/{fig}.png" in md and f'alt="{fig}"' in page
+    assert "src=\"http" not in page and page.count("data:image/png;base64,") == 4  # self-contained
+    assert "| standard | s | 100% |" in md and "teacher: paper PaLM-540B | 73.0%" in md
+    assert "rationale: Because." in md and "broken" in md  # examples with the teacher; failed cells listed
+    comps = comparisons(load_sweep(sweep))
+    assert {(c["a"], c["b"], c["fraction"]) for c in comps} == {("standard", "step-by-step", 0.5),
+                                                                ("standard", "step-by-step", 1.0)}
+    assert all(c["seeds"] == 2 and c["items"] == 40 for c in comps)
+    verdicts = [line for line in md.splitlines() if "| standard | step-by-step |" in line]
+    assert len(verdicts) == 2
+    assert "B better" in next(v for v in verdicts if "| 100% |" in v)  # 0.6 vs 0.9 skill on 2 x 40 items
+
+
+def test_identical_methods_are_within_noise(tmp_path):
+    sweep = _fake_sweep(tmp_path / "sweep")
+    res = load_sweep(sweep)
+    for r in res["cells"]:  # step-by-step made a copy of standard
+        if r["method"] == "step-by-step":
+            twin = next(x for x in res["cells"] if x["method"] == "standard" and x["fraction"] == r["fraction"]
+                        and x["seed"] == r["seed"])
+            r["predictions"] = twin["predictions"]
+    assert all(c["within_noise"] and c["diff"] == 0 for c in comparisons(res))
+
+
+def test_report_needs_a_sweep(tmp_path):
+    with pytest.raises(StepDistillError, match="holds no sweep results"):
+        report(tmp_path, tmp_path / "out")
+
+
+def test_cli_report(tmp_path, capsys):
+    sweep = _fake_sweep(tmp_path / "sweep")
+    cli.run(["report", str(sweep), "--out", str(tmp_path / "r")])
+    assert "report.html" in capsys.readouterr().out and (tmp_path / "r" / "report.html").is_file()

@@ -1,0 +1,116 @@
+"""stepdistill sweep: the grid runs, subsets are nested and fixed across methods and seeds, a
+failed cell is recorded while the rest go on, and a rerun does no finished cell again."""
+
+import csv
+import json
+
+import pytest
+
+from stepdistill import api, cli
+from stepdistill.api import nested_subset
+from stepdistill.config import SweepRun
+from stepdistill.errors import RunExistsError
+from stepdistill.sweep import cells, summarise, sweep
+from stepdistill.tasks import get_task
+from stepdistill.testing.openai_server import FakeOpenAIServer
+from tiny_models import llama_student
+
+QUESTIONS = get_task("quickstart").load("train")[:24]
+GOLD = {e.input: e.label for e in QUESTIONS}
+
+
+def test_nested_subsets_are_nested_and_fixed():
+    exs = get_task("quickstart").load("train")
+    small, half, whole = (nested_subset(exs, f, seed=7) for f in (0.125, 0.5, 1.0))
+    assert len(small) == 25 and len(half) == 100 and whole == exs
+    assert set(e.id for e in small) < set(e.id for e in half)
+    assert [e.index for e in half] == sorted(e.index for e in half)  # original order kept
+    assert nested_subset(exs, 0.5, seed=7) == half  # deterministic
+    assert nested_subset(exs, 0.5, seed=8) != half  # the data seed decides
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweep")
+    data = d / "data.jsonl"
+    data.write_text("".join(json.dumps({"input": e.input, "label": e.label}) + "\n" for e in QUESTIONS))
+    s = llama_student(0)
+    s.model.save_pretrained(d / "student")
+    s.tokenizer.save_pretrained(d / "student")
+
+    def answer(prompt, body):
+        q = prompt.rsplit("Q: ", 1)[1].split("\nA:")[0].strip()
+        return f"Work it out. The answer is {GOLD[q]}."
+
+    with FakeOpenAIServer(answer) as srv:
+        api.annotate({"task": {"name": "svamp", "path": str(data)}, "split": "train",
+                      "teacher": {"kind": "openai", "base_url": srv.url, "model": "m"}},
+                     d / "ann", store_path=d / "s.sqlite", echo=lambda _: None)
+    cfg = {"task": {"name": "svamp", "path": str(data)}, "annotations": str(d / "ann"),
+           "methods": ["standard", "step-by-step", {"name": "step-by-step", "task_marker": "decoder"}],
+           "fractions": [0.5, 1.0], "students": [str(d / "student")], "seeds": [0, 1],
+           "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "val_fraction": 0.25, "bf16": False},
+           "eval": {"limit": 6}}
+    return d, cfg
+
+
+def test_sweep_runs_the_grid_records_failures_and_resumes(setup, monkeypatch):
+    d, cfg = setup
+    out = d / "run"
+    lines = []
+    results = sweep(cfg, out, echo=lines.append)
+    rows = results["cells"]
+    assert len(rows) == 12 == len(cells(SweepRun(**cfg)))
+    done = [r for r in rows if r["status"] == "done"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(done) == 8 and len(failed) == 4  # a causal student cannot take the decoder marker
+    assert all("task_marker=decoder needs an encoder-decoder student" in r["error"] for r in failed)
+    assert all((out / "cells" / r["cell"] / "error.txt").is_file() for r in failed)
+    for r in done:
+        train = json.loads((out / "cells" / r["cell"] / "train" / "metrics.json").read_text())
+        assert train["n_train"] == (9 if r["fraction"] == 0.5 else 18)  # 24 - 6 validation, then the share
+        assert 0 <= r["accuracy"] <= 1 and r["n"] == 6
+    summary = {(s["method"], s["fraction"]): s for s in results["summary"]}
+    assert summary[("standard", 0.5)]["seeds"] == 2 and summary[("step-by-step", 1.0)]["seeds"] == 2
+    assert summary[("step-by-step-decoder", 1.0)]["failed"] == 2 and summary[("step-by-step-decoder", 1.0)]["mean"] is None
+    assert any("| standard |" in line for line in lines)  # the table is printed
+    with open(out / "summary.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert (out / "cells.csv").is_file() and (out / "results.json").is_file()
+
+    # a rerun trains and evaluates nothing that finished
+    calls = []
+    monkeypatch.setattr(api, "train", lambda *a, **k: calls.append("train"))
+    monkeypatch.setattr(api, "evaluate", lambda *a, **k: calls.append("eval"))
+    again = sweep(cfg, out, echo=lambda _: None)
+    assert calls == ["train", "eval"] * 4  # only the 4 failed cells are tried again
+    assert [r["accuracy"] for r in again["cells"] if r["status"] == "done"] == [r["accuracy"] for r in done]
+
+
+def test_sweep_refuses_a_changed_config_in_the_same_directory(setup):
+    d, cfg = setup
+    out = d / "run2"
+    small = {**cfg, "methods": ["standard"], "fractions": [1.0], "seeds": [0]}
+    sweep(small, out, echo=lambda _: None)
+    with pytest.raises(RunExistsError, match="differs in training.learning_rate"):
+        sweep({**small, "training": {**small["training"], "learning_rate": 1e-2}}, out, echo=lambda _: None)
+
+
+def test_summary_mean_and_standard_error():
+    rows = [{"method": "m", "student": "s", "fraction": 1.0, "status": "done", "accuracy": a} for a in (0.5, 0.7, 0.6)]
+    rows.append({"method": "m", "student": "s", "fraction": 1.0, "status": "failed"})
+    (s,) = summarise(rows)
+    assert s["seeds"] == 3 and s["failed"] == 1
+    assert s["mean"] == pytest.approx(0.6) and s["sem"] == pytest.approx(0.1 / 3 ** 0.5)
+    assert (s["min"], s["max"]) == (0.5, 0.7)
+
+
+def test_cli_sweep(setup, tmp_path, capsys):
+    import yaml
+
+    d, cfg = setup
+    f = tmp_path / "sweep.yaml"
+    f.write_text(yaml.safe_dump({**cfg, "methods": ["standard"], "fractions": [1.0]}))
+    cli.run(["sweep", "--config", str(f), "--set", "seeds=[3]", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "| standard |" in out and "wrote" in out
