@@ -45,3 +45,12 @@ def test_shipped_configs_validate(path):
     data = load_yaml(path)
     model = AnnotateRun if "teacher" in data else TrainRun
     build(model, data, str(path))
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "paper").glob("*.yaml")), ids=lambda p: p.name)
+def test_paper_sweep_configs_validate(path):
+    from stepdistill.config import SweepRun
+
+    cfg = build(SweepRun, load_yaml(path), str(path))
+    assert {m.name for m in cfg.methods} == {"standard", "distill", "step-by-step"}
+    assert len(cfg.seeds) >= 3 and cfg.eval.split == "test"
