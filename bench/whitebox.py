@@ -100,13 +100,14 @@ def main() -> None:
 
         def train(tag, model, method, *, lr=3e-4):
             out = d / tag
-            if not (out / "metrics.json").is_file():
+            if not (out / "metrics.json").is_file():  # an interrupted row resumes from its last checkpoint
+                started = out.is_dir() and (out / "config.yaml").is_file()
                 api.train({"task": task, "student": {"model": str(model)}, "method": method,
                            "annotations": str(rationales), "val_split": spec["val_split"],
                            "training": {"max_steps": steps, "batch_size": 8, "learning_rate": lr, "bf16": True,
                                         "seed": args.seed, "val_size": 40, "eval_steps": max(steps // 3, 1),
                                         "max_target_length": 128, "max_input_length": 256}},
-                          out, overwrite=True)
+                          out, resume=started)
             return out
 
         def evaluate(tag, run):
