@@ -17,6 +17,7 @@ import time
 import pytest
 
 from stepdistill import api
+from stepdistill.config import AnnotateRun
 from stepdistill.errors import StepDistillError
 from stepdistill.store import AnnotationStore
 from stepdistill.tasks import get_task
@@ -343,3 +344,67 @@ def test_large_runs_are_prepared_a_chunk_at_a_time(tmp_path, monkeypatch):
     prompt_of = {rec["key"]: rec["prompt"] for rec in store.rows()}
     store.close()
     assert all(question(prompt_of[smp["key"]]) == x["input"] for x in r for smp in x["samples"])
+
+
+# --- scale-out: replicas with health, sharded annotation ----------------------------------------
+
+
+def _questions(n):
+    from stepdistill.tasks import get_task
+
+    return get_task("quickstart").load("train")[:n]
+
+
+def _pool(tmp_path, n):
+    qs = _questions(n)
+    f = tmp_path / "pool.jsonl"
+    f.write_text("".join(json.dumps({"input": e.input, "label": e.label}) + "\n" for e in qs))
+    return f, {e.input: e.label for e in qs}
+
+
+def _answerer(gold):
+    def answer(prompt, body):
+        q = prompt.rsplit("Q: ", 1)[1].split("\nA:")[0].strip()
+        return f"Work it out. The answer is {gold[q]}."
+    return answer
+
+
+def test_replicas_share_the_work_and_a_dead_one_is_taken_out(tmp_path):
+    data, gold = _pool(tmp_path, 40)
+    with FakeOpenAIServer(_answerer(gold), latency=0.05) as a, FakeOpenAIServer(_answerer(gold), latency=0.05) as b:
+        killer = threading.Thread(target=lambda: (b.wait_answered(6), b.stop()))
+        killer.start()
+        summary = api.annotate({"task": {"name": "svamp", "path": str(data)}, "split": "train",
+                                "teacher": {"kind": "openai", "base_url": a.url, "replicas": [b.url], "model": "m",
+                                            "concurrency": 2, "backoff": 0.01, "replica_cooldown": 60}},
+                               tmp_path / "run", store_path=tmp_path / "s.sqlite", echo=lambda _: None)
+        killer.join()
+        answered = a.answered() + b.answered()
+    assert summary["n"] == summary["generated"] == 40 and summary["failed"] == 0
+    assert sum(answered.values()) == 40 and set(answered.values()) == {1}  # every input answered exactly once
+    assert sum(b.answered().values()) >= 6 and sum(a.answered().values()) >= 20  # both served; a took over
+    assert summary["usage"]["replicas_taken_out"] == 1
+
+
+def test_sharded_annotation_covers_every_input_once(tmp_path):
+    data, gold = _pool(tmp_path, 30)
+    store = tmp_path / "s.sqlite"
+    with FakeOpenAIServer(_answerer(gold)) as srv:
+        cfg = {"task": {"name": "svamp", "path": str(data)}, "split": "train",
+               "teacher": {"kind": "openai", "base_url": srv.url, "model": "m"}}
+        shards = [api.annotate({**cfg, "shard": f"{i}/3"}, tmp_path / f"shard{i}", store_path=store,
+                               echo=lambda _: None) for i in range(3)]
+        whole = api.annotate(cfg, tmp_path / "all", store_path=store, echo=lambda _: None)
+        answered = srv.answered()
+    assert sum(s["n"] for s in shards) == 30 and all(s["n"] > 0 for s in shards)
+    ids = [json.loads(x)["id"] for i in range(3) for x in (tmp_path / f"shard{i}" / "annotations.jsonl").read_text().splitlines()]
+    assert sorted(ids) == sorted(f"train-{i}" for i in range(30))  # disjoint, and together all of them
+    assert sum(answered.values()) == 30 and set(answered.values()) == {1}
+    assert whole["generated"] == 0 and whole["from_store"] == 30 and whole["n"] == 30  # collected at no cost
+
+
+def test_bad_shard_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="shard must be I/N"):
+        AnnotateRun(task={"name": "svamp"}, shard="first half")
+    with pytest.raises(ValueError, match="need 0 <= I < N"):
+        AnnotateRun(task={"name": "svamp"}, shard="3/3")

@@ -54,7 +54,8 @@ def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = Fals
 
     cfg = coerce(AnnotateRun, cfg)
     task = get_task(cfg.task.name, cfg.task.spec)
-    examples = stream_examples(task, cfg.split, cfg.task.path, cfg.limit)  # read a chunk at a time
+    shard = tuple(int(x) for x in cfg.shard.split("/")) if cfg.shard else None
+    examples = stream_examples(task, cfg.split, cfg.task.path, cfg.limit, shard)  # read a chunk at a time
     teacher = make_teacher(cfg.teacher, task, cfg.split, cfg.task.path)
     if cfg.verify.samples > 1 and not teacher.samples:
         raise StepDistillError(f"the {teacher.kind} teacher has one fixed output per input: set verify.samples=1")

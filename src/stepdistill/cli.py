@@ -32,6 +32,7 @@ _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
         ("--teacher", "teacher.kind", str, "teacher kind: hf, openai, llamacpp, vllm or paper"),
         ("--model", "teacher.model", str, "teacher model: hub id, folder, .gguf file, or the served model's name (openai)"),
         ("--base-url", "teacher.base_url", str, "openai: the server's API root, e.g. http://127.0.0.1:8000/v1"),
+        ("--replica", "teacher.replicas", str, "openai: another API root serving the same model (repeat the flag)"),
         ("--endpoint", "teacher.endpoint", str, "openai: chat or completions"),
         ("--concurrency", "teacher.concurrency", int, "openai: most requests in flight"),
         ("--budget-usd", "teacher.budget.usd", float, "openai: stop before spending more (needs teacher.price)"),
@@ -44,6 +45,7 @@ _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
         ("--max-new-tokens", "teacher.sampling.max_new_tokens", int, "longest completion"),
         ("--temperature", "teacher.sampling.temperature", float, "0 = greedy"),
         ("--limit", "limit", int, "annotate only the first N examples"),
+        ("--shard", "shard", str, "I/N: only shard I of N (by input hash); N processes share one --store"),
     ],
     "train": _TASK_FLAGS + [
         ("--annotations", "annotations", str, "annotation run directory (distill, step-by-step)"),
@@ -76,7 +78,10 @@ def _add_common(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--out", required=stage != "eval", help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     for flag, key, typ, help_ in _FLAGS[stage]:
-        p.add_argument(flag, dest="f:" + key, type=typ, help=help_)
+        if key == "teacher.replicas":  # a list: one flag per replica
+            p.add_argument(flag, dest="f:" + key, type=typ, action="append", help=help_)
+        else:
+            p.add_argument(flag, dest="f:" + key, type=typ, help=help_)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -90,7 +90,12 @@ class TeacherConfig(_Section):
     base_url: Optional[str] = Field(None, description="openai: the server's API root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1.")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: the environment variable holding the API key (the key itself is never read from a config).")
     endpoint: Literal["chat", "completions"] = Field("chat", description="openai: /chat/completions (the prompt as one user message) or /completions (raw continuation).")
-    concurrency: int = Field(16, gt=0, description="openai: most requests in flight at once.")
+    replicas: list[str] = Field(
+        default_factory=list, description="openai: more API roots serving the same model. Requests are spread over "
+        "base_url and these (each with `concurrency` in flight); a replica that fails 3 times in a row is taken out "
+        "for replica_cooldown seconds and its requests are retried on the others.")
+    replica_cooldown: float = Field(30.0, ge=0, description="openai: seconds a failing replica stays out before it is tried again.")
+    concurrency: int = Field(16, gt=0, description="openai: most requests in flight at once (per replica).")
     timeout: float = Field(120.0, gt=0, description="openai: seconds one request may take, end to end, before it is retried.")
     max_retries: int = Field(6, ge=0, description="openai: retries per request on 429, 5xx, timeouts, dropped connections, malformed or empty replies.")
     backoff: float = Field(1.0, ge=0, description="openai: first retry delay in seconds; doubles each retry (with jitter) unless the server sends Retry-After.")
@@ -110,14 +115,16 @@ class TeacherConfig(_Section):
 
         return _registered(TEACHERS, v)
 
-    @field_validator("base_url")
+    @field_validator("base_url", "replicas")
     @classmethod
-    def _no_credentials_in_url(cls, v: Optional[str]) -> Optional[str]:
+    def _no_credentials_in_url(cls, v: Any) -> Any:
         from urllib.parse import urlsplit
 
-        if v and (urlsplit(v).password or urlsplit(v).query):
-            raise ValueError("teacher.base_url must not carry credentials or a query (they would be written to config.yaml): "
-                             "put the key in an environment variable and name it in teacher.api_key_env")
+        for url in v if isinstance(v, list) else [v]:
+            if url and (urlsplit(url).password or urlsplit(url).query):
+                raise ValueError("teacher.base_url and teacher.replicas must not carry credentials or a query (they "
+                                 "would be written to config.yaml): put the key in an environment variable and name "
+                                 "it in teacher.api_key_env")
         return v
 
     @model_validator(mode="after")
@@ -270,6 +277,23 @@ class AnnotateRun(_Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     limit: Optional[int] = Field(None, gt=0, description="Annotate only the first N examples.")
+    shard: Optional[str] = Field(
+        None, description="I/N: annotate only the examples whose input hash falls in shard I of N (0-based), so N "
+        "processes or machines split a dataset, each writing to the same store; a final run without shard then "
+        "collects them all from the store at no cost.")
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        try:
+            i, n = (int(x) for x in v.split("/"))
+        except ValueError:
+            raise ValueError(f"shard must be I/N, e.g. 0/4, got {v!r}") from None
+        if not (n > 0 and 0 <= i < n):
+            raise ValueError(f"shard {v}: need 0 <= I < N")
+        return v
 
     @model_validator(mode="after")
     def _samples_need_sampling(self) -> "AnnotateRun":

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -54,9 +55,10 @@ class ExampleStream:
     dataset of any size is handled in bounded memory. Built by a first pass over the source
     that checks every record and counts them: a bad line stops a run before it starts."""
 
-    def __init__(self, task: Task, split: str, path: str | Path | None, limit: int | None = None):
-        self.task, self.split, self.path = task, split, path
-        self.n = sum(1 for _ in islice(task.iter_load(split, path), limit or None))
+    def __init__(self, task: Task, split: str, path: str | Path | None, limit: int | None = None,
+                 shard: tuple[int, int] | None = None):
+        self.task, self.split, self.path, self.limit, self.shard = task, split, path, limit, shard
+        self.n = sum(1 for _ in self)
         if not self.n:
             raise _no_examples(task, split, path)
 
@@ -64,13 +66,26 @@ class ExampleStream:
         return self.n
 
     def __iter__(self) -> Iterator[Example]:
-        return islice(self.task.iter_load(self.split, self.path), self.n)
+        examples = islice(self.task.iter_load(self.split, self.path), self.limit or None)
+        if self.shard is None:
+            return examples
+        i, n = self.shard
+        return (e for e in examples if shard_of(e, n) == i)
+
+
+def shard_of(example: Example, n: int) -> int:
+    """Which of n shards an example belongs to: a hash of its id and input, the same in every
+    process and on every machine."""
+    digest = hashlib.sha256(f"{example.id}\n{example.input}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n
 
 
 def _no_examples(task: Task, split: str, path: str | Path | None) -> DataError:
     return DataError(f"{task.name} split {split!r} has no examples at {path or 'the hub'}: check --data and --split")
 
 
-def stream_examples(task: Task, split: str, path: str | Path | None, limit: int | None = None) -> ExampleStream:
-    """The first `limit` examples of a split (all when None), streamed; an empty split is refused."""
-    return ExampleStream(task, split, path, limit)
+def stream_examples(task: Task, split: str, path: str | Path | None, limit: int | None = None,
+                    shard: tuple[int, int] | None = None) -> ExampleStream:
+    """The first `limit` examples of a split (all when None), streamed, optionally only shard
+    (i, n) of them; an empty split is refused."""
+    return ExampleStream(task, split, path, limit, shard)

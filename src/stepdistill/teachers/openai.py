@@ -6,7 +6,8 @@ llama.cpp or Ollama server.
       base_url: http://127.0.0.1:8000/v1     # default: https://api.openai.com/v1
       model: Qwen/Qwen2.5-7B-Instruct
       api_key_env: OPENAI_API_KEY            # the key is read from this variable, never from a file
-      concurrency: 16
+      concurrency: 16                        # per replica
+      replicas: [http://10.0.0.2:8000/v1]    # optional: more servers of the same model
       price: {prompt: 0.15, completion: 0.60}  # USD per 1M tokens
       budget: {usd: 5.00}
 
@@ -21,6 +22,9 @@ How a run behaves:
 - the budget is never exceeded: before each attempt the worst case (prompt bytes, which
   bound its tokens, plus max_new_tokens) is reserved against it; when the next request cannot
   fit, no more are sent and the run ends cleanly with the rest marked as not requested;
+- with `replicas`, each attempt goes to the healthy replica with the fewest requests in
+  flight; one that fails 3 times in a row (timeouts, dropped connections, 5xx) is taken out for
+  `replica_cooldown` seconds, and the requests it dropped are retried on the others;
 - every input ends with a completion or an error saying why, in the order they finish.
 """
 
@@ -31,6 +35,7 @@ import contextlib
 import dataclasses
 import email.utils
 import json
+import logging
 import os
 import queue
 import random
@@ -45,7 +50,10 @@ from stepdistill.errors import StepDistillError
 from stepdistill.tasks.base import Task
 from stepdistill.teachers.base import TEACHERS, Completion, Request, Teacher, cut_at_stop
 
+log = logging.getLogger(__name__)
+
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+REPLICA_FAILURES = 3  # failures in a row that take a replica out (teacher.replicas)
 RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
 FATAL_STATUS = {401: "the API key was refused", 403: "access denied", 404: "no such endpoint or model"}
 CHAT_OVERHEAD_TOKENS = 64  # chat templates add role markers and sometimes a default system prompt
@@ -129,12 +137,16 @@ class OpenAITeacher(Teacher):
         self.require_model(cfg, "the served model's name")
         self.cfg, self.task = cfg, task
         self.base_url = (cfg.base_url or DEFAULT_BASE_URL).rstrip("/")
+        self.urls = [self.base_url] + [u.rstrip("/") for u in cfg.replicas]
+        # per replica: requests in flight, failures in a row, out of service until (monotonic)
+        self.replicas = {u: {"in_flight": 0, "fails": 0, "down_until": 0.0, "answered": 0} for u in self.urls}
         self.api_key = os.environ.get(cfg.api_key_env) or None
         if self.api_key is None and self.base_url == DEFAULT_BASE_URL:  # other servers may need none; a 401 says so
             raise StepDistillError(f"the openai teacher at {self.base_url} needs an API key: "
                                    f"export {cfg.api_key_env}=... (or set teacher.api_key_env to the variable that holds it)")
         self.spend = Spend(cfg.price, cfg.budget.tokens, cfg.budget.usd)
-        self.counts = {"requests": 0, "retries": 0, "failed": 0, "not_requested": 0, "truncated": 0}
+        self.counts = {"requests": 0, "retries": 0, "failed": 0, "not_requested": 0, "truncated": 0,
+                       "replicas_taken_out": 0}
         self.stopped: str | None = None  # why the run stopped early (the budget)
         self._rng = random.Random(cfg.sampling.seed)
 
@@ -204,7 +216,7 @@ class OpenAITeacher(Teacher):
         self._paused_until = 0.0
         pending = iter(requests)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        n = min(self.cfg.concurrency, len(requests))
+        n = min(self.cfg.concurrency * len(self.urls), len(requests))
         connector = aiohttp.TCPConnector(limit=n)
         async with aiohttp.ClientSession(headers=headers, connector=connector,
                                          timeout=aiohttp.ClientTimeout(total=None)) as session:
@@ -240,9 +252,19 @@ class OpenAITeacher(Teacher):
             usage: dict | None = {}
             try:
                 await self._wait_pause()
+                url = await self._pick()
                 self.counts["requests"] += 1
                 t0 = time.perf_counter()  # the teacher's latency: this attempt, not backoff or budget waits
-                comp, usage = await self._attempt(session, path, body)
+                try:
+                    comp, usage = await self._attempt(session, url, path, body)
+                except _Retry as e:
+                    if not e.pause_all:  # a rate limit is not a sick replica
+                        self._replica_failed(url)
+                    raise
+                finally:
+                    self.replicas[url]["in_flight"] -= 1
+                self.replicas[url]["fails"] = 0
+                self.replicas[url]["answered"] += 1
                 comp = dataclasses.replace(comp, seconds=time.perf_counter() - t0)
                 if comp.finish_reason == "length":
                     self.counts["truncated"] += 1
@@ -280,11 +302,37 @@ class OpenAITeacher(Teacher):
             return "/chat/completions", {**body, "messages": [{"role": "user", "content": req.prompt}]}
         return "/completions", {**body, "prompt": req.prompt}
 
-    async def _attempt(self, session, path: str, body: dict[str, Any]) -> tuple[Completion, dict | None]:
+    async def _pick(self) -> str:
+        """The healthy replica with the fewest requests in flight (below `concurrency`), counted
+        in flight from here; waits while every replica is full or out."""
+        while True:
+            now = time.monotonic()
+            up = [u for u, r in self.replicas.items() if r["down_until"] <= now and r["in_flight"] < self.cfg.concurrency]
+            if up:
+                url = min(up, key=lambda u: self.replicas[u]["in_flight"])
+                self.replicas[url]["in_flight"] += 1
+                return url
+            await asyncio.sleep(0.01)
+
+    def _replica_failed(self, url: str) -> None:
+        """Three failures in a row take a replica out for replica_cooldown seconds (never the
+        last one standing: with one server, retries and backoff decide)."""
+        r = self.replicas[url]
+        r["fails"] += 1
+        now = time.monotonic()
+        others_up = any(o["down_until"] <= now for u, o in self.replicas.items() if u != url)
+        if r["fails"] >= REPLICA_FAILURES and others_up and r["down_until"] <= now:
+            r["down_until"] = now + self.cfg.replica_cooldown
+            r["fails"] = 0
+            self.counts["replicas_taken_out"] += 1
+            log.warning("teacher replica %s failed %d times in a row: out for %gs, its requests go to the others",
+                        url, REPLICA_FAILURES, self.cfg.replica_cooldown)
+
+    async def _attempt(self, session, url: str, path: str, body: dict[str, Any]) -> tuple[Completion, dict | None]:
         import aiohttp
 
         async def post() -> tuple[int, Any, bytes]:
-            async with session.post(self.base_url + path, json=body) as r:
+            async with session.post(url + path, json=body) as r:
                 return r.status, r.headers, await r.read()
 
         try:
