@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import time
 from collections import Counter
@@ -312,6 +313,11 @@ def split_validation(examples: list[Example], fraction: float, seed: int, cap: i
     return train, val
 
 
+def world_size() -> int:
+    """Processes of a distributed launch (torchrun / accelerate launch set WORLD_SIZE), else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def nested_subset(examples: list[Example], fraction: float, seed: int) -> list[Example]:
     """`fraction` of the examples (at least one), in their original order: the first of one
     fixed shuffle (by `seed`), so the 12.5% subset lies inside the 25% subset, whatever the method
@@ -366,12 +372,16 @@ def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, res
                             cfg.method.kd.teacher if cfg.method.kd else None, cfg.method.kd.cache if cfg.method.kd else None)) as run:
         echo = run.tee(echo)
         echo(f"train {cfg.method.name} on {task.name}/{cfg.split}: {record_set.summary()}; "
-             f"{len(val_ex)} validation examples ({val_from}); student {cfg.student.model}")
+             f"{len(val_ex)} validation examples ({val_from}); student {cfg.student.model}; global batch "
+             f"{tcfg.batch_size * tcfg.grad_accum * world_size()} ({tcfg.batch_size} per device x {tcfg.grad_accum} "
+             f"accumulation x {world_size()} process{'es' if world_size() > 1 else ''})")
         student = load_student(cfg.student)
         metrics = fit(student, cfg.method, tcfg, records, val_ex, task, run.dir, resume=resume)
         metrics.update({"task": task.name, "method": cfg.method.name, "n_train": len(records),
-                        "n_val": len(val_ex), "records": record_set.counts})
-        write_json(run.path("metrics.json"), metrics)
+                        "n_val": len(val_ex), "records": record_set.counts,
+                        "world_size": world_size(), "global_batch_size": tcfg.batch_size * tcfg.grad_accum * world_size()})
+        if run.main:
+            write_json(run.path("metrics.json"), metrics)
         echo(f"best validation accuracy {metrics.get('best_val_accuracy')}; model in {run.path('model')}")
     return metrics
 

@@ -162,6 +162,7 @@ class Run:
 
     dir: Path
     _handler: logging.Handler | None = None
+    main: bool = True  # False on the other processes of a distributed run: they write nothing here
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -170,6 +171,8 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.main:
+            return
         try:
             env = json.loads(self.path("env.json").read_text())
             env["status"] = "done" if exc_type is None else ("interrupted" if exc_type is KeyboardInterrupt else "failed")
@@ -186,7 +189,10 @@ class Run:
             self.close()
 
     def tee(self, echo: Callable[[str], None]) -> Callable[[str], None]:
-        """What a stage tells the user also goes to the run's log.txt."""
+        """What a stage tells the user also goes to the run's log.txt (the main process only)."""
+        if not self.main:
+            return lambda msg: None
+
         def say(msg: str) -> None:
             log.info(msg)
             echo(msg)
@@ -213,6 +219,11 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (torchrun, accelerate launch set RANK), or a plain process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | None = None,
                overwrite: bool = False, resume: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> Run:
     """Make (or, with `resume`, reopen) a run directory and record config, versions and git revision.
@@ -223,6 +234,8 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
     >>> run = create_run("runs/x", cfg, command="train")  # RunExistsError if runs/x holds a run
     """
     d = Path(out)
+    if not is_main_process():  # torchrun / accelerate launch: rank 0 owns the run directory
+        return Run(d, main=False)
     resumable = command in ("annotate", "train")
     if d.exists() and not d.is_dir():
         raise RunExistsError(f"--out {d} is a file, not a directory: choose another --out")

@@ -50,7 +50,7 @@ from stepdistill.methods.kd import (
 from stepdistill.methods.losses import (
     IGNORE_INDEX, _normalise, count_targets, kd_loss, kd_loss_topk, multitask_loss, token_cross_entropy,
 )
-from stepdistill.runs import fsync_dir, fsync_tree, write_error, write_json, write_text
+from stepdistill.runs import fsync_dir, fsync_tree, is_main_process, write_error, write_json, write_text
 from stepdistill.students import Student, count_parameters
 from stepdistill.tasks.base import Example, Task
 
@@ -355,8 +355,10 @@ class StepDistillTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         if self.lengths is None:
             return super()._get_train_sampler(train_dataset)
-        return LengthGroupedSampler(self.lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                    self.args.seed)
+        # grouped by the global batch: a 2-process run and a 1-process run with twice the
+        # accumulation see the same batches
+        return LengthGroupedSampler(self.lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps
+                                    * self.args.world_size, self.args.seed)
 
     # -- exact gradient accumulation --------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -600,8 +602,9 @@ def build_trainer(
         greater_is_better=True,
         logging_steps=training.logging_steps,
         bf16=bf16,
-        # Trainer refuses bf16 without a GPU unless told the CPU is meant: CPU autocast is real
-        use_cpu=bf16 and not torch.cuda.is_available(),
+        # on a machine without a GPU, say the CPU is meant: Trainer refuses bf16 otherwise (CPU
+        # autocast is real), and sets up no DDP under torchrun / accelerate launch (gloo on CPUs)
+        use_cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available(),
         activation_checkpointing=training.gradient_checkpointing,
         seed=training.seed,
         report_to="none",
@@ -714,7 +717,8 @@ def fit(
         )
     if resume and not last:
         log.warning("resume requested but %s has no complete checkpoint: training from the start", ckpt_root)
-    for p in incomplete:  # a run was stopped while writing them: never resume from half a checkpoint
+    main = is_main_process()  # under torchrun / accelerate launch, rank 0 alone writes the run
+    for p in incomplete if main else ():  # a run was stopped while writing them: never resume from half a checkpoint
         log.warning("removing %s: incomplete (the run stopped while writing it)", p)
         shutil.rmtree(p)
     try:
@@ -722,9 +726,10 @@ def fit(
     except OSError as e:
         raise write_error(out_dir, e) from e
     start_step = _step(last) if resume and last else 0
-    if not (ckpt_root / SEALS).is_file():  # from here on, a checkpoint counts only once sealed
+    if main and not (ckpt_root / SEALS).is_file():  # from here on, a checkpoint counts only once sealed
         write_json(ckpt_root / SEALS, {"sealed_after": start_step})
-    _trim_log(out_dir / "train_log.jsonl", start_step)
+    if main:
+        _trim_log(out_dir / "train_log.jsonl", start_step)
     if start_step:
         log.info("resuming from %s (step %d)", last, start_step)
     teacher_from = last / TEACHER_DIR if resume and last and method_cfg.name == "co-distill" else None
@@ -767,10 +772,11 @@ def fit(
     }
     if method_cfg.kd is not None:
         info["kd"] = method_cfg.kd.model_dump()
-    _save_folder(model_dir, lambda d: _save_model(model, student.tokenizer, info, d))
     extra: dict[str, Any] = {}
-    if trainer.co_distill:
-        extra = _save_co_teacher(trainer, info, out_dir, val_examples, task)
+    if main:
+        _save_folder(model_dir, lambda d: _save_model(model, student.tokenizer, info, d))
+        if trainer.co_distill:
+            extra = _save_co_teacher(trainer, info, out_dir, val_examples, task)
 
     history = state.log_history
     return {**extra,

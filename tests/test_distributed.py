@@ -1,0 +1,87 @@
+"""`stepdistill train` under torchrun: 2 CPU processes (gloo) train exactly what 1 process with
+twice the gradient accumulation trains (same global batch), and only rank 0 writes the run.
+Tiny models; about a minute (process start-up dominates), so marked slow."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stepdistill import api
+from stepdistill.tasks import get_task
+from stepdistill.testing.openai_server import FakeOpenAIServer
+from tiny_models import llama_student, t5_student
+
+pytestmark = pytest.mark.slow
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp")
+    qs = get_task("quickstart").load("train")[:36]  # 4 validation + 32 training: 4 whole global batches of 8
+    (d / "data.jsonl").write_text("".join(json.dumps({"input": e.input, "label": e.label}) + "\n" for e in qs))
+    for name, make in (("llama", llama_student), ("t5", t5_student)):
+        s = make(0)
+        s.model.save_pretrained(d / name)
+        s.tokenizer.save_pretrained(d / name)
+    gold = {e.input: e.label for e in qs}
+
+    def answer(prompt, body):
+        q = prompt.rsplit("Q: ", 1)[1].split("\nA:")[0].strip()
+        return f"Work it out. The answer is {gold[q]}."
+
+    with FakeOpenAIServer(answer) as srv:
+        api.annotate({"task": {"name": "svamp", "path": str(d / "data.jsonl")}, "split": "train",
+                      "teacher": {"kind": "openai", "base_url": srv.url, "model": "m"}},
+                     d / "ann", store_path=d / "s.sqlite", echo=lambda _: None)
+    return d
+
+
+def _train(d, student, method, out, *, processes):
+    cfg = {"task": {"name": "svamp", "path": str(d / "data.jsonl")}, "student": {"model": str(d / student)},
+           "method": {"name": method}, "annotations": str(d / "ann"),
+           "training": {"max_steps": 4, "batch_size": 4, "grad_accum": 1 if processes == 2 else 2,
+                        "learning_rate": 1e-3, "logging_steps": 1, "bf16": False, "val_fraction": 0.1,
+                        "eval_steps": 2, "seed": 0}}
+    (d / f"{out}.yaml").write_text(yaml.safe_dump(cfg))
+    cli = ["-m", "stepdistill.cli", "train", "--config", str(d / f"{out}.yaml"), "--out", str(d / out)]
+    if processes == 2:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()), *cli]
+    else:
+        cmd = [sys.executable, *cli]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d / out
+
+
+@pytest.mark.parametrize("student, method", [("llama", "standard"), ("t5", "step-by-step")])
+def test_two_processes_train_like_one_with_twice_the_accumulation(workdir, student, method):
+    one = _train(workdir, student, method, f"{student}-1proc", processes=1)
+    two = _train(workdir, student, method, f"{student}-2proc", processes=2)
+    logs = {}
+    for run in (one, two):
+        logs[run] = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    steps = {run: [(x["step"], x["loss"], x["grad_norm"]) for x in rows if "grad_norm" in x] for run, rows in logs.items()}
+    assert [s for s, _, _ in steps[two]] == [1, 2, 3, 4]  # rank 0 alone wrote the log: no line twice
+    for (s1, loss1, g1), (s2, loss2, g2) in zip(steps[one], steps[two]):
+        assert loss2 == pytest.approx(loss1, rel=1e-3), f"step {s1}"
+        assert g2 == pytest.approx(g1, rel=1e-3), f"step {s1}"
+    m = json.loads((two / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["global_batch_size"] == 8  # reported global, not per device
+    log = (two / "log.txt").read_text()
+    assert log.count(f"train {method} on svamp/train") == 1 and "global batch 8 (4 per device x 1 accumulation x 2 processes)" in log
+    assert (two / "model" / "stepdistill.json").is_file()
+    sealed = sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))
+    assert sealed == ["checkpoint-2", "checkpoint-4"]
