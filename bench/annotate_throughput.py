@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import socket
@@ -28,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import write_results  # bench/common.py (the script's folder is on sys.path)
 
 import aiohttp
 import httpx
@@ -156,8 +157,6 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Annotation throughput ({result['server']})", "",
         f"Task {result['task']}: {args.n} examples x {args.k} samples ({args.n // 8} at concurrency 1), "
@@ -173,8 +172,7 @@ def main() -> None:
                      f"{sd['completions_per_s'] / lg['completions_per_s']:.2f} |")
     lines += ["", f"Best stepdistill (concurrency {best['concurrency']}) / load generator maximum: "
               f"**{ratio:.2f}** (target >= 0.9)."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(result, out, lines)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from common import has_llama_cpp, write_results  # bench/common.py (the script's folder is on sys.path)
+
 HERE = Path(__file__).parent
 ROWS = ["teacher, few-shot CoT (transformers)", "teacher, few-shot CoT (llama.cpp)",
         "student, fixed limit (64 tokens)", "student, task-aware limit", "student, task-aware limit, bf16 weights"]
@@ -52,7 +54,7 @@ def main() -> None:
         sys.exit(f"{args.student}: no trained student here: run `make quickstart` first, or pass --student")
     rows = []
     for name in ROWS:
-        if "llama.cpp" in name and not _has_llama_cpp():
+        if "llama.cpp" in name and not has_llama_cpp():
             print(f"skipped {name}: llama-cpp-python is not installed (make setup-llamacpp)")
             continue
         cmd = [sys.executable, __file__, "--row", name, "--student", args.student, "--batch1", str(args.batch1),
@@ -69,13 +71,6 @@ def main() -> None:
               "batch1_problems": args.batch1, "batch32_problems": args.batch32, "rows": rows}
     write(result, Path(args.out))
 
-
-def _has_llama_cpp() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class PeakMemory:
@@ -171,8 +166,6 @@ def _student(name: str, path: str):
 
 
 def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Inference: the teacher's chain of thought vs the distilled student's label", "",
              f"{result['machine']}. Command: `{result['command']}`", "",
              f"Task: {result['task']}; batch 1 timed on {result['batch1_problems']} problems, batch 32 on "
@@ -186,8 +179,7 @@ def write(result: dict, out: Path) -> None:
         lines.append(f"| {r['row']} | {r['params'] / 1e6:.1f}M | {r['max_new_tokens']} | {r['ms_b1']} | "
                      f"{r['ms_b32'] or '-'} | {r['predictions_per_s_b32'] or '-'} | {r['speedup_b1']}x | "
                      f"{str(r['speedup_b32']) + 'x' if r['speedup_b32'] else '-'} | {r['peak_mb']} | {acc} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    write_results(result, out, lines)
 
 
 if __name__ == "__main__":

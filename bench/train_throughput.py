@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import write_results  # bench/common.py (the script's folder is on sys.path)
+
 HERE = Path(__file__).parent
 SHARED = HERE.parent.parent / "shared" / "data" / "sbs"
 ALPHA, BATCH, LR, SEED = 0.5, 8, 5e-4, 0
@@ -314,8 +316,6 @@ def slug(name: str) -> str:
 
 
 def write(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Step-by-step training throughput: the paper's two-pass step vs stepdistill", "",
              f"{result['machine']}. Command: `{result['command']}`", "",
              f"{result['model']}; SVAMP train with PaLM rationales ({result['train_examples']} examples), batch "
@@ -331,8 +331,7 @@ def write(result: dict, out: Path) -> None:
     lines += ["", "Training loss (logged every 5 steps), first repeat:", ""]
     for r in result["rows"]:
         lines.append(f"- {r['row']}: " + ", ".join(f"{s}: {v}" for s, v in r["train_loss_curve"]))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    write_results(result, out, lines)
 
 
 if __name__ == "__main__":

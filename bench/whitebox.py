@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import has_llama_cpp, write_results  # bench/common.py (the script's folder is on sys.path)
+
 HERE = Path(__file__).parent
 SHARED = HERE.parent.parent / "shared" / "data" / "sbs"
 
@@ -64,7 +66,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     gguf = str(smollm2_gguf())
-    cot_kind = "llamacpp" if _has_llama_cpp() and "llamacpp" in TEACHERS else "hf"
+    cot_kind = "llamacpp" if has_llama_cpp() and "llamacpp" in TEACHERS else "hf"
     student_base = work / f"student-{args.layers}l"
     if not student_base.exists():
         cut_layers(gguf, args.layers, student_base, strategy="spread")
@@ -142,13 +144,6 @@ def main() -> None:
     write(results, Path(args.out))
 
 
-def _has_llama_cpp() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
 
 def untrained_row(student_base: Path, task: dict, d: Path, args) -> dict:
     """The pruned student before any training, scored with the raw input (no label prefix)."""
@@ -196,8 +191,6 @@ def retime(rows: list[dict], task: dict, repeats: int = 3) -> None:
 
 
 def write(results: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# White-box distillation: SmolLM2-135M-Instruct teaching a student pruned from itself", "",
              f"{results['machine']}. Command: `{results['command']}`", ""]
     for name, r in results["tasks"].items():
@@ -208,8 +201,7 @@ def write(results: dict, out: Path) -> None:
             lines.append(f"| {x['model']} | {acc} | {x['params'] / 1e6:.1f}M | {x['size_mb'] or '-'} | "
                          f"{x['ms_per_prediction'] or '-'} |")
         lines.append("")
-    out.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines), flush=True)
+    write_results(results, out, lines)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ Formatting comes from methods/formatting.py with the `Format` saved at training 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -88,6 +89,24 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """The model in eval mode inside (its device yielded), back in its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
+def _by_length(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices in batches of similar length (little padding), shortest first."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
 @torch.no_grad()
 def predict(
     student: Student,
@@ -113,14 +132,9 @@ def predict(
     assert (fmt.kind == "seq2seq") == student.is_seq2seq, f"format {fmt.kind} does not fit a {student.kind} student"
     marker = decoder_marker(tok, prefix) if student.is_seq2seq and fmt.task_marker == "decoder" else None
     encoded = [encode_source(tok, fmt, "" if marker is not None else prefix, text) for text in inputs]
-    order = sorted(range(len(inputs)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(inputs)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+    with _eval_mode(model) as device:
+        for idx in _by_length([len(x) for x in encoded], batch_size):
             ids, mask = _pad([encoded[i] for i in idx], tok.pad_token_id, left=not student.is_seq2seq)
             forced = {}
             if marker is not None:  # the task marker starts the decoder; it is not part of the answer
@@ -142,8 +156,6 @@ def predict(
                 new = gen[:, ids.shape[1] :]
             for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
                 out[i] = text.strip()
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -176,13 +188,8 @@ def rank(student: Student, inputs: list[str], candidates: list[list[str]], *, pr
     pairs = [(i, c) for i, cands in enumerate(candidates) for c in cands]
     feats = [encode_example(tok, fmt, prefix, inputs[i], c, decoder_start=start) for i, c in pairs]
     scores = torch.empty(len(pairs))
-    order = sorted(range(len(pairs)), key=lambda j: len(feats[j]["input_ids"]))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
+    with _eval_mode(model) as device:
+        for idx in _by_length([len(f["input_ids"]) for f in feats], batch_size):
             ids, mask = _pad([feats[j]["input_ids"] for j in idx], tok.pad_token_id, left=False)
             labels, _ = _pad([feats[j]["labels"] for j in idx], IGNORE_INDEX, left=False)
             kw = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
@@ -195,8 +202,6 @@ def rank(student: Student, inputs: list[str], candidates: list[list[str]], *, pr
                 logits = model(**kw).logits
             logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
             scores[idx] = torch.stack([part.sum() for part in logp.split(keep.sum(dim=1).tolist())]).cpu()
-    finally:
-        model.train(was_training)
     out, j = [], 0
     for cands in candidates:
         out.append(cands[int(scores[j : j + len(cands)].argmax())])
