@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from stepdistill import api
@@ -49,8 +50,11 @@ def workdir(tmp_path_factory):
 
 
 def _train(d, student, method, out, *, processes):
+    m = {"name": method}
+    if method == "co-distill":  # the teacher: the same tiny model, trained beside the student
+        m["kd"] = {"teacher": str(d / student), "weight": 0.5, "warmup_steps": 1}
     cfg = {"task": {"name": "svamp", "path": str(d / "data.jsonl")}, "student": {"model": str(d / student)},
-           "method": {"name": method}, "annotations": str(d / "ann"),
+           "method": m, "annotations": str(d / "ann"),
            "training": {"max_steps": 4, "batch_size": 4, "grad_accum": 1 if processes == 2 else 2,
                         "learning_rate": 1e-3, "logging_steps": 1, "bf16": False, "val_fraction": 0.1,
                         "eval_steps": 2, "seed": 0}}
@@ -66,7 +70,7 @@ def _train(d, student, method, out, *, processes):
     return d / out
 
 
-@pytest.mark.parametrize("student, method", [("llama", "standard"), ("t5", "step-by-step")])
+@pytest.mark.parametrize("student, method", [("llama", "standard"), ("t5", "step-by-step"), ("llama", "co-distill")])
 def test_two_processes_train_like_one_with_twice_the_accumulation(workdir, student, method):
     one = _train(workdir, student, method, f"{student}-1proc", processes=1)
     two = _train(workdir, student, method, f"{student}-2proc", processes=2)
@@ -85,3 +89,11 @@ def test_two_processes_train_like_one_with_twice_the_accumulation(workdir, stude
     assert (two / "model" / "stepdistill.json").is_file()
     sealed = sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.startswith("checkpoint-"))
     assert sealed == ["checkpoint-2", "checkpoint-4"]
+    if method == "co-distill":  # the trained teacher too: its gradients were averaged over the processes
+        from safetensors.torch import load_file
+
+        t1, t2 = (load_file(run / "teacher_model" / "model.safetensors") for run in (one, two))
+        start = load_file(workdir / student / "model.safetensors")
+        assert any((t1[k] - start[k]).abs().max() > 1e-4 for k in t1)  # the teacher did train
+        for k in t1:
+            torch.testing.assert_close(t2[k], t1[k], atol=1e-5, rtol=1e-3, msg=k)

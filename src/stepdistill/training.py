@@ -136,13 +136,19 @@ class _JsonlLog(TrainerCallback):
 
 
 class _TeacherSteps(TrainerCallback):
-    """Co-distillation: Trainer clips and zeroes only the student's gradients, so the teacher's
-    are clipped (same max_grad_norm) before each optimizer step and cleared after it."""
+    """Co-distillation: Trainer syncs, clips and zeroes only the student's gradients, so the
+    teacher's are averaged over processes, clipped (same max_grad_norm) before each optimizer
+    step and cleared after it."""
 
     def __init__(self, teacher: Student):
         self.teacher = teacher
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if args.world_size > 1:  # the teacher is not DDP-wrapped: average its gradients as DDP does the student's
+            for p in self.teacher.model.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= args.world_size
         if args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.teacher.model.parameters(), args.max_grad_norm)
 
