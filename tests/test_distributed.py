@@ -72,8 +72,8 @@ def _train(d, student, method, out, *, processes):
 
 @pytest.mark.parametrize("student, method", [("llama", "standard"), ("t5", "step-by-step"), ("llama", "co-distill")])
 def test_two_processes_train_like_one_with_twice_the_accumulation(workdir, student, method):
-    one = _train(workdir, student, method, f"{student}-1proc", processes=1)
-    two = _train(workdir, student, method, f"{student}-2proc", processes=2)
+    one = _train(workdir, student, method, f"{student}-{method}-1proc", processes=1)
+    two = _train(workdir, student, method, f"{student}-{method}-2proc", processes=2)
     logs = {}
     for run in (one, two):
         logs[run] = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
