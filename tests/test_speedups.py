@@ -12,9 +12,10 @@ from stepdistill.errors import StepDistillError
 from stepdistill.evaluation import load_trained, predict
 from stepdistill.methods import get_method
 from stepdistill.methods.formatting import Format, encode_example
+from stepdistill.memory import resolve_bf16
 from stepdistill.methods.targets import logits_at, target_positions
 from stepdistill.training import (
-    LengthGroupedSampler, build_trainer, feature_length, fit, resolve_bf16, stack_padded,
+    LengthGroupedSampler, build_trainer, feature_length, fit, stack_padded,
 )
 from tiny_models import FakeTask, annotations, examples, llama_student, t5_student
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 import time
 from collections import Counter
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from stepdistill.config import AnnotateRun, TrainRun, coerce
 from stepdistill.errors import StepDistillError
-from stepdistill.runs import create_run, home, write_json, write_jsonl
+from stepdistill.runs import create_run, home, world_size, write_json, write_jsonl
 from stepdistill.store import AnnotationStore, KeyMaker, StoredCompletion, read_annotations
 from stepdistill.tasks import ExampleStream, get_task, load_examples, stream_examples
 from stepdistill.tasks.base import Example, Parsed, Task
@@ -313,11 +312,6 @@ def split_validation(examples: list[Example], fraction: float, seed: int, cap: i
     return train, val
 
 
-def world_size() -> int:
-    """Processes of a distributed launch (torchrun / accelerate launch set WORLD_SIZE), else 1."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def nested_subset(examples: list[Example], fraction: float, seed: int) -> list[Example]:
     """`fraction` of the examples (at least one), in their original order: the first of one
     fixed shuffle (by `seed`), so the 12.5% subset lies inside the 25% subset, whatever the method
@@ -345,6 +339,8 @@ def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, res
     if annotations is not None and method.multitask and cfg.method.rationales == "correct":
         annotations = keep_correct(annotations, examples, task, echo)
     tcfg = cfg.training
+    data_seed = tcfg.seed if tcfg.data_seed is None else tcfg.data_seed  # the validation carve and the subset
+    global_batch = tcfg.batch_size * tcfg.grad_accum * world_size()
     if cfg.val_split == "test":
         raise StepDistillError("val_split=test: selecting a model on the test split inflates its score; use a validation split")
     if cfg.val_split:  # the task's own validation split, when it has one
@@ -352,11 +348,10 @@ def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, res
         val_ex = load_examples(task, cfg.val_split, cfg.task.path, tcfg.val_size)
         val_from = f"split {cfg.val_split}"
     else:
-        data_seed = tcfg.seed if tcfg.data_seed is None else tcfg.data_seed
         train_ex, val_ex = split_validation(examples, tcfg.val_fraction, data_seed, tcfg.val_size)
         val_from = f"carved from {cfg.split}"
     if tcfg.data_fraction < 1:
-        train_ex = nested_subset(train_ex, tcfg.data_fraction, tcfg.seed if tcfg.data_seed is None else tcfg.data_seed)
+        train_ex = nested_subset(train_ex, tcfg.data_fraction, data_seed)
     if tcfg.train_size:
         train_ex = train_ex[: tcfg.train_size]
     if val_ex and all(e.label is None for e in val_ex) and annotations is not None:
@@ -373,13 +368,13 @@ def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, res
         echo = run.tee(echo)
         echo(f"train {cfg.method.name} on {task.name}/{cfg.split}: {record_set.summary()}; "
              f"{len(val_ex)} validation examples ({val_from}); student {cfg.student.model}; global batch "
-             f"{tcfg.batch_size * tcfg.grad_accum * world_size()} ({tcfg.batch_size} per device x {tcfg.grad_accum} "
+             f"{global_batch} ({tcfg.batch_size} per device x {tcfg.grad_accum} "
              f"accumulation x {world_size()} process{'es' if world_size() > 1 else ''})")
         student = load_student(cfg.student)
         metrics = fit(student, cfg.method, tcfg, records, val_ex, task, run.dir, resume=resume)
         metrics.update({"task": task.name, "method": cfg.method.name, "n_train": len(records),
                         "n_val": len(val_ex), "records": record_set.counts,
-                        "world_size": world_size(), "global_batch_size": tcfg.batch_size * tcfg.grad_accum * world_size()})
+                        "world_size": world_size(), "global_batch_size": global_batch})
         if run.main:
             write_json(run.path("metrics.json"), metrics)
         echo(f"best validation accuracy {metrics.get('best_val_accuracy')}; model in {run.path('model')}")

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
 
 from stepdistill.errors import StepDistillError
-from stepdistill.evaluation import MODEL_INFO, label_token_limit, load_trained, model_folder, predict
+from stepdistill.evaluation import MODEL_INFO, explain, label_token_limit, load_trained, model_folder, predict
 from stepdistill.runs import fsync_tree, write_error, write_jsonl
 from stepdistill.tasks.io import iter_records
 
@@ -139,15 +140,9 @@ def predict_file(model: str | Path, inputs: str | Path, out: str | Path, *, fiel
     total = sum(1 for _ in iter_records(inputs, (field,)))  # checks every record first: a bad line costs nothing
 
     def rows() -> Iterator[dict[str, Any]]:
-        batch: list[dict[str, Any]] = []
+        records = (record for _, record in iter_records(inputs, (field,)))
         with tqdm(total=total, desc="predict", unit="ex") as bar:
-            for _, record in iter_records(inputs, (field,)):
-                batch.append(record)
-                if len(batch) == batch_size:
-                    yield from _predict_batch(student, info, batch, field, rationales, limit)
-                    bar.update(len(batch))
-                    batch = []
-            if batch:
+            while batch := list(islice(records, batch_size)):
                 yield from _predict_batch(student, info, batch, field, rationales, limit)
                 bar.update(len(batch))
 
@@ -158,8 +153,7 @@ def predict_file(model: str | Path, inputs: str | Path, out: str | Path, *, fiel
 def _predict_batch(student, info, batch, field, rationales, limit):
     texts = [str(r[field]) for r in batch]
     labels = predict(student, texts, prefix=info["label_prefix"], batch_size=len(texts), max_new_tokens=limit)
-    why = (predict(student, texts, prefix=info["rationale_prefix"], batch_size=len(texts), max_new_tokens=max(limit, 128))
-           if rationales else None)
+    why = explain(student, info, texts, limit=limit, batch_size=len(texts)) if rationales else None
     for i, r in enumerate(batch):
         row = {**r, "prediction": labels[i]}
         if why is not None:

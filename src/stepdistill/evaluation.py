@@ -20,6 +20,7 @@ import torch
 
 from stepdistill.config import EvalRun, coerce
 from stepdistill.errors import StepDistillError
+from stepdistill.memory import resolve_bf16
 from stepdistill.runs import create_run, write_json, write_jsonl
 from stepdistill.store import read_annotations
 from stepdistill.tasks import get_task, load_examples
@@ -70,8 +71,6 @@ def inference_dtype(dtype: str) -> torch.dtype:
     """float32, bfloat16, or auto: bfloat16 where the hardware has fast bf16 (half the bytes to
     read per generated token: a small student's decoding is bound by reading its weights)."""
     if dtype == "auto":
-        from stepdistill.training import resolve_bf16
-
         return torch.bfloat16 if resolve_bf16(None) else torch.float32
     if dtype not in ("float32", "bfloat16"):
         raise StepDistillError(f"unknown dtype {dtype!r}: choose float32, bfloat16 or auto")
@@ -157,6 +156,14 @@ def predict(
             for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
                 out[i] = text.strip()
     return out
+
+
+def explain(student: Student, info: dict[str, Any], inputs: list[str], *, limit: int, batch_size: int = 16
+            ) -> list[str]:
+    """The rationale task's explanation of each input: the label limit, but at least 128 tokens
+    (a rationale runs to dozens of tokens where a label needs a few)."""
+    return predict(student, inputs, prefix=info["rationale_prefix"], batch_size=batch_size,
+                   max_new_tokens=max(limit, 128))
 
 
 def label_token_limit(info: dict[str, Any], default: int = 64) -> int:
@@ -247,10 +254,7 @@ def evaluate(cfg: EvalRun | dict, out: str | Path | None = None, *, overwrite: b
             preds = predict(student, inputs, prefix=info["label_prefix"], batch_size=cfg.batch_size,
                             max_new_tokens=limit)
         seconds = time.perf_counter() - t0
-        rationales = None
-        if cfg.rationales:
-            rationales = predict(student, inputs, prefix=info["rationale_prefix"], batch_size=cfg.batch_size,
-                                 max_new_tokens=max(limit, 128))
+        rationales = explain(student, info, inputs, limit=limit, batch_size=cfg.batch_size) if cfg.rationales else None
         rows = []
         for i, (ex, pred) in enumerate(zip(examples, preds)):
             row = {"id": ex.id, "input": ex.input, "gold": ex.label, "prediction": pred,

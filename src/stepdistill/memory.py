@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,22 @@ from typing import Any
 from stepdistill.errors import StepDistillError
 
 log = logging.getLogger(__name__)
+
+
+def resolve_bf16(bf16: bool | None) -> bool:
+    """training.bf16, or (None) whether this machine has fast bf16: a GPU that supports it, or a
+    CPU with AVX512-BF16 / AMX (elsewhere CPU bf16 is emulated, and slower than float32)."""
+    if bf16 is not None:
+        return bf16
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 GiB = 1024**3
 INFERENCE_FACTOR = 1.2  # weights + buffers, allocator slack, the transient copies of loading

@@ -224,6 +224,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def world_size() -> int:
+    """Processes of a distributed launch (torchrun, accelerate launch set WORLD_SIZE), else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | None = None,
                overwrite: bool = False, resume: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> Run:
     """Make (or, with `resume`, reopen) a run directory and record config, versions and git revision.

@@ -45,7 +45,7 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
     except ImportError as e:
         raise StepDistillError('stepdistill serve needs FastAPI: pip install "stepdistill[serve]"') from e
 
-    from stepdistill.evaluation import label_token_limit, load_trained, predict
+    from stepdistill.evaluation import explain, label_token_limit, load_trained, predict
 
     student, info = load_trained(model, dtype=dtype)
     limit = max_new_tokens or label_token_limit(info)
@@ -65,8 +65,7 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
         t0 = time.perf_counter()
         with lock:
             labels = predict(student, texts, prefix=info["label_prefix"], batch_size=batch_size, max_new_tokens=limit)
-            why = (predict(student, texts, prefix=info["rationale_prefix"], batch_size=batch_size,
-                           max_new_tokens=max(limit, 128)) if q.rationale else None)
+            why = explain(student, info, texts, limit=limit, batch_size=batch_size) if q.rationale else None
         preds = [{"label": label, **({"rationale": why[i]} if why is not None else {})} for i, label in enumerate(labels)]
         return {"predictions": preds, "model": str(model), "ms": round(1000 * (time.perf_counter() - t0), 1)}
 

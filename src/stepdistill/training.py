@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import shutil
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from stepdistill.methods import get_method
 from stepdistill.methods.base import TrainRecord
 from stepdistill.methods.formatting import Format, encode_example
 from stepdistill.methods.targets import logits_at, target_positions
-from stepdistill.memory import check_training
+from stepdistill.memory import check_training, resolve_bf16
 from stepdistill.methods.kd import (
     attach_topk_cache, decoder_inputs, load_kd_teacher, pad_topk, teacher_logits, vocab_size,
 )
@@ -310,20 +309,6 @@ def feature_length(f: dict) -> int:
     return sum(len(v) for k, v in f.items() if k.endswith(("input_ids", "labels")))
 
 
-def resolve_bf16(bf16: bool | None) -> bool:
-    """training.bf16, or (None) whether this machine has fast bf16: a GPU that supports it, or a
-    CPU with AVX512-BF16 / AMX (elsewhere CPU bf16 is emulated, and slower than float32)."""
-    if bf16 is not None:
-        return bf16
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
 class StepDistillTrainer(Trainer):
     """Trainer + multi-task loss with exact accumulation + generation-based validation accuracy."""
 
@@ -334,7 +319,8 @@ class StepDistillTrainer(Trainer):
     def __init__(self, *args, student: Student, alpha: float, multitask: bool, task: Task | None,
                  label_prefix: str, val_max_new_tokens: int, kd: KDConfig | None = None,
                  teacher: Student | None = None, co_distill: bool = False, lengths: list[int] | None = None,
-                 fuse_tasks: bool = False, target_logits_only: bool = False, **kwargs):
+                 fuse_tasks: bool = False, target_logits_only: bool = False, max_label_tokens: int | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.student = student
         # the speed-ups (TrainingConfig): length-grouped batches, both tasks in one pass (the
@@ -343,6 +329,7 @@ class StepDistillTrainer(Trainer):
         self.fuse_tasks = fuse_tasks and kd is None
         self.encode_once = student.is_seq2seq and bool(student.fmt and student.fmt.task_marker == "decoder")
         self.target_logits_only = target_logits_only
+        self.max_label_tokens = max_label_tokens  # the longest label target: saved for evaluation's limit
         # soft-label KD: a frozen teacher run on the fly (or cached top-k in the batch);
         # co-distillation: the teacher is trained too, learning from the student in turn
         self.kd, self.teacher, self.co_distill = kd, teacher, co_distill
@@ -587,6 +574,7 @@ def build_trainer(
         )
     strategy = "steps" if training.eval_steps else "epoch"
     bf16 = resolve_bf16(training.bf16)
+    longest_label = max_label_tokens(feats)
     args = TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=training.batch_size,
@@ -639,13 +627,14 @@ def build_trainer(
         task=task,
         label_prefix=method_cfg.label_prefix,
         val_max_new_tokens=min(training.val_max_new_tokens, training.max_target_length,
-                               label_token_limit({"max_label_tokens": max_label_tokens(feats)})),
+                               label_token_limit({"max_label_tokens": longest_label})),
         kd=kd,
         teacher=teacher,
         co_distill=co_distill,
         lengths=[feature_length(f) for f in feats] if training.group_by_length else None,
         fuse_tasks=training.fuse_tasks,
         target_logits_only=training.target_logits_only,
+        max_label_tokens=longest_label,
     )
 
 
@@ -774,7 +763,7 @@ def fit(
         "best_val_accuracy": state.best_metric,
         "best_step": state.best_global_step,
         # the longest label target (tokens, eos included): evaluation's task-aware generation limit
-        "max_label_tokens": max_label_tokens(trainer.train_dataset),
+        "max_label_tokens": trainer.max_label_tokens,
     }
     if method_cfg.kd is not None:
         info["kd"] = method_cfg.kd.model_dump()
