@@ -46,3 +46,27 @@ def test_get_many_handles_more_keys_than_sqlite_parameters(tmp_path):
         store.put(f"k{i}", {}, "p", f"c{i}")
     got = store.get_many([f"k{i}" for i in range(1300)])
     assert len(got) == 1200 and got["k1199"].completion == "c1199"
+
+
+def _open_when_told(path, go):
+    go.wait()
+    AnnotationStore(path)
+
+
+def test_processes_opening_one_new_store_at_once_all_succeed(tmp_path):
+    """Opening a new store switches it to WAL and creates its tables; SQLite answers some of
+    those races "database is locked" at once, without its busy timeout (CI saw it)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(8):
+        go = ctx.Event()
+        path = tmp_path / f"store{round_}.sqlite"
+        procs = [ctx.Process(target=_open_when_told, args=(path, go)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        go.set()
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0] * 6
+        assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone() == ("ok",)

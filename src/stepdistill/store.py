@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import sqlite3
@@ -94,21 +95,40 @@ class AnnotationStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=60)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
-            have = {row[1] for row in self._db.execute("PRAGMA table_info(completions)")}
-            for name, decl in _ADDED_COLUMNS.items():
-                if name not in have:
-                    with self._db:
-                        self._db.execute(f"ALTER TABLE completions ADD COLUMN {name} {decl}")
-            self._failed = {k for (k,) in self._db.execute("SELECT key FROM failures")}
-        except (OSError, sqlite3.Error) as e:
-            raise StepDistillError(f"cannot open the annotation store {self.path}: {e}: make {self.path.parent} "
-                                   "writable (and free disk space), or point --store at another file") from e
+        deadline = time.monotonic() + 60
+        for attempt in itertools.count():
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._open()
+                break
+            except sqlite3.OperationalError as e:
+                # Two processes opening one new store race to switch it to WAL and create its
+                # tables; SQLite answers some of those races "locked" without waiting on its busy
+                # timeout. Opening is idempotent, so wait and open again.
+                if ("locked" in str(e) or "duplicate column" in str(e)) and time.monotonic() < deadline:
+                    if getattr(self, "_db", None) is not None:
+                        self._db.close()
+                    time.sleep(min(0.05 * 2 ** attempt, 1.0))
+                    continue
+                raise self._open_error(e) from e
+            except (OSError, sqlite3.Error) as e:
+                raise self._open_error(e) from e
+
+    def _open(self) -> None:
+        self._db = sqlite3.connect(self.path, timeout=60)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(completions)")}
+        for name, decl in _ADDED_COLUMNS.items():
+            if name not in have:
+                with self._db:
+                    self._db.execute(f"ALTER TABLE completions ADD COLUMN {name} {decl}")
+        self._failed = {k for (k,) in self._db.execute("SELECT key FROM failures")}
+
+    def _open_error(self, e: Exception) -> StepDistillError:
+        return StepDistillError(f"cannot open the annotation store {self.path}: {e}: make {self.path.parent} "
+                                "writable (and free disk space), or point --store at another file")
 
     @contextlib.contextmanager
     def _failed_write(self, what: str):
