@@ -3,10 +3,11 @@
 import json
 
 import pytest
+import yaml
 
-from stepdistill.config import AnnotateRun, build
+from stepdistill.config import AnnotateRun, TrainRun, build
 from stepdistill.errors import RunExistsError
-from stepdistill.runs import create_run
+from stepdistill.runs import create_run, resumed_config
 
 
 def _cfg(split="train"):
@@ -54,3 +55,39 @@ def test_eval_has_no_resume_to_suggest(tmp_path):
     with pytest.raises(RunExistsError) as e:
         create_run(tmp_path / "run", _cfg(), command="eval")
     assert "--overwrite" in str(e.value) and "--resume" not in str(e.value)
+
+
+def _train_cfg(**training):
+    return build(TrainRun, {"task": {"name": "svamp"}, "student": {"model": "x"}, "method": {"name": "standard"},
+                            "training": training})
+
+
+def _written_before_fields_existed(d, cfg, *absent):
+    """A run directory as an older stepdistill wrote it: its config lacks the `absent` fields."""
+    with create_run(d, cfg, command="train"):
+        pass
+    saved = yaml.safe_load((d / "config.yaml").read_text())
+    for path in absent:
+        section, name = path.split(".")
+        del saved[section][name]
+    (d / "config.yaml").write_text(yaml.safe_dump(saved))
+
+
+def test_resume_of_a_run_older_than_a_field_goes_on_as_it_began(tmp_path):
+    """A field added since the run was written is absent from its config: resume is not refused for
+    it, and the field takes the value the run ran with (length grouping did not exist: off)."""
+    d = tmp_path / "run"
+    _written_before_fields_existed(d, _train_cfg(), "training.group_by_length", "training.gradient_checkpointing")
+    cfg = resumed_config(d, _train_cfg())
+    assert cfg.training.group_by_length is False and cfg.training.gradient_checkpointing is False
+    create_run(d, cfg, command="train", resume=True).close()
+    assert yaml.safe_load((d / "config.yaml").read_text())["training"]["group_by_length"] is False
+    # Set explicitly to what the old run did not do: a changed config, refused by name.
+    _written_before_fields_existed(tmp_path / "run2", _train_cfg(), "training.group_by_length")
+    explicit = resumed_config(tmp_path / "run2", _train_cfg(group_by_length=True))
+    assert explicit.training.group_by_length is True
+    with pytest.raises(RunExistsError, match="differs in training.group_by_length"):
+        create_run(tmp_path / "run2", explicit, command="train", resume=True)
+    # An explicit setting is never overridden, and a new run is untouched.
+    assert resumed_config(d, _train_cfg(group_by_length=True)).training.group_by_length is True
+    assert resumed_config(tmp_path / "new", _train_cfg()).training.group_by_length is True

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from stepdistill.config import AnnotateRun, TrainRun, coerce
 from stepdistill.errors import StepDistillError
-from stepdistill.runs import create_run, home, world_size, write_json, write_jsonl
+from stepdistill.runs import create_run, home, resumed_config, world_size, write_json, write_jsonl
 from stepdistill.store import AnnotationStore, KeyMaker, StoredCompletion, read_annotations
 from stepdistill.tasks import ExampleStream, get_task, load_examples, stream_examples
 from stepdistill.tasks.base import Example, Parsed, Task
@@ -330,6 +330,8 @@ def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, res
     from stepdistill.training import fit
 
     cfg = coerce(TrainRun, cfg)
+    if resume:
+        cfg = resumed_config(out, cfg)
     task = get_task(cfg.task.name, cfg.task.spec)
     method = get_method(cfg.method)
     examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)

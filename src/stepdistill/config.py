@@ -28,6 +28,16 @@ def _registered(registry, name: str) -> str:
     return name
 
 
+# Fields added after runs were already written, and the value those older runs ran with. A
+# `--resume` of such a run takes these values (unless the config sets the field), so it goes on
+# as it started; fields not listed here ran with their current default.
+ADDED_FIELDS: dict[str, Any] = {
+    "training.group_by_length": False,
+    "training.fuse_tasks": False,
+    "training.target_logits_only": False,
+}
+
+
 class _Section(BaseModel):
     # Unknown keys are mistakes (a typo in `learning_rate` must not silently use the default).
     model_config = ConfigDict(extra="forbid", protected_namespaces=())

@@ -12,6 +12,7 @@ An existing run directory is never overwritten unless the caller asks (`--overwr
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -24,11 +25,11 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from pydantic import BaseModel
 
-from stepdistill.config import to_yaml
+from stepdistill.config import ADDED_FIELDS, to_yaml
 from stepdistill.errors import RunExistsError, StepDistillError
 
 log = logging.getLogger("stepdistill")
@@ -289,12 +290,10 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
 
 def _check_same_config(d: Path, config: BaseModel) -> None:
     """--resume continues the same run: a changed config would mix two experiments in one."""
-    import yaml
-
-    saved_file = d / "config.yaml"
-    if not saved_file.is_file():
+    saved = _saved_config(d)
+    if saved is None:
         return
-    saved = yaml.safe_load(saved_file.read_text()) or {}
+    saved = _with_added_fields(type(config), saved)
     now = config.model_dump(mode="json")
 
     def diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -306,3 +305,59 @@ def _check_same_config(d: Path, config: BaseModel) -> None:
     if changed:
         raise RunExistsError(f"--resume refused: the config of {d} differs in {', '.join(changed)}; "
                              f"resume with the same config, or start a new run with another --out")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def resumed_config(out: str | Path, config: M) -> M:
+    """The config a `--resume` of `out` goes on with. A field its saved config lacks was added to
+    stepdistill after the run started: unless `config` sets it, it takes the value the run started
+    with (`config.ADDED_FIELDS`), so the resumed run goes on as it began.
+
+    >>> cfg = resumed_config("runs/x", cfg)  # then create_run("runs/x", cfg, resume=True)
+    """
+    saved = _saved_config(Path(out))
+    if saved is None:
+        return config
+    now = config.model_dump(mode="json")
+    changed = False
+    for path, old in ADDED_FIELDS.items():
+        *parents, name = path.split(".")
+        saved_section, now_section, model = saved, now, config
+        for part in parents:
+            saved_section = saved_section.get(part) if isinstance(saved_section, dict) else None
+            now_section = now_section.get(part) if isinstance(now_section, dict) else None
+            model = getattr(model, part, None)
+        if (isinstance(saved_section, dict) and name not in saved_section and isinstance(now_section, dict)
+                and isinstance(model, BaseModel) and name not in model.model_fields_set and now_section.get(name) != old):
+            log.info("resume: %s takes %r, the value %s ran with before the field existed", path, old, out)
+            now_section[name] = old
+            changed = True
+    return type(config).model_validate(now) if changed else config
+
+
+def _saved_config(d: Path) -> dict | None:
+    import yaml
+
+    saved_file = d / "config.yaml"
+    if not saved_file.is_file():
+        return None
+    return yaml.safe_load(saved_file.read_text()) or {}
+
+
+def _with_added_fields(model: type[BaseModel], saved: dict) -> dict:
+    """A saved config as the current code reads it: fields added since it was written filled with
+    the value the run ran with (ADDED_FIELDS), or else their default."""
+    filled = copy.deepcopy(saved)
+    for path, old in ADDED_FIELDS.items():
+        *parents, name = path.split(".")
+        section = filled
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.setdefault(name, old)
+    try:
+        return model.model_validate(filled).model_dump(mode="json")
+    except ValueError:  # written by a version whose fields no longer validate: compare as saved
+        return saved
