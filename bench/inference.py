@@ -9,6 +9,9 @@ The same quickstart test problems for every row:
                                predicting the label only, greedy, max_new_tokens 64 (the old default)
   student, task-aware limit    the same, with evaluation's limit from the longest trained label
   ..., bf16 weights            the same, weights in bfloat16 (evaluation's --dtype bfloat16)
+  ..., label vocabulary        the same, decoding within the tokens of the trained labels
+                               (evaluation's --label-decoding vocab): the output layer is cut
+                               from 49,152 rows to those few
 
 Columns: ms per prediction at batch 1 and at batch 32, predictions/s at batch 32, peak memory
 (resident, above the process before the model was loaded: weights included), parameters, and
@@ -34,7 +37,8 @@ from common import has_llama_cpp, write_results  # bench/common.py (the script's
 
 HERE = Path(__file__).parent
 ROWS = ["teacher, few-shot CoT (transformers)", "teacher, few-shot CoT (llama.cpp)",
-        "student, fixed limit (64 tokens)", "student, task-aware limit", "student, task-aware limit, bf16 weights"]
+        "student, fixed limit (64 tokens)", "student, task-aware limit", "student, task-aware limit, bf16 weights",
+        "student, task-aware limit, bf16 weights, label vocabulary"]
 TEACHER_TOKENS = 72
 
 
@@ -150,17 +154,22 @@ def _student(name: str, path: str):
     from stepdistill.students import count_parameters
 
     student, info = load_trained(path, dtype="bfloat16" if "bf16" in name else "float32")
-    if "max_label_tokens" not in info:  # a model trained before it was recorded: what training records
+    if "max_label_tokens" not in info or "label_vocab" not in info:
+        # a model trained before they were recorded: what training records, from the same labels
+        from stepdistill.evaluation import label_vocab
         from stepdistill.methods.formatting import encode_target
         from stepdistill.tasks import get_task, load_examples
 
-        info["max_label_tokens"] = max(len(encode_target(student.tokenizer, student.fmt, e.label))
-                                       for e in load_examples(get_task("quickstart"), "train", None))
+        targets = [encode_target(student.tokenizer, student.fmt, e.label)
+                   for e in load_examples(get_task("quickstart"), "train", None)]
+        info["max_label_tokens"] = max(len(t) for t in targets)
+        info["label_vocab"] = label_vocab(targets, student.tokenizer.eos_token_id)
     limit = 64 if "fixed" in name else label_token_limit(info)
+    vocab = info["label_vocab"] if "label vocabulary" in name else None
 
     def predict(exs, batch):
         return generate(student, [e.input for e in exs], prefix=info["label_prefix"], batch_size=batch,
-                        max_new_tokens=limit)
+                        max_new_tokens=limit, vocab=vocab)
 
     return predict, lambda: count_parameters(student.model)[1], limit
 

@@ -68,6 +68,16 @@ def test_predict_file_labels_every_record(run, tmp_path):
     assert FakeTask().accuracy([r["prediction"] for r in rows], exs) >= 0.5
 
 
+def test_predict_file_within_the_label_tokens_gives_the_same_labels(run, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"input": e.input}) + "\n" for e in examples(10)))
+    predict_file(run, src, tmp_path / "gen.jsonl", batch_size=4)
+    predict_file(run, src, tmp_path / "vocab.jsonl", batch_size=4, label_decoding="vocab")
+    gen, vocab = ([json.loads(x)["prediction"] for x in (tmp_path / f).read_text().splitlines()]
+                  for f in ("gen.jsonl", "vocab.jsonl"))
+    assert vocab == gen and len(set(gen)) > 1
+
+
 def test_predict_file_bad_line_writes_nothing(run, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text('{"input": "the small cat"}\n{"inp": "no input field"}\n')

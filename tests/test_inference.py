@@ -9,7 +9,7 @@ import torch
 from stepdistill import api
 from stepdistill.config import MethodConfig, TrainingConfig
 from stepdistill.errors import StepDistillError
-from stepdistill.evaluation import label_token_limit, rank
+from stepdistill.evaluation import label_token_limit, predict, rank
 from stepdistill.methods.formatting import Format, encode_example
 from stepdistill.methods.kd import decoder_inputs
 from stepdistill.training import fit
@@ -102,6 +102,55 @@ def test_rank_refused_for_open_answers(trained, tmp_path, monkeypatch):
     with pytest.raises(StepDistillError, match="label_decoding=rank needs a closed answer set"):
         api.evaluate({"task": {"name": "fake"}, "model": str(trained), "split": "test", "label_decoding": "rank"},
                      tmp_path / "eval", echo=lambda _: None)
+
+
+@pytest.mark.parametrize("kind, marker", [("t5", "encoder"), ("t5", "decoder"), ("llama", "encoder")])
+def test_greedy_within_a_vocabulary_matches_generate(kind, marker):
+    """label_decoding=vocab's own loop (KV cache, output layer cut to the allowed rows): over the
+    whole vocabulary it writes exactly what `generate` writes, left padding and eos included; over
+    a few tokens, it writes only those."""
+    student = (t5_student if kind == "t5" else llama_student)(seed=0)
+    student.fmt = Format(kind=student.kind, task_marker=marker)
+    torch.manual_seed(0)
+    with torch.no_grad():  # large random weights: answers that depend on the input (a tiny model's do not)
+        for p in student.model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    inputs = [f"question {i}: {'a long one ' * (i % 3)}{i * 13}" for i in range(5)]
+    full = list(range(student.model.get_output_embeddings().weight.shape[0]))
+    expected = predict(student, inputs, prefix="predict: ", batch_size=4, max_new_tokens=6)
+    assert predict(student, inputs, prefix="predict: ", batch_size=4, max_new_tokens=6, vocab=full) == expected
+    assert len(set(expected)) > 1
+    tok = student.tokenizer
+    few = tok("1 2 3", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    out = predict(student, inputs, prefix="predict: ", batch_size=4, max_new_tokens=6, vocab=few)
+    assert all(set(tok(o, add_special_tokens=False)["input_ids"]) <= set(few) for o in out)
+    assert student.model.get_output_embeddings().weight.shape[0] == len(full)  # the head is put back
+
+
+def test_training_records_the_label_tokens_and_eval_decodes_within_them(trained, tmp_path, monkeypatch):
+    info = json.loads((trained / "model" / "stepdistill.json").read_text())
+    from tiny_models import tokenizer
+
+    tok = tokenizer()
+    want = {t for e in examples(16) for t in tok(e.label, add_special_tokens=False)["input_ids"]} | {tok.eos_token_id}
+    assert set(info["label_vocab"]) == want
+    _register_fake_task(monkeypatch)
+    m = api.evaluate({"task": {"name": "fake"}, "model": str(trained), "split": "test", "label_decoding": "vocab"},
+                     tmp_path / "eval", echo=lambda _: None)
+    g = api.evaluate({"task": {"name": "fake"}, "model": str(trained), "split": "test"}, tmp_path / "eval-g",
+                     echo=lambda _: None)
+    assert m["label_decoding"] == "vocab" and m["accuracy"] == g["accuracy"]
+    # a model saved before the label tokens were: a clear error, not a silent full decode
+    del info["label_vocab"]
+    (trained / "model" / "stepdistill.json").write_text(json.dumps(info))
+    try:
+        with pytest.raises(StepDistillError, match="label_decoding=vocab needs the label tokens"):
+            api.evaluate({"task": {"name": "fake"}, "model": str(trained), "split": "test", "label_decoding": "vocab"},
+                         tmp_path / "eval2", echo=lambda _: None)
+    finally:
+        info["label_vocab"] = sorted(want)
+        (trained / "model" / "stepdistill.json").write_text(json.dumps(info))
 
 
 class _OpenTask(FakeTask):

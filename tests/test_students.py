@@ -60,6 +60,27 @@ def test_load_student_applies_lora(tmp_path):
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_lora_in_the_top_layers_only_stops_the_backward_pass_there(tmp_path):
+    """lora.layers: adapters in the named layers only (negative numbers count from the top); the
+    layers below get no gradient at all, so autograd never runs backward through them."""
+    import torch
+
+    path = _save(llama_student(), tmp_path / "llama")
+    n = load_pretrained(str(path)).model.config.num_hidden_layers
+    s = load_student(StudentConfig(model=str(path), lora=LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                    layers=[-1])))
+    adapted = {int(name.split("layers.")[1].split(".")[0]) for name, p in s.model.named_parameters() if p.requires_grad}
+    assert adapted == {n - 1}
+    reached = []
+    for i, layer in enumerate(s.model.base_model.model.model.layers):
+        layer.register_full_backward_hook(lambda m, gi, go, i=i: reached.append(i))
+    ids = torch.tensor([[3, 4, 5, 6]])
+    s.model(input_ids=ids, labels=ids).loss.backward()
+    assert reached == [n - 1]
+    with pytest.raises(StepDistillError, match=f"has {n} layers"):
+        load_student(StudentConfig(model=str(path), lora=LoraConfig(r=4, target_modules=["q_proj"], layers=[n])))
+
+
 @pytest.mark.slow
 def test_gguf_loads_converts_once_and_generates():
     t0 = time.time()

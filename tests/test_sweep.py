@@ -50,7 +50,7 @@ def setup(tmp_path_factory):
            "methods": ["standard", "step-by-step", {"name": "step-by-step", "task_marker": "decoder"}],
            "fractions": [0.5, 1.0], "students": [str(d / "student")], "seeds": [0, 1],
            "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "val_fraction": 0.25, "bf16": False},
-           "eval": {"limit": 6}}
+           "eval": {"limit": 6, "dtype": "bfloat16"}}
     return d, cfg
 
 
@@ -70,6 +70,7 @@ def test_sweep_runs_the_grid_records_failures_and_resumes(setup, monkeypatch):
         train = json.loads((out / "cells" / r["cell"] / "train" / "metrics.json").read_text())
         assert train["n_train"] == (9 if r["fraction"] == 0.5 else 18)  # 24 - 6 validation, then the share
         assert 0 <= r["accuracy"] <= 1 and r["n"] == 6
+        assert "dtype: bfloat16" in (out / "cells" / r["cell"] / "eval" / "config.yaml").read_text()
     summary = {(s["method"], s["fraction"]): s for s in results["summary"]}
     assert summary[("standard", 0.5)]["seeds"] == 2 and summary[("step-by-step", 1.0)]["seeds"] == 2
     assert summary[("step-by-step-decoder", 1.0)]["failed"] == 2 and summary[("step-by-step-decoder", 1.0)]["mean"] is None

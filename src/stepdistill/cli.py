@@ -65,7 +65,7 @@ _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
         ("--limit", "limit", int, "evaluate only the first N examples"),
         ("--batch-size", "batch_size", int, "predictions per batch"),
         ("--max-new-tokens", "max_new_tokens", int, "longest label generated (default: from the trained labels)"),
-        ("--label-decoding", "label_decoding", str, "auto | generate | rank (score the allowed answers)"),
+        ("--label-decoding", "label_decoding", str, "auto | generate | rank (score the allowed answers) | vocab (greedy within the trained labels' tokens)"),
         ("--dtype", "dtype", str, "weights at prediction: float32 | bfloat16 | auto"),
     ],
 }
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
                    help="weights at prediction (auto: bfloat16 where the hardware is fast)")
     p.add_argument("--max-new-tokens", type=int, help="longest label generated (default: from the trained labels)")
+    p.add_argument("--label-decoding", choices=["generate", "vocab"], default="generate",
+                   help="vocab: greedy within the tokens of the trained labels (faster: a cut output layer)")
     p.add_argument("--rationales", action="store_true", help="also generate explanations (the rationale task)")
     p = sub.add_parser("serve", help="serve a trained student over HTTP (POST /predict)")
     p.add_argument("--model", required=True, help="training run, model folder or exported folder")
@@ -167,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
                    help="weights at prediction (auto: bfloat16 where the hardware is fast)")
     p.add_argument("--max-new-tokens", type=int, help="longest label generated (default: from the trained labels)")
+    p.add_argument("--label-decoding", choices=["generate", "vocab"], default="generate",
+                   help="vocab: greedy within the tokens of the trained labels (faster: a cut output layer)")
     sub.add_parser("list", help="list tasks, teachers and methods")
     return parser
 
@@ -253,13 +257,15 @@ def run(argv: list[str] | None = None) -> int:
         if Path(args.out).exists():
             raise StepDistillError(f"{args.out} exists: choose a new --out (predictions never overwrite a file)")
         n = predict_file(args.model, args.input, args.out, field=args.field, batch_size=args.batch_size,
-                         rationales=args.rationales, max_new_tokens=args.max_new_tokens, dtype=args.dtype)
+                         rationales=args.rationales, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                         label_decoding=args.label_decoding)
         print(f"wrote {n} predictions to {args.out}")
         return 0
     if args.command == "serve":
         from stepdistill.serve import serve
 
-        serve(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens, dtype=args.dtype)
+        serve(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+              label_decoding=args.label_decoding)
         return 0
     data = _config_dict(args)
     if args.command == "annotate":

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import yaml
 
 from stepdistill.errors import StepDistillError
-from stepdistill.evaluation import MODEL_INFO, explain, label_token_limit, load_trained, model_folder, predict
+from stepdistill.evaluation import MODEL_INFO, decoding_vocab, explain, label_token_limit, load_trained, model_folder, predict
 from stepdistill.runs import fsync_tree, write_error, write_jsonl
 from stepdistill.tasks.io import iter_records
 
@@ -129,7 +129,7 @@ def model_card(run: str | Path) -> str:
 
 def predict_file(model: str | Path, inputs: str | Path, out: str | Path, *, field: str = "input",
                  batch_size: int = 32, rationales: bool = False, max_new_tokens: int | None = None,
-                 dtype: str = "float32") -> int:
+                 dtype: str = "float32", label_decoding: str = "generate") -> int:
     """Predict a label for every record of a JSONL/CSV file (its `field`), streaming, in batches,
     with a progress bar; writes `out` (each input record + `prediction`, and `rationale` when
     asked) atomically. Returns the number of predictions."""
@@ -137,22 +137,24 @@ def predict_file(model: str | Path, inputs: str | Path, out: str | Path, *, fiel
 
     student, info = load_trained(model, dtype=dtype)
     limit = max_new_tokens or label_token_limit(info)
+    vocab = decoding_vocab(info, label_decoding, model)
     total = sum(1 for _ in iter_records(inputs, (field,)))  # checks every record first: a bad line costs nothing
 
     def rows() -> Iterator[dict[str, Any]]:
         records = (record for _, record in iter_records(inputs, (field,)))
         with tqdm(total=total, desc="predict", unit="ex") as bar:
             while batch := list(islice(records, batch_size)):
-                yield from _predict_batch(student, info, batch, field, rationales, limit)
+                yield from _predict_batch(student, info, batch, field, rationales, limit, vocab)
                 bar.update(len(batch))
 
     write_jsonl(out, rows())
     return total
 
 
-def _predict_batch(student, info, batch, field, rationales, limit):
+def _predict_batch(student, info, batch, field, rationales, limit, vocab=None):
     texts = [str(r[field]) for r in batch]
-    labels = predict(student, texts, prefix=info["label_prefix"], batch_size=len(texts), max_new_tokens=limit)
+    labels = predict(student, texts, prefix=info["label_prefix"], batch_size=len(texts), max_new_tokens=limit,
+                     vocab=vocab)
     why = explain(student, info, texts, limit=limit, batch_size=len(texts)) if rationales else None
     for i, r in enumerate(batch):
         row = {**r, "prediction": labels[i]}

@@ -114,12 +114,14 @@ def predict(
     prefix: str,
     batch_size: int = 16,
     max_new_tokens: int = 64,
+    vocab: list[int] | None = None,
 ) -> list[str]:
     """Greedy generation for each input, in order: the decoded new tokens, stripped.
 
     `prefix` picks the task: the label prefix for answers, the rationale prefix for
     explanations. Causal students are left-padded so every row's answer starts at the same
-    column; inputs are batched by length to waste little padding.
+    column; inputs are batched by length to waste little padding. `vocab` (token ids, eos among
+    them) restricts decoding to those tokens: the output layer computes only their rows.
 
     >>> predict(student, ["2 + 3 = ?"], prefix="predict: ")
     ['5']
@@ -139,6 +141,12 @@ def predict(
             if marker is not None:  # the task marker starts the decoder; it is not part of the answer
                 start = [model.config.decoder_start_token_id, *marker]
                 forced["decoder_input_ids"] = torch.tensor([start] * len(idx), device=device)
+            if vocab is not None:
+                start = forced.get("decoder_input_ids")
+                new = _greedy_in_vocab(student, ids.to(device), mask.to(device), vocab, max_new_tokens, start)
+                for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
+                    out[i] = text.strip()
+                continue
             gen = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -156,6 +164,91 @@ def predict(
             for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
                 out[i] = text.strip()
     return out
+
+
+class _RowsOf(torch.nn.Module):
+    """An output layer cut to some of its rows: logits for `rows` only, in that order."""
+
+    def __init__(self, head: torch.nn.Module, rows: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(head.weight[rows].detach(), requires_grad=False)
+        bias = getattr(head, "bias", None)
+        self.bias = None if bias is None else torch.nn.Parameter(bias[rows].detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def _output_rows(model, rows: torch.Tensor) -> Iterator[None]:
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(_RowsOf(head, rows))
+    try:
+        yield
+    finally:
+        model.set_output_embeddings(head)
+
+
+def _cache_kwarg(model) -> str:
+    """The KV-cache argument's name: transformers 5.x renamed past_key_values to cache."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _greedy_in_vocab(student: Student, ids: torch.Tensor, mask: torch.Tensor, vocab: list[int], max_new_tokens: int,
+                     decoder_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy decoding over `vocab` only, with a KV cache: the new tokens, [batch, <= max_new_tokens],
+    pad after eos. The same tokens as `generate` wherever its argmax lies in `vocab`."""
+    model, tok = student.model, student.tokenizer
+    device = ids.device
+    allowed = torch.tensor(sorted(set(vocab)), device=device)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    cache_kw = _cache_kwarg(model)
+    done = torch.zeros(len(ids), dtype=torch.bool, device=device)
+    new: list[torch.Tensor] = []
+    with _output_rows(model, allowed):
+        if student.is_seq2seq:
+            encoder_outputs = model.get_encoder()(input_ids=ids, attention_mask=mask)
+            start = decoder_start if decoder_start is not None else torch.full(
+                (len(ids), 1), model.config.decoder_start_token_id, device=device)
+            step = dict(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=start)
+        else:
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            step = dict(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        cache = None
+        for _ in range(max_new_tokens):
+            out = model(**step, use_cache=True, **({cache_kw: cache} if cache is not None else {}))
+            cache = getattr(out, cache_kw, None)
+            cache = out.past_key_values if cache is None else cache
+            nxt = allowed[out.logits[:, -1].argmax(-1)]
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            new.append(nxt)
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+            if student.is_seq2seq:
+                step["decoder_input_ids"] = nxt[:, None]
+            else:
+                step["attention_mask"] = mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                step["position_ids"] = step["position_ids"][:, -1:] + 1
+                step["input_ids"] = nxt[:, None]
+    return torch.stack(new, dim=1)
+
+
+def label_vocab(labels: Iterator[list[int]], eos_token_id: int) -> list[int]:
+    """Every token of the trained label targets, and eos: label_decoding=vocab decodes within it."""
+    return sorted({t for row in labels for t in row if t >= 0} | {eos_token_id})
+
+
+def decoding_vocab(info: dict[str, Any], decoding: str, model: str | Path) -> list[int] | None:
+    """The tokens label_decoding=vocab decodes within (None for other decodings)."""
+    if decoding != "vocab":
+        return None
+    if not info.get("label_vocab"):
+        raise StepDistillError(f"label_decoding=vocab needs the label tokens saved at training, and {model} was "
+                               "trained before stepdistill saved them: retrain it, or use label_decoding=generate")
+    return info["label_vocab"]
 
 
 def explain(student: Student, info: dict[str, Any], inputs: list[str], *, limit: int, batch_size: int = 16
@@ -242,6 +335,7 @@ def evaluate(cfg: EvalRun | dict, out: str | Path | None = None, *, overwrite: b
     elif decoding == "rank" and not all(candidates):
         raise StepDistillError(f"label_decoding=rank needs a closed answer set, but task {task.name} has open "
                                f"answers ({task.label_kind}): use label_decoding=generate")
+    vocab = decoding_vocab(info, decoding, cfg.model)
     with create_run(out, cfg, command="eval", overwrite=overwrite,
                     inputs=(cfg.model, cfg.annotations, cfg.task.path)) as run:
         echo = run.tee(echo)
@@ -252,7 +346,7 @@ def evaluate(cfg: EvalRun | dict, out: str | Path | None = None, *, overwrite: b
             preds = rank(student, inputs, candidates, prefix=info["label_prefix"], batch_size=cfg.batch_size)
         else:
             preds = predict(student, inputs, prefix=info["label_prefix"], batch_size=cfg.batch_size,
-                            max_new_tokens=limit)
+                            max_new_tokens=limit, vocab=vocab)
         seconds = time.perf_counter() - t0
         rationales = explain(student, info, inputs, limit=limit, batch_size=cfg.batch_size) if cfg.rationales else None
         rows = []
@@ -271,7 +365,7 @@ def evaluate(cfg: EvalRun | dict, out: str | Path | None = None, *, overwrite: b
             "method": info.get("method"),
             "label_decoding": decoding,
         }
-        if decoding == "generate":
+        if decoding in ("generate", "vocab"):
             metrics["max_new_tokens"] = limit
         if ann is not None:
             metrics["teacher_accuracy"] = task.accuracy([ann[e.id].label if e.id in ann else None for e in examples],

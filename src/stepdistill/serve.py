@@ -38,17 +38,19 @@ class Query(BaseModel):
         return self
 
 
-def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_size: int = 32, dtype: str = "float32"):
+def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_size: int = 32, dtype: str = "float32",
+               label_decoding: str = "generate"):
     """The FastAPI app serving one trained student (loaded once, here)."""
     try:
         from fastapi import FastAPI, HTTPException
     except ImportError as e:
         raise StepDistillError('stepdistill serve needs FastAPI: pip install "stepdistill[serve]"') from e
 
-    from stepdistill.evaluation import explain, label_token_limit, load_trained, predict
+    from stepdistill.evaluation import decoding_vocab, explain, label_token_limit, load_trained, predict
 
     student, info = load_trained(model, dtype=dtype)
     limit = max_new_tokens or label_token_limit(info)
+    vocab = decoding_vocab(info, label_decoding, model)
     lock = threading.Lock()  # one forward at a time: torch already uses every core for one batch
 
     app = FastAPI(title="stepdistill student", description=f"{info.get('method')} student from {model}")
@@ -64,7 +66,8 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
             raise HTTPException(status_code=422, detail="`inputs` is empty: send at least one input")
         t0 = time.perf_counter()
         with lock:
-            labels = predict(student, texts, prefix=info["label_prefix"], batch_size=batch_size, max_new_tokens=limit)
+            labels = predict(student, texts, prefix=info["label_prefix"], batch_size=batch_size, max_new_tokens=limit,
+                             vocab=vocab)
             why = explain(student, info, texts, limit=limit, batch_size=batch_size) if q.rationale else None
         preds = [{"label": label, **({"rationale": why[i]} if why is not None else {})} for i, label in enumerate(labels)]
         return {"predictions": preds, "model": str(model), "ms": round(1000 * (time.perf_counter() - t0), 1)}
@@ -73,9 +76,9 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
 
 
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_new_tokens: int | None = None,
-          dtype: str = "auto") -> None:
+          dtype: str = "auto", label_decoding: str = "generate") -> None:
     try:
         import uvicorn
     except ImportError as e:
         raise StepDistillError('stepdistill serve needs uvicorn: pip install "stepdistill[serve]"') from e
-    uvicorn.run(create_app(model, max_new_tokens=max_new_tokens, dtype=dtype), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(model, max_new_tokens=max_new_tokens, dtype=dtype, label_decoding=label_decoding), host=host, port=port, log_level="info")

@@ -37,7 +37,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from stepdistill.config import KDConfig, MethodConfig, TrainingConfig
 from stepdistill.errors import StepDistillError
-from stepdistill.evaluation import MODEL_INFO, label_token_limit, predict
+from stepdistill.evaluation import MODEL_INFO, label_token_limit, label_vocab, predict
 from stepdistill.methods import get_method
 from stepdistill.methods.base import TrainRecord
 from stepdistill.methods.formatting import Format, encode_example
@@ -320,7 +320,7 @@ class StepDistillTrainer(Trainer):
                  label_prefix: str, val_max_new_tokens: int, kd: KDConfig | None = None,
                  teacher: Student | None = None, co_distill: bool = False, lengths: list[int] | None = None,
                  fuse_tasks: bool = False, target_logits_only: bool = False, max_label_tokens: int | None = None,
-                 **kwargs):
+                 label_vocab: list[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.student = student
         # the speed-ups (TrainingConfig): length-grouped batches, both tasks in one pass (the
@@ -330,6 +330,7 @@ class StepDistillTrainer(Trainer):
         self.encode_once = student.is_seq2seq and bool(student.fmt and student.fmt.task_marker == "decoder")
         self.target_logits_only = target_logits_only
         self.max_label_tokens = max_label_tokens  # the longest label target: saved for evaluation's limit
+        self.label_vocab = label_vocab  # the tokens of the label targets: saved for label_decoding=vocab
         # soft-label KD: a frozen teacher run on the fly (or cached top-k in the batch);
         # co-distillation: the teacher is trained too, learning from the student in turn
         self.kd, self.teacher, self.co_distill = kd, teacher, co_distill
@@ -635,6 +636,7 @@ def build_trainer(
         fuse_tasks=training.fuse_tasks,
         target_logits_only=training.target_logits_only,
         max_label_tokens=longest_label,
+        label_vocab=label_vocab((f["labels"] for f in feats), student.tokenizer.eos_token_id),
     )
 
 
@@ -764,6 +766,8 @@ def fit(
         "best_step": state.best_global_step,
         # the longest label target (tokens, eos included): evaluation's task-aware generation limit
         "max_label_tokens": trainer.max_label_tokens,
+        # every token of the trained labels, and eos: label_decoding=vocab decodes within them
+        "label_vocab": trainer.label_vocab,
     }
     if method_cfg.kd is not None:
         info["kd"] = method_cfg.kd.model_dump()
