@@ -79,6 +79,15 @@ def test_sweep_runs_the_grid_records_failures_and_resumes(setup, monkeypatch):
         assert len(list(csv.DictReader(f))) == 6
     assert (out / "cells.csv").is_file() and (out / "results.json").is_file()
 
+    # its report: the table as JSON, and examples with the step-by-step student's own rationales
+    from stepdistill.report import report
+
+    rep = report(out, d / "report")
+    table = json.loads((rep / "results.json").read_text())
+    assert len(table["cells"]) == 12 and {c["a"] for c in table["comparisons"]} and "predictions" not in table["cells"][0]
+    md = (rep / "report.md").read_text()
+    assert "best step-by-step student" in md and md.count("student's own rationale:") == 5
+
     # a rerun trains and evaluates nothing that finished
     calls = []
     monkeypatch.setattr(api, "train", lambda *a, **k: calls.append("train"))

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from stepdistill.errors import StepDistillError
-from stepdistill.runs import write_text
+from stepdistill.runs import write_json, write_text
 from stepdistill.sweep import table
 
 BOOTSTRAP = 2000
@@ -247,9 +247,22 @@ def _confusion(results: dict[str, Any]):
     return labels, counts, best["cell"]
 
 
-def _best_cell(results: dict[str, Any]) -> dict[str, Any] | None:
-    done = [r for r in results["cells"] if r["status"] == "done" and r["predictions"] and r.get("accuracy") is not None]
+def _best_cell(results: dict[str, Any], method: str | None = None) -> dict[str, Any] | None:
+    """The most accurate finished cell on the largest data share (of `method` only, when given)."""
+    done = [r for r in results["cells"] if r["status"] == "done" and r["predictions"] and r.get("accuracy") is not None
+            and (method is None or r["method"] == method)]
     return max(done, key=lambda r: (r["fraction"], r["accuracy"])) if done else None
+
+
+def _student_rationales(results: dict[str, Any], cell: dict[str, Any], inputs: list[str]) -> list[str] | None:
+    """The rationale task's output of a cell's student for a few inputs (None if it has no such task)."""
+    from stepdistill.evaluation import MODEL_INFO, explain, label_token_limit, load_trained
+
+    run = Path(results["dir"]) / "cells" / cell["cell"] / "train"
+    if (_json(run / "model" / MODEL_INFO) or {}).get("method") != "step-by-step":
+        return None
+    student, info = load_trained(run)
+    return explain(student, info, inputs, limit=label_token_limit(info), batch_size=len(inputs))
 
 
 # ---------------------------------------------------------------- the report
@@ -275,8 +288,10 @@ def _pct(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
-def build(sweep_dir: str | Path, teacher_run: str | Path | None = None) -> tuple[str, str, dict[str, bytes]]:
-    """(markdown, html, figures) of one sweep."""
+def build(sweep_dir: str | Path, teacher_run: str | Path | None = None
+          ) -> tuple[str, str, dict[str, bytes], dict[str, Any]]:
+    """(markdown, html, figures, table) of one sweep; the table is the summary, the paired tests and
+    every cell's row."""
     results = load_sweep(sweep_dir)
     teacher = _teacher(teacher_run)
     figs = _figures(results, teacher)
@@ -318,7 +333,10 @@ def build(sweep_dir: str | Path, teacher_run: str | Path | None = None) -> tuple
     if failed:
         md += ["## Failed cells", ""] + [f"- `{r['cell']}`: {r.get('error')}" for r in failed] + [""]
     text = "\n".join(md) + "\n"
-    return text, to_html(text, figs, results["task"]), figs
+    table_ = {"task": results["task"], "split": results["split"], "summary": results["summary"], "comparisons": comps,
+              "teacher": {k: v for k, v in teacher.items() if k != "rows"} if teacher else None,
+              "cells": [{k: v for k, v in r.items() if k not in ("predictions", "log")} for r in results["cells"]]}
+    return text, to_html(text, figs, results["task"]), figs, table_
 
 
 def _deploy_table(results: dict[str, Any], teacher: dict[str, Any] | None) -> list[str]:
@@ -340,18 +358,24 @@ def _deploy_table(results: dict[str, Any], teacher: dict[str, Any] | None) -> li
 
 
 def _examples(results: dict[str, Any], teacher: dict[str, Any] | None, n: int = 5) -> list[str]:
-    best = _best_cell(results)
+    """A few test items: gold, the teacher's label and rationale, the student's label and, for a
+    step-by-step student, its own rationale (generated here with its rationale task)."""
+    best = _best_cell(results, "step-by-step") or _best_cell(results)
     if not best:
         return []
-    out = ["## Examples", "", f"Test items with the best student ({best['cell']}).", ""]
-    for p in best["predictions"][:n]:
+    items = best["predictions"][:n]
+    own = None if any(p.get("rationale") for p in items) else _student_rationales(
+        results, best, [p["input"] for p in items])
+    out = ["## Examples", "", f"Test items with the best {best['method']} student ({best['cell']}).", ""]
+    for i, p in enumerate(items):
         t = (teacher or {}).get("rows", {}).get(p["id"], {})
         out += [f"- **Input:** {p['input'][:400]}", f"  - gold: `{p.get('gold')}`; student: `{p.get('prediction')}` "
                 f"({'right' if p.get('correct') else 'wrong'})"]
         if t:
             out.append(f"  - teacher: `{t.get('label')}`; rationale: {(t.get('rationale') or '-')[:400]}")
-        if p.get("rationale"):
-            out.append(f"  - student's own rationale: {p['rationale'][:400]}")
+        why = p.get("rationale") if own is None else own[i]
+        if why is not None:
+            out.append(f"  - student's own rationale: {why[:400] or '(empty)'}")
     return out + [""]
 
 
@@ -402,12 +426,13 @@ def to_html(markdown: str, figs: dict[str, bytes], title: str) -> str:
 
 
 def report(sweep_dir: str | Path, out: str | Path, *, teacher_run: str | Path | None = None) -> Path:
-    """Write out/report.md, out/report.html and out/figures/*.png."""
-    md, page, figs = build(sweep_dir, teacher_run)
+    """Write out/report.md, out/report.html, out/results.json (the table) and out/figures/*.png."""
+    md, page, figs, table_ = build(sweep_dir, teacher_run)
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for name, png in figs.items():
         (out / "figures" / f"{name}.png").write_bytes(png)
     write_text(out / "report.md", md)
     write_text(out / "report.html", page)
+    write_json(out / "results.json", table_)
     return out
