@@ -189,7 +189,9 @@ def _figures(results: dict[str, Any], teacher: dict[str, Any] | None) -> dict[st
 
     curves = _curve_cells(results)
     if curves:
-        terms = sorted({k for r in curves for h in r["log"] for k in h if k.endswith("loss") and k != "eval_loss"})
+        # a term logged along the way (train_loss is the run's one final average: no curve)
+        terms = sorted({k for r in curves for h in r["log"] for k in h if k.endswith("loss") and k != "eval_loss"
+                        and sum(k in x for x in r["log"]) > 1})
         fig, axes = plt.subplots(1, len(terms), figsize=(4.5 * len(terms), 3.6), squeeze=False)
         for ax, term in zip(axes[0], terms):
             for r in curves:
@@ -284,6 +286,14 @@ def _teacher(path: str | Path | None) -> dict[str, Any] | None:
             "rows": {r["id"]: r for r in _jsonl(Path(path) / "annotations.jsonl")}}
 
 
+def _reasons(counts: dict[str, int] | None) -> str:
+    return ", ".join(f"{n} {why}" for why, n in counts.items()) if counts else "none"
+
+
+def _count(n: int | None) -> str:
+    return "-" if not n else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
 def _pct(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}%"
 
@@ -322,8 +332,9 @@ def build(sweep_dir: str | Path, teacher_run: str | Path | None = None
     ann = results.get("annotation_summary")
     if ann:
         md += ["## Teacher annotations (training split)", "",
-               f"- {ann.get('n')} inputs, {ann.get('parsed')} parsed, {ann.get('kept')} kept; "
-               f"dropped: {ann.get('dropped_reasons') or 'none'}",
+               f"- {ann.get('n')} inputs, {ann.get('parsed')} parsed"
+               + (f", {ann['kept']} kept" if ann.get("kept") is not None else "")
+               + f"; unparsed: {_reasons(ann.get('unparsed_reasons'))}; dropped: {_reasons(ann.get('dropped_reasons'))}",
                f"- teacher accuracy on them: {_pct(ann.get('teacher_accuracy'))}; kept-label accuracy: "
                f"{_pct(ann.get('kept_accuracy'))}; mean agreement of samples: {ann.get('mean_agreement') or '-'}", ""]
     if "confusion" in figs:
@@ -351,7 +362,7 @@ def _deploy_table(results: dict[str, Any], teacher: dict[str, Any] | None) -> li
         ms = best.get("ms_per_example")
         rows.append(f"| student: {best['method']} ({best['student']}, {100 * best['fraction']:g}% data, seed "
                     f"{best['seed']}) | {_pct(best['accuracy'])} | {ms or '-'} | {ms or '-'} | "
-                    f"{best.get('parameters') or '-'} | {best.get('size_mb') or '-'} | - |")
+                    f"{_count(best.get('parameters'))} | {best.get('size_mb') or '-'} | - |")
     return rows + ["", "ms/prediction as measured by each stage on this machine (the teacher: its chain-of-thought "
                        "generation; the student: the label only). CPU-seconds per 1,000 predictions equal "
                        "ms/prediction at one process per machine.", ""]
