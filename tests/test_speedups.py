@@ -15,7 +15,7 @@ from stepdistill.methods.formatting import Format, encode_example
 from stepdistill.memory import resolve_bf16
 from stepdistill.methods.targets import logits_at, target_positions
 from stepdistill.training import (
-    LengthGroupedSampler, build_trainer, feature_length, fit, stack_padded,
+    FastDropout, LengthGroupedSampler, build_trainer, feature_length, fit, stack_padded, use_fast_dropout,
 )
 from tiny_models import FakeTask, annotations, examples, llama_student, t5_student
 
@@ -180,3 +180,41 @@ def test_decoder_marker_needs_an_encoder_decoder(tmp_path):
         build_trainer(llama_student(), DECODER, TrainingConfig(), _records(), [], None, tmp_path, progress=False)
     with pytest.raises(ValueError, match="task_marker=decoder does not combine with kd"):
         MethodConfig(name="step-by-step", task_marker="decoder", kd={"teacher": "t"})
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fast_dropout_drops_at_rate_p_keeps_the_mean_and_its_gradient_is_the_mask(p):
+    x = torch.randn(200, 1000, requires_grad=True)
+    d = FastDropout(p)
+    torch.manual_seed(0)
+    y = d(x)
+    dropped = float((y == 0).float().mean())
+    assert abs(dropped - p) < 0.005  # 200k draws: the standard error is about 0.001
+    assert torch.allclose(y[y != 0], x[y != 0] / (1 - round(p * 65536) / 65536))
+    ones = FastDropout(p)(torch.ones(400, 1000))
+    assert abs(float(ones.mean()) - 1) < 0.01  # E[dropout(x)] = x
+    y.sum().backward()
+    assert torch.equal(x.grad, (y != 0).float() / (1 - round(p * 65536) / 65536))
+    torch.manual_seed(0)
+    assert torch.equal(FastDropout(p)(x.detach()), y.detach())  # a seed fixes the mask
+    assert FastDropout(p).eval()(x) is x
+
+
+def _with_dropout(student, p=0.1):
+    for m in student.model.modules():
+        if type(m) is torch.nn.Dropout:
+            m.p = p
+    return student
+
+
+def test_fast_dropout_swaps_the_dropout_modules_and_is_on_without_a_gpu(tmp_path):
+    student = _with_dropout(t5_student())
+    n = sum(type(m) is torch.nn.Dropout for m in student.model.modules())
+    assert n > 0 and use_fast_dropout(student.model) == n
+    assert not any(type(m) is torch.nn.Dropout for m in student.model.modules())
+    recs = get_method(MethodConfig(name="standard")).records(examples(8), None).records
+    for fast, want in ((None, not torch.cuda.is_available()), (False, False)):
+        s = _with_dropout(t5_student())
+        build_trainer(s, MethodConfig(name="standard"), TrainingConfig(max_steps=1, bf16=False, fast_dropout=fast),
+                      recs, [], None, tmp_path / str(fast))
+        assert any(isinstance(m, FastDropout) for m in s.model.modules()) is want

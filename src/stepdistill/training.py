@@ -309,6 +309,36 @@ def feature_length(f: dict) -> int:
     return sum(len(v) for k, v in f.items() if k.endswith(("input_ids", "labels")))
 
 
+class FastDropout(torch.nn.Dropout):
+    """Dropout with a cheaper mask on CPUs. torch draws one random float per element (bernoulli_),
+    and on a CPU that costs about 60x the multiply that applies the mask: a tenth of a small T5's
+    training step. Here one 64-bit random integer gives four elements a 16-bit uniform draw each;
+    an element is dropped when its draw falls below round(p * 65536), so the drop rate is p to
+    within 2**-17, and the kept values are scaled by 1 / (1 - that rate). Same RNG (torch's), so a
+    seed still fixes the masks; an identity in eval mode."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        n = x.numel()
+        bits = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_(-2**63, None)
+        drop = round(self.p * 65536)
+        keep = (bits.view(torch.int16)[:n] >= drop - 32768).view(x.shape)
+        return x * keep.to(x.dtype).mul_(65536 / (65536 - drop))
+
+
+def use_fast_dropout(model: torch.nn.Module) -> int:
+    """Swap every torch Dropout module of `model` for FastDropout (same p); the number swapped.
+    Functional dropout calls (some attention implementations) are left as they are."""
+    swapped = 0
+    for module in model.modules():
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Dropout and child.p > 0:
+                setattr(module, name, FastDropout(child.p, child.inplace))
+                swapped += 1
+    return swapped
+
+
 class StepDistillTrainer(Trainer):
     """Trainer + multi-task loss with exact accumulation + generation-based validation accuracy."""
 
@@ -575,6 +605,10 @@ def build_trainer(
         )
     strategy = "steps" if training.eval_steps else "epoch"
     bf16 = resolve_bf16(training.bf16)
+    if training.fast_dropout if training.fast_dropout is not None else not torch.cuda.is_available():
+        use_fast_dropout(student.model)
+        if co_distill:
+            use_fast_dropout(teacher.model)
     longest_label = max_label_tokens(feats)
     args = TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
