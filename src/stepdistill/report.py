@@ -188,10 +188,10 @@ def _figures(results: dict[str, Any], teacher: dict[str, Any] | None) -> dict[st
         save("accuracy_vs_size", fig)
 
     curves = _curve_cells(results)
-    if curves:
-        # a term logged along the way (train_loss is the run's one final average: no curve)
-        terms = sorted({k for r in curves for h in r["log"] for k in h if k.endswith("loss") and k != "eval_loss"
-                        and sum(k in x for x in r["log"]) > 1})
+    # a term logged along the way (train_loss is the run's one final average: no curve)
+    terms = sorted({k for r in curves for h in r["log"] for k in h if k.endswith("loss") and k != "eval_loss"
+                    and sum(k in x for x in r["log"]) > 1})
+    if terms:
         fig, axes = plt.subplots(1, len(terms), figsize=(4.5 * len(terms), 3.6), squeeze=False)
         for ax, term in zip(axes[0], terms):
             for r in curves:
