@@ -156,23 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field", default="input", help="the field holding each input's text")
     p.add_argument("--out", required=True, help=".jsonl to write: each record + prediction (+ rationale)")
     p.add_argument("--batch-size", type=int, default=32, help="predictions per batch")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
-                   help="weights at prediction (auto: bfloat16 where the hardware is fast)")
-    p.add_argument("--max-new-tokens", type=int, help="longest label generated (default: from the trained labels)")
-    p.add_argument("--label-decoding", choices=["generate", "vocab"], default="generate",
-                   help="vocab: greedy within the tokens of the trained labels (faster: a cut output layer)")
+    _add_prediction_flags(p)
     p.add_argument("--rationales", action="store_true", help="also generate explanations (the rationale task)")
     p = sub.add_parser("serve", help="serve a trained student over HTTP (POST /predict)")
     p.add_argument("--model", required=True, help="training run, model folder or exported folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    _add_prediction_flags(p)
+    sub.add_parser("list", help="list tasks, teachers and methods")
+    return parser
+
+
+def _add_prediction_flags(p: argparse.ArgumentParser) -> None:
+    """How a shipped student predicts: the same flags for predict and serve."""
     p.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="auto",
                    help="weights at prediction (auto: bfloat16 where the hardware is fast)")
     p.add_argument("--max-new-tokens", type=int, help="longest label generated (default: from the trained labels)")
     p.add_argument("--label-decoding", choices=["generate", "vocab"], default="generate",
                    help="vocab: greedy within the tokens of the trained labels (faster: a cut output layer)")
-    sub.add_parser("list", help="list tasks, teachers and methods")
-    return parser
 
 
 def _config_dict(args: argparse.Namespace) -> dict[str, Any]:

@@ -338,11 +338,14 @@ class TrainRun(_Section):
     )
 
 
+InferenceDtype = Literal["float32", "bfloat16", "auto"]  # weights at prediction: evaluation.inference_dtype
+
+
 class SweepEval(_Section):
     split: str = "test"
     limit: Optional[int] = Field(None, gt=0)
     batch_size: int = Field(16, gt=0)
-    dtype: Literal["float32", "bfloat16", "auto"] = Field("float32", description="Weights at prediction (as in eval).")
+    dtype: InferenceDtype = Field("float32", description="Weights at prediction (as in eval).")
 
 
 class SweepRun(_Section):
@@ -397,7 +400,7 @@ class EvalRun(_Section):
         "where the task has a closed answer set, else generate.")
     limit: Optional[int] = Field(None, gt=0)
     rationales: bool = Field(False, description="Also generate the rationale task's explanations.")
-    dtype: Literal["float32", "bfloat16", "auto"] = Field(
+    dtype: InferenceDtype = Field(
         "float32", description="Weights at prediction: bfloat16 halves what each generated token reads (about 2x "
         "faster decoding of a small student on CPUs with AVX512-BF16); auto picks it where the hardware is fast.")
 

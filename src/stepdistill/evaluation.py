@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -142,25 +142,23 @@ def predict(
                 start = [model.config.decoder_start_token_id, *marker]
                 forced["decoder_input_ids"] = torch.tensor([start] * len(idx), device=device)
             if vocab is not None:
-                start = forced.get("decoder_input_ids")
-                new = _greedy_in_vocab(student, ids.to(device), mask.to(device), vocab, max_new_tokens, start)
-                for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
-                    out[i] = text.strip()
-                continue
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                **forced,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-            if student.is_seq2seq:
-                new = gen[:, len(forced["decoder_input_ids"][0]):] if forced else gen
+                new = _greedy_in_vocab(student, ids.to(device), mask.to(device), vocab, max_new_tokens,
+                                       forced.get("decoder_input_ids"))
             else:
-                new = gen[:, ids.shape[1] :]
+                gen = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    **forced,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+                if student.is_seq2seq:
+                    new = gen[:, len(forced["decoder_input_ids"][0]):] if forced else gen
+                else:
+                    new = gen[:, ids.shape[1] :]
             for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
                 out[i] = text.strip()
     return out
@@ -236,7 +234,7 @@ def _greedy_in_vocab(student: Student, ids: torch.Tensor, mask: torch.Tensor, vo
     return torch.stack(new, dim=1)
 
 
-def label_vocab(labels: Iterator[list[int]], eos_token_id: int) -> list[int]:
+def label_vocab(labels: Iterable[list[int]], eos_token_id: int) -> list[int]:
     """Every token of the trained label targets, and eos: label_decoding=vocab decodes within it."""
     return sorted({t for row in labels for t in row if t >= 0} | {eos_token_id})
 

@@ -324,12 +324,11 @@ def resumed_config(out: str | Path, config: M) -> M:
     changed = False
     for path, old in ADDED_FIELDS.items():
         *parents, name = path.split(".")
-        saved_section, now_section, model = saved, now, config
+        saved_section, now_section = _section(saved, parents), _section(now, parents)
+        model: Any = config
         for part in parents:
-            saved_section = saved_section.get(part) if isinstance(saved_section, dict) else None
-            now_section = now_section.get(part) if isinstance(now_section, dict) else None
             model = getattr(model, part, None)
-        if (isinstance(saved_section, dict) and name not in saved_section and isinstance(now_section, dict)
+        if (saved_section is not None and name not in saved_section and now_section is not None
                 and isinstance(model, BaseModel) and name not in model.model_fields_set and now_section.get(name) != old):
             log.info("resume: %s takes %r, the value %s ran with before the field existed", path, old, out)
             now_section[name] = old
@@ -352,12 +351,18 @@ def _with_added_fields(model: type[BaseModel], saved: dict) -> dict:
     filled = copy.deepcopy(saved)
     for path, old in ADDED_FIELDS.items():
         *parents, name = path.split(".")
-        section = filled
-        for part in parents:
-            section = section.get(part) if isinstance(section, dict) else None
-        if isinstance(section, dict):
+        section = _section(filled, parents)
+        if section is not None:
             section.setdefault(name, old)
     try:
         return model.model_validate(filled).model_dump(mode="json")
     except ValueError:  # written by a version whose fields no longer validate: compare as saved
         return saved
+
+
+def _section(config: dict, parents: list[str]) -> dict | None:
+    """The nested section of a config dict at `parents` (None where it has none)."""
+    section: Any = config
+    for part in parents:
+        section = section.get(part) if isinstance(section, dict) else None
+    return section if isinstance(section, dict) else None

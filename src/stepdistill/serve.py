@@ -81,4 +81,5 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_n
         import uvicorn
     except ImportError as e:
         raise StepDistillError('stepdistill serve needs uvicorn: pip install "stepdistill[serve]"') from e
-    uvicorn.run(create_app(model, max_new_tokens=max_new_tokens, dtype=dtype, label_decoding=label_decoding), host=host, port=port, log_level="info")
+    app = create_app(model, max_new_tokens=max_new_tokens, dtype=dtype, label_decoding=label_decoding)
+    uvicorn.run(app, host=host, port=port, log_level="info")

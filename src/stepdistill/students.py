@@ -273,13 +273,13 @@ def apply_lora(student: Student, lora) -> Student:
     layers = None
     if lora.layers is not None:
         n = getattr(student.model.config, "num_hidden_layers", None) or getattr(student.model.config, "num_layers", None)
-        layers = sorted({i % n if n else i for i in lora.layers})
         if n is None and any(i < 0 for i in lora.layers):
             raise StepDistillError("student.lora.layers: negative layer numbers need a config with num_hidden_layers; "
                                    "give layer numbers from 0")
         if n is not None and any(not -n <= i < n for i in lora.layers):
             raise StepDistillError(f"student.lora.layers {lora.layers}: the student has {n} layers (0..{n - 1}, "
                                    f"or -{n}..-1 from the top)")
+        layers = sorted({i % n if n else i for i in lora.layers})  # negative: from the top
     cfg = PeftLoraConfig(
         task_type=TaskType.SEQ_2_SEQ_LM if student.is_seq2seq else TaskType.CAUSAL_LM,
         r=lora.r,

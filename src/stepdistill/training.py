@@ -605,7 +605,8 @@ def build_trainer(
         )
     strategy = "steps" if training.eval_steps else "epoch"
     bf16 = resolve_bf16(training.bf16)
-    if training.fast_dropout if training.fast_dropout is not None else not torch.cuda.is_available():
+    fast_dropout = not torch.cuda.is_available() if training.fast_dropout is None else training.fast_dropout
+    if fast_dropout:
         use_fast_dropout(student.model)
         if co_distill:
             use_fast_dropout(teacher.model)
