@@ -9,7 +9,8 @@ alpha 0.5, AdamW at 5e-4, the same number of optimizer steps for every row:
                             by DataCollatorForSeq2Seq, the models' own mean losses, float32
   stepdistill, all off      stepdistill's Trainer with every speed-up below turned off
   + <one speed-up>          that speed-up alone: bf16 autocast, length-grouped batches, both
-                            tasks in one forward pass, the output layer at target tokens only,
+                            tasks in one forward pass, the output layer at target tokens only
+                            (and that layer fused with the cross-entropy, training.fused_loss),
                             the encoder once per input (task marker on the decoder side), dropout
                             masks from 16-bit draws (training.fast_dropout)
   stepdistill default       TrainingConfig's defaults (on this CPU: all of the above but the
@@ -44,7 +45,7 @@ SHARED = HERE.parent.parent / "shared" / "data" / "sbs"
 ALPHA, BATCH, LR, SEED = 0.5, 8, 5e-4, 0
 
 PLAIN = {"bf16": False, "group_by_length": False, "fuse_tasks": False, "target_logits_only": False,
-         "fast_dropout": False}
+         "fused_loss": False, "fast_dropout": False}
 ROWS = {  # name: (TrainingConfig overrides, method overrides); None: the reference
     "reference (paper's two-pass step)": None,
     "stepdistill, all speed-ups off": (PLAIN, {}),
@@ -52,6 +53,7 @@ ROWS = {  # name: (TrainingConfig overrides, method overrides); None: the refere
     "+ length-grouped batches": ({**PLAIN, "group_by_length": True}, {}),
     "+ both tasks in one forward pass": ({**PLAIN, "fuse_tasks": True}, {}),
     "+ output layer at targets only": ({**PLAIN, "target_logits_only": True}, {}),
+    "+ ... fused with the loss": ({**PLAIN, "target_logits_only": True, "fused_loss": True}, {}),
     "+ encode once (decoder marker)": (PLAIN, {"task_marker": "decoder"}),
     "+ cheaper dropout masks": ({**PLAIN, "fast_dropout": True}, {}),
     "stepdistill default": ({}, {}),

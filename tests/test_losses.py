@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from stepdistill.methods.losses import count_targets, multitask_loss, token_cross_entropy
+from stepdistill.methods.losses import count_targets, linear_cross_entropy, multitask_loss, token_cross_entropy
 
 
 def _ce(row, target):
@@ -63,3 +63,56 @@ def test_multitask_loss_combination():
     assert multitask_loss(label, None, 0.3).item() == pytest.approx(2.0)  # single task ignores alpha
     with pytest.raises(AssertionError):
         multitask_loss(label, rationale, 1.5)
+
+
+def test_linear_cross_entropy_matches_hand_value():
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    weight = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.5, 0.5]])  # logits: [1, 0, .5] and [0, 2, .5]
+    got = linear_cross_entropy(hidden, weight, None, torch.tensor([0, 2]))
+    assert got.tolist() == pytest.approx([_ce([1.0, 0.0, 0.5], 0), _ce([0.0, 2.0, 0.5], 2)], rel=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_has_the_unfused_values_and_gradients(bias):
+    """Fused output layer + cross-entropy, in chunks smaller than the rows, against F.linear then
+    F.cross_entropy: per-token losses and the gradients of hidden, weight and bias, under
+    per-token upstream weights (as alpha / token counts give)."""
+    torch.manual_seed(0)
+    n, d, vocab = 37, 8, 50
+    args = [torch.randn(n, d, dtype=torch.float64), torch.randn(vocab, d, dtype=torch.float64),
+            torch.randn(vocab, dtype=torch.float64) if bias else None]
+    targets, upstream = torch.randint(0, vocab, (n,)), torch.rand(n, dtype=torch.float64)
+    results = []
+    for fused in (False, True):
+        leaves = [a.clone().requires_grad_() if a is not None else None for a in args]
+        if fused:
+            losses = linear_cross_entropy(*leaves, targets, chunk=5)
+        else:
+            losses = torch.nn.functional.cross_entropy(torch.nn.functional.linear(*leaves), targets, reduction="none")
+        (losses * upstream).sum().backward()
+        results.append([losses.detach()] + [a.grad for a in leaves if a is not None])
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # no gradient asked: the losses alone, nothing kept for a backward pass
+        torch.testing.assert_close(linear_cross_entropy(*args, targets, chunk=5), results[0][0])
+
+
+def test_linear_cross_entropy_under_bf16_autocast_is_the_autocast_computation():
+    """Under autocast the layer runs in bfloat16 as autocast would run it, the log-softmax in
+    float32: the losses match the unfused way's to float32 precision, the gradients to bf16's."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(40, 16), torch.randn(300, 16) * 0.3
+    targets = torch.randint(0, 300, (40,))
+    out = []
+    for fused in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = (linear_cross_entropy(h, w, None, targets, chunk=16) if fused else
+                      torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), targets,
+                                                        reduction="none"))
+        losses.sum().backward()
+        assert losses.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.float32
+        out.append((losses.detach(), h.grad, w.grad))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-5)
+    for ref, got in zip(out[0][1:], out[1][1:]):
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)

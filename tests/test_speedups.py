@@ -21,7 +21,7 @@ from tiny_models import FakeTask, annotations, examples, llama_student, t5_stude
 
 STUDENTS = {"t5": t5_student, "llama": llama_student}
 SBS = MethodConfig(name="step-by-step", alpha=0.5)
-PLAIN = dict(fuse_tasks=False, target_logits_only=False, group_by_length=False)  # the paper's way
+PLAIN = dict(fuse_tasks=False, target_logits_only=False, fused_loss=False, group_by_length=False)  # the paper's way
 
 
 def _records(n=8, bad=frozenset({"ex3"})):
@@ -53,10 +53,12 @@ def _tmp():
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])
-@pytest.mark.parametrize("fuse, targets_only", [(True, True), (True, False), (False, True)])
-def test_each_speedup_computes_the_same_loss_and_gradients(kind, fuse, targets_only):
+@pytest.mark.parametrize("fuse, targets_only, fused_loss", [(True, True, True), (True, True, False), (True, False, True),
+                                                             (False, True, True), (False, True, False)])
+def test_each_speedup_computes_the_same_loss_and_gradients(kind, fuse, targets_only, fused_loss):
     ref_loss, ref_parts, ref_grads = _loss_and_grads(STUDENTS[kind], TrainingConfig(bf16=False, **PLAIN))
-    fast = TrainingConfig(bf16=False, fuse_tasks=fuse, target_logits_only=targets_only, group_by_length=False)
+    fast = TrainingConfig(bf16=False, fuse_tasks=fuse, target_logits_only=targets_only, fused_loss=fused_loss,
+                          group_by_length=False)
     loss, parts, grads = _loss_and_grads(STUDENTS[kind], fast)
     assert ref_loss > 0.1
     assert loss == pytest.approx(ref_loss, rel=1e-5)

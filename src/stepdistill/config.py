@@ -36,6 +36,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "training.fuse_tasks": False,
     "training.target_logits_only": False,
     "training.fast_dropout": False,
+    "training.fused_loss": False,
 }
 
 
@@ -258,6 +259,10 @@ class TrainingConfig(_Section):
     target_logits_only: bool = Field(
         True, description="Compute the output layer only at target tokens (not at padding or, for causal students, "
         "the prompt): most of a small student's step is its vocabulary projection.")
+    fused_loss: bool = Field(
+        True, description="With target_logits_only, where the model's logits are its output layer's output (T5, "
+        "Llama, Qwen, ...): run the output layer and the cross-entropy fused, a few target tokens at a time, "
+        "instead of writing vocabulary-wide float32 logits and their gradient.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, slower steps.")
     fast_dropout: Optional[bool] = Field(
         None, description="Dropout masks from 16-bit draws (four per 64-bit random number) instead of one float "

@@ -41,13 +41,14 @@ from stepdistill.evaluation import MODEL_INFO, label_token_limit, label_vocab, p
 from stepdistill.methods import get_method
 from stepdistill.methods.base import TrainRecord
 from stepdistill.methods.formatting import Format, encode_example
-from stepdistill.methods.targets import logits_at, target_positions
+from stepdistill.methods.targets import fused_head, logits_at, output_layer_inputs, target_positions
 from stepdistill.memory import check_training, resolve_bf16
 from stepdistill.methods.kd import (
     attach_topk_cache, decoder_inputs, load_kd_teacher, pad_topk, teacher_logits, vocab_size,
 )
 from stepdistill.methods.losses import (
-    IGNORE_INDEX, _normalise, count_targets, kd_loss, kd_loss_topk, multitask_loss, token_cross_entropy,
+    IGNORE_INDEX, _normalise, count_targets, kd_loss, kd_loss_topk, linear_cross_entropy, multitask_loss,
+    token_cross_entropy,
 )
 from stepdistill.runs import fsync_dir, fsync_tree, is_main_process, write_error, write_json, write_text
 from stepdistill.students import Student, count_parameters
@@ -349,7 +350,8 @@ class StepDistillTrainer(Trainer):
     def __init__(self, *args, student: Student, alpha: float, multitask: bool, task: Task | None,
                  label_prefix: str, val_max_new_tokens: int, kd: KDConfig | None = None,
                  teacher: Student | None = None, co_distill: bool = False, lengths: list[int] | None = None,
-                 fuse_tasks: bool = False, target_logits_only: bool = False, max_label_tokens: int | None = None,
+                 fuse_tasks: bool = False, target_logits_only: bool = False, fused_loss: bool = False,
+                 max_label_tokens: int | None = None,
                  label_vocab: list[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.student = student
@@ -359,6 +361,7 @@ class StepDistillTrainer(Trainer):
         self.fuse_tasks = fuse_tasks and kd is None
         self.encode_once = student.is_seq2seq and bool(student.fmt and student.fmt.task_marker == "decoder")
         self.target_logits_only = target_logits_only
+        self.fused_loss = fused_loss
         self.max_label_tokens = max_label_tokens  # the longest label target: saved for evaluation's limit
         self.label_vocab = label_vocab  # the tokens of the label targets: saved for label_decoding=vocab
         # soft-label KD: a frozen teacher run on the fly (or cached top-k in the batch);
@@ -413,64 +416,96 @@ class StepDistillTrainer(Trainer):
                 kw["decoder_input_ids"] = decoder_inputs(inputs[pre + "labels"], self.student.model.config)
         return kw
 
-    def _target_losses(self, model, kw: dict, labels: torch.Tensor, splits: list[int] | None = None
+    def _target_losses(self, model, passes: list[tuple[dict, torch.Tensor]], splits: list[int] | None = None
                        ) -> list[torch.Tensor]:
-        """Summed token cross-entropies of one forward pass, one per group of rows (`splits`: row
-        counts; None: one group). With `target_logits_only` the output layer runs at target tokens only."""
+        """Summed token cross-entropies of forward passes [(forward() arguments, labels), ...], one
+        per group of rows (`splits`: row counts over the passes' rows in order; None: one group per
+        pass). With `target_logits_only` the output layer runs at target tokens only, and with
+        `fused_loss` too, once for every pass, fused with the cross-entropy where the model allows it."""
         shift = not self.student.is_seq2seq
-        splits = splits or [labels.shape[0]]
+        splits = splits or [labels.shape[0] for _, labels in passes]
+        inner = self.accelerator.unwrap_model(model)
+        rows = []  # per pass: (row of each scored token, its loss) or the per-row sums
         if not self.target_logits_only:
-            logits = model(**kw).logits
-            return [token_cross_entropy(lg, lb, 1, shift=shift)
-                    for lg, lb in zip(logits.split(splits), labels.split(splits))]
-        keep, targets = target_positions(labels, shift=shift)
-        with logits_at(self.accelerator.unwrap_model(model), keep):
-            logits = model(**kw).logits
-        losses = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-        per_group = keep.sum(dim=1).split(splits)
-        return [part.sum() for part in losses.split([int(n.sum()) for n in per_group])]
+            for kw, labels in passes:
+                logits = model(**kw).logits
+                rows.append(torch.stack([token_cross_entropy(lg[None], lb[None], 1, shift=shift)
+                                         for lg, lb in zip(logits, labels)]))
+            return [part.sum() for part in torch.cat(rows).split(splits)]
+        fused = self.fused_loss and fused_head(inner)
+        hidden, targets, losses, where = [], [], [], []
+        for kw, labels in passes:
+            keep, t = target_positions(labels, shift=shift)
+            where.append(keep.nonzero()[:, 0] + sum(lb.shape[0] for lb in rows))
+            rows.append(labels)
+            if fused:
+                with output_layer_inputs(inner, keep) as caught:
+                    model(**kw)
+                hidden += caught
+                targets.append(t)
+            else:
+                with logits_at(inner, keep):
+                    logits = model(**kw).logits
+                losses.append(torch.nn.functional.cross_entropy(logits.float(), t, reduction="none"))
+        if fused:
+            head = inner.get_output_embeddings()
+            losses = [linear_cross_entropy(torch.cat(hidden), head.weight, head.bias, torch.cat(targets))]
+        losses = torch.cat(losses)
+        per_row = losses.new_zeros(sum(splits)).index_add(0, torch.cat(where), losses)
+        return [part.sum() for part in per_row.split(splits)]
 
     def _fused_losses(self, model, inputs: dict, n: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Both tasks with fewer passes. Causal: the label and rationale rows padded to one width
-        and stacked, one forward pass. Seq2seq: one encoder pass for both tasks' sources (stacked;
-        with the task marker on the decoder side, each input once), then a decoder pass per task,
-        each padded to its own targets (a label is a few tokens, a rationale dozens)."""
+        and stacked, one forward pass. Seq2seq: one embedding lookup for every token of the step,
+        one encoder pass for both tasks' sources (stacked; with the task marker on the decoder
+        side, each input once), then a decoder pass per task, each padded to its own targets (a
+        label is a few tokens, a rationale dozens), and one fused output layer and loss for both."""
         a, b = self._model_inputs(inputs, ""), self._model_inputs(inputs, RATIONALE)
         la, lb = inputs["labels"], inputs[RATIONALE + "labels"]
         pad_id = self.student.tokenizer.pad_token_id
         if not self.student.is_seq2seq:
             kw = {"input_ids": stack_padded(a["input_ids"], b["input_ids"], pad_id),
                   "attention_mask": stack_padded(a["attention_mask"], b["attention_mask"], 0)}
-            label_sum, rationale_sum = self._target_losses(model, kw, stack_padded(la, lb, IGNORE_INDEX),
+            label_sum, rationale_sum = self._target_losses(model, [(kw, stack_padded(la, lb, IGNORE_INDEX))],
                                                            [la.shape[0], lb.shape[0]])
         else:
-            encoder = self.accelerator.unwrap_model(model).get_encoder()
             if self.encode_once:  # the same source for both tasks: encode it once
-                mask = a["attention_mask"]
-                hidden = encoder(input_ids=a["input_ids"], attention_mask=mask).last_hidden_state
-                rows = inputs[RATIONALE + "index"]
-                enc = {"": (hidden, mask), RATIONALE: (hidden[rows], mask[rows])}
+                ids, mask = a["input_ids"], a["attention_mask"]
             else:
+                ids = stack_padded(a["input_ids"], b["input_ids"], pad_id)
                 mask = stack_padded(a["attention_mask"], b["attention_mask"], 0)
-                hidden = encoder(input_ids=stack_padded(a["input_ids"], b["input_ids"], pad_id),
-                                 attention_mask=mask).last_hidden_state
+            source, label_dec, rationale_dec = self._embed(model, [ids, a["decoder_input_ids"], b["decoder_input_ids"]])
+            encoder = self.accelerator.unwrap_model(model).get_encoder()
+            hidden = encoder(attention_mask=mask, **source).last_hidden_state
+            if self.encode_once:
+                rows = inputs[RATIONALE + "index"]
+                enc = [(hidden, mask), (hidden[rows], mask[rows])]
+            else:
                 k = la.shape[0]
-                enc = {"": (hidden[:k], mask[:k]), RATIONALE: (hidden[k:], mask[k:])}
-            sums = []
-            for pre, kw, labels in (("", a, la), (RATIONALE, b, lb)):
-                h, m = enc[pre]
-                (total,) = self._target_losses(model, {"encoder_outputs": (h,), "attention_mask": m,
-                                                       "decoder_input_ids": kw["decoder_input_ids"]}, labels)
-                sums.append(total)
-            label_sum, rationale_sum = sums
+                enc = [(hidden[:k], mask[:k]), (hidden[k:], mask[k:])]
+            passes = [({"encoder_outputs": (h,), "attention_mask": m, **{"decoder_" + k: v for k, v in dec.items()}},
+                       labels) for (h, m), dec, labels in zip(enc, (label_dec, rationale_dec), (la, lb))]
+            label_sum, rationale_sum = self._target_losses(model, passes)
         return _normalise(label_sum, la, n.get("")), _normalise(rationale_sum, lb, n.get(RATIONALE))
+
+    def _embed(self, model, ids: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Encoder-decoder inputs for each id tensor: one lookup for all of them (inputs_embeds)
+        where encoder and decoder share the input embedding, as T5's do (each lookup's backward
+        fills a vocabulary-sized gradient: one instead of three per step), else the ids."""
+        inner = self.accelerator.unwrap_model(model)
+        emb = inner.get_input_embeddings()
+        stacks = [getattr(stack, "embed_tokens", None) for stack in (inner.get_encoder(), inner.get_decoder())]
+        if not all(type(e) is torch.nn.Embedding and e.weight is emb.weight for e in [emb, *stacks]):
+            return [{"input_ids": x} for x in ids]
+        vectors = emb(torch.cat([x.reshape(-1) for x in ids])).split([x.numel() for x in ids])
+        return [{"inputs_embeds": v.view(*x.shape, -1)} for v, x in zip(vectors, ids)]
 
     def _task_loss(self, model, inputs: dict, pre: str, n_items) -> torch.Tensor:
         labels = inputs[pre + "labels"]
         shift = not self.student.is_seq2seq
         kw = self._model_inputs(inputs, pre)
         if self.kd is None:
-            (total,) = self._target_losses(model, kw, labels)
+            (total,) = self._target_losses(model, [(kw, labels)])
             return _normalise(total, labels, n_items)
         ids, mask = kw["input_ids"], kw["attention_mask"]
         logits = model(**kw).logits
@@ -669,7 +704,7 @@ def build_trainer(
         co_distill=co_distill,
         lengths=[feature_length(f) for f in feats] if training.group_by_length else None,
         fuse_tasks=training.fuse_tasks,
-        target_logits_only=training.target_logits_only,
+        target_logits_only=training.target_logits_only, fused_loss=training.fused_loss,
         max_label_tokens=longest_label,
         label_vocab=label_vocab((f["labels"] for f in feats), student.tokenizer.eos_token_id),
     )

@@ -66,6 +66,66 @@ def multitask_loss(label_loss: torch.Tensor, rationale_loss: torch.Tensor | None
     return alpha * label_loss + (1.0 - alpha) * rationale_loss
 
 
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor, *, chunk: int = 32) -> torch.Tensor:
+    """Per-token cross-entropy of `F.linear(hidden, weight, bias)` against `targets`, without
+    the (tokens, vocab) float32 logits: `hidden` (n, d), `weight` (vocab, d), `targets` (n,).
+
+    The logits are made a chunk of rows at a time in the compute dtype (the autocast dtype
+    where autocast is on, else the weight's), their log-softmax taken in float32 while the
+    chunk is in cache, and the gradient with respect to them (softmax - one-hot) kept in the
+    compute dtype for the backward pass. The unfused way writes and rereads several
+    vocabulary-wide float32 arrays per token (the cast, the log-softmax and its gradient); for
+    a small student with a large vocabulary those passes cost more than its layers. Same
+    values and gradients (`tests/test_losses.py`).
+
+    >>> linear_cross_entropy(torch.zeros(2, 4), torch.zeros(3, 4), None, torch.tensor([0, 2]))  # ln 3
+    tensor([1.0986, 1.0986])
+    """
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, dtype, chunk, grad)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, dtype, chunk, grad):
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            n, exact = h.shape[0], torch.promote_types(dtype, torch.float32)  # softmax in float32 at least
+            losses = torch.empty(n, dtype=exact, device=h.device)
+            grad_logits = torch.empty(n, w.shape[0], dtype=dtype, device=h.device) if grad else None
+            for s in range(0, n, chunk):
+                t = targets[s:s + chunk, None]
+                logits = F.linear(h[s:s + chunk], w, b).to(exact)
+                lse = logits.logsumexp(dim=-1, keepdim=True)
+                losses[s:s + chunk] = (lse - logits.gather(1, t)).squeeze(1)
+                if not grad:
+                    continue
+                p = logits.sub_(lse).exp_()  # softmax, in place
+                p.scatter_add_(1, t, p.new_full(t.shape, -1.0))  # minus the one-hot
+                grad_logits[s:s + chunk] = p
+        ctx.save_for_backward(h, w, grad_logits)
+        ctx.has_bias, ctx.dtypes = bias is not None, (hidden.dtype, weight.dtype)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        h, w, grad_logits = ctx.saved_tensors
+        exact = torch.promote_types(h.dtype, torch.float32)
+        g = grad_losses.to(exact)[:, None]  # one weight per token: scale the small operands, not the logits
+        with torch.autocast(h.device.type, enabled=False):
+            grad_hidden = (grad_logits @ w).to(exact).mul_(g) if ctx.needs_input_grad[0] else None
+            grad_weight = grad_logits.t() @ (h.to(exact) * g).to(h.dtype) if ctx.needs_input_grad[1] else None
+            grad_bias = (grad_logits.to(exact) * g).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (None if grad_hidden is None else grad_hidden.to(hidden_dtype),
+                None if grad_weight is None else grad_weight.to(weight_dtype),
+                None if grad_bias is None else grad_bias.to(weight_dtype), None, None, None, None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Soft-label knowledge distillation: the student matches the teacher's whole next-token
 # distribution at every target position, not just its sampled text. Needs a shared vocabulary.
