@@ -96,3 +96,63 @@ def test_two_processes_train_like_one_with_twice_the_accumulation(workdir, stude
         assert any((t1[k] - start[k]).abs().max() > 1e-4 for k in t1)  # the teacher did train
         for k in t1:
             torch.testing.assert_close(t2[k], t1[k], atol=1e-5, rtol=1e-3, msg=k)
+
+
+SHARD_CHILD = r"""
+import json, sys
+from types import SimpleNamespace
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+sys.path.insert(0, sys.argv[1])
+from tiny_models import llama_student
+from stepdistill.training import place_teacher
+
+real = Accelerator(cpu=True)  # gloo; accelerate runs FSDP on GPUs only, so this one is seen as FSDP2:
+
+
+class FSDP2View:
+    distributed_type, is_fsdp2, torch_device_mesh, parallelism_config = DistributedType.FSDP, True, None, None
+    state = SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"]))
+
+    def __getattr__(self, name):
+        return getattr(real, name)
+
+
+teacher = llama_student(1).model.eval()
+ids = torch.randint(0, teacher.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    whole = teacher(input_ids=ids).logits
+total = sum(p.numel() for p in teacher.parameters())
+sharded = place_teacher(FSDP2View(), teacher)
+held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in sharded.parameters())
+with torch.no_grad():
+    out = sharded(input_ids=ids).logits
+print("RESULT " + json.dumps({"rank": real.process_index, "type": type(sharded).__name__, "total": total,
+                              "held": held, "max_diff": float((out - whole).abs().max())}), flush=True)
+"""
+
+
+def test_under_fsdp2_the_kd_teacher_is_sharded_and_computes_the_same_logits(tmp_path):
+    """Two processes (gloo): place_teacher shards the frozen teacher with accelerate's FSDP2
+    preparation: each process holds about half its parameters, and its logits are the whole
+    teacher's. (Accelerate itself runs FSDP on GPUs only, so the accelerator is presented as an
+    FSDP2 one; the sharding, the gathers and the forward pass are real.)"""
+    from pathlib import Path
+
+    (tmp_path / "child.py").write_text(SHARD_CHILD)
+    tests = str(Path(__file__).parent)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           str(tmp_path / "child.py"), tests]
+    r = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert sorted(x["rank"] for x in results) == [0, 1]
+    for x in results:
+        assert x["type"].startswith("FSDP") and x["max_diff"] == 0.0
+        assert x["held"] < 0.6 * x["total"]  # about half each (embeddings and blocks split row-wise)
+    assert sum(x["held"] for x in results) == results[0]["total"]

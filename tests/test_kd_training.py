@@ -2,6 +2,7 @@
 who gets gradients, what is saved, the top-k cache, and the vocabulary check."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -170,6 +171,44 @@ def test_topk_cache_is_written_once_then_read_without_the_teacher(tmp_path, monk
         fit(llama_student(0), method, TRAINING, records, [], FakeTask(), tmp_path / "d", progress=False)
 
 
+def test_a_damaged_or_unwritable_topk_cache_is_one_clear_error(tmp_path, monkeypatch):
+    """A cache whose file was cut short, overwritten, or whose meta.json is garbage is refused with
+    the fix; a write that fails (a full disk) leaves no cache and no temp folder behind."""
+    import errno
+
+    import stepdistill.methods.kd as kdmod
+    from stepdistill.training import build_features, make_format
+
+    save_teacher("llama", tmp_path / "teacher")
+    kd = KDConfig(teacher=str(tmp_path / "teacher"), cache=str(tmp_path / "cache"), top_k=4)
+    method = MethodConfig(name="standard", kd=kd)
+    records, _ = _records(method)
+    student = llama_student(0)
+    feats = build_features(student, method, make_format(student, TRAINING), records)
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr("safetensors.torch.save_file", full_disk)
+        with pytest.raises(StepDistillError, match="cannot write .*cache: No space left on device: free disk space"):
+            kdmod.attach_topk_cache(kd, student, feats)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "cache.tmp").exists()
+
+    good = kdmod.attach_topk_cache(kd, student, feats)
+    tensors = tmp_path / "cache" / "topk.safetensors"
+    whole = tensors.read_bytes()
+    for damage, message in ((lambda: tensors.write_bytes(whole[: len(whole) // 2]), "is incomplete"),
+                            (lambda: tensors.write_bytes(b"\0" * len(whole)), "is damaged"),
+                            (lambda: (tmp_path / "cache" / "meta.json").write_text("{not json"), "cannot be read")):
+        damage()
+        with pytest.raises(StepDistillError, match=f"top-k cache .*{message}.*delete it"):
+            kdmod.attach_topk_cache(kd, student, feats)
+        shutil.rmtree(tmp_path / "cache")
+        again = kdmod.attach_topk_cache(kd, student, feats)  # rewritten, the same distributions
+        assert all(torch.equal(a["kd_vals"], b["kd_vals"]) for a, b in zip(again, good))
+
+
 def test_a_teacher_with_another_vocabulary_is_a_clear_error(tmp_path):
     vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "<s>", "alpha", "beta"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -195,3 +234,40 @@ def test_config_rules_for_kd():
         build(TrainRun, {**base, "method": {"name": "co-distill"}})
     with pytest.raises(ConfigError, match="supports kind forward_kl, not jsd"):
         build(TrainRun, {**base, "method": {"kd": {"teacher": "t", "kind": "jsd", "cache": "c"}}})
+
+
+def test_the_teacher_is_placed_for_the_students_distributed_setup(monkeypatch):
+    """One process / DDP / ZeRO-1-2: the frozen teacher moves to the device, unwrapped. FSDP2:
+    sharded by accelerate's own preparation, like the student. FSDP1, ZeRO-3 and co-distillation
+    under a sharding engine: one clear error with the way out, never a silently unsharded teacher."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    import accelerate.utils.fsdp_utils as fsdp_utils
+    from stepdistill.training import place_teacher
+
+    def accelerator(kind, fsdp2=False, stage=None):
+        plugin = SimpleNamespace(zero_stage=stage) if stage else None
+        return SimpleNamespace(distributed_type=kind, device=torch.device("cpu"), is_fsdp2=fsdp2,
+                               state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    teacher = llama_student(1).model
+    for kind, stage in ((DistributedType.NO, None), (DistributedType.MULTI_CPU, None),
+                        (DistributedType.MULTI_GPU, None), (DistributedType.DEEPSPEED, 2)):
+        assert place_teacher(accelerator(kind, stage=stage), teacher) is teacher  # moved, not wrapped
+
+    sharded = []
+    monkeypatch.setattr(fsdp_utils, "fsdp2_prepare_model", lambda acc, m: sharded.append((acc, m)) or m.train())
+    acc = accelerator(DistributedType.FSDP, fsdp2=True)
+    out = place_teacher(acc, teacher)
+    assert sharded == [(acc, teacher)] and out is teacher and not out.training  # sharded, and in eval mode
+
+    for acc, message in ((accelerator(DistributedType.FSDP), "FSDP2 only, not FSDP \\(fsdp_version 1\\)"),
+                         (accelerator(DistributedType.DEEPSPEED, stage=3), "not DEEPSPEED ZeRO-3"),
+                         (accelerator(DistributedType.FSDP, fsdp2=True), None)):
+        if message:
+            with pytest.raises(StepDistillError, match=message + ".*kd.cache"):
+                place_teacher(acc, teacher)
+        with pytest.raises(StepDistillError, match="co-distillation trains the teacher inside .* run it under DDP"):
+            place_teacher(acc, teacher, trainable=True)

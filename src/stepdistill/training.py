@@ -340,6 +340,44 @@ def use_fast_dropout(model: torch.nn.Module) -> int:
     return swapped
 
 
+def place_teacher(accelerator, model: torch.nn.Module, *, trainable: bool = False) -> torch.nn.Module:
+    """The soft-label KD teacher, placed for the student's distributed set-up (a known failure of
+    other toolkits is a teacher left whole on the wrong device, or unsharded beside a sharded student):
+
+    * one process, DDP, DeepSpeed ZeRO-1/2: moved to this process's device. It is frozen, so no
+      wrapper is needed (a co-distilled teacher has its gradients averaged by _TeacherSteps).
+    * FSDP2 (`fsdp_version: 2`): sharded as the student is, with accelerate's own preparation
+      (the plugin's wrap policy, mixed precision, offload): each process holds 1/N of it, and its
+      forward gathers a block at a time.
+    * FSDP1, DeepSpeed ZeRO-3, and co-distillation under FSDP/DeepSpeed: refused with the way out,
+      rather than run unsharded or with a teacher the sharded optimizer cannot update.
+    """
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    sharded = kind == DistributedType.FSDP or (
+        kind == DistributedType.DEEPSPEED and _zero_stage(accelerator) == 3)
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED) and trainable:
+        raise StepDistillError(f"co-distillation trains the teacher inside the student's optimizer, which {kind.value} "
+                               "shards: run it under DDP (configs/accelerate/ddp_8gpu.yaml), or use method.kd with a "
+                               "fixed teacher")
+    if not sharded:
+        return model.to(accelerator.device)
+    if kind == DistributedType.FSDP and getattr(accelerator, "is_fsdp2", False):
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, model.to(accelerator.device)).eval()
+    raise StepDistillError(f"the soft-label KD teacher can be sharded under FSDP2 only, not {kind.value}"
+                           f"{' ZeRO-3' if kind == DistributedType.DEEPSPEED else ' (fsdp_version 1)'}: set "
+                           "fsdp_version: 2 (configs/accelerate/fsdp_8gpu.yaml), or write the teacher's top-k once "
+                           "with kd.cache and train without it")
+
+
+def _zero_stage(accelerator) -> int | None:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return getattr(plugin, "zero_stage", None) if plugin is not None else None
+
+
 class StepDistillTrainer(Trainer):
     """Trainer + multi-task loss with exact accumulation + generation-based validation accuracy."""
 
@@ -369,7 +407,7 @@ class StepDistillTrainer(Trainer):
         self.kd, self.teacher, self.co_distill = kd, teacher, co_distill
         self._vocab = vocab_size(teacher, student) if teacher is not None else None
         if teacher is not None:
-            teacher.model.to(self.args.device)
+            teacher.model = place_teacher(self.accelerator, teacher.model, trainable=co_distill)
         self.alpha = alpha if multitask else 1.0
         self.multitask = multitask
         self.task = task
@@ -425,19 +463,22 @@ class StepDistillTrainer(Trainer):
         shift = not self.student.is_seq2seq
         splits = splits or [labels.shape[0] for _, labels in passes]
         inner = self.accelerator.unwrap_model(model)
-        rows = []  # per pass: (row of each scored token, its loss) or the per-row sums
         if not self.target_logits_only:
+            per_row = []
             for kw, labels in passes:
                 logits = model(**kw).logits
-                rows.append(torch.stack([token_cross_entropy(lg[None], lb[None], 1, shift=shift)
-                                         for lg, lb in zip(logits, labels)]))
-            return [part.sum() for part in torch.cat(rows).split(splits)]
+                if shift:
+                    logits, labels = logits[:, :-1], labels[:, 1:]
+                losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                                           ignore_index=IGNORE_INDEX, reduction="none")
+                per_row.append(losses.view(labels.shape).sum(dim=1))
+            return [part.sum() for part in torch.cat(per_row).split(splits)]
         fused = self.fused_loss and fused_head(inner)
-        hidden, targets, losses, where = [], [], [], []
+        hidden, targets, losses, rows, offset = [], [], [], [], 0
         for kw, labels in passes:
             keep, t = target_positions(labels, shift=shift)
-            where.append(keep.nonzero()[:, 0] + sum(lb.shape[0] for lb in rows))
-            rows.append(labels)
+            rows.append(keep.nonzero()[:, 0] + offset)  # the row of each scored token, over all passes
+            offset += labels.shape[0]
             if fused:
                 with output_layer_inputs(inner, keep) as caught:
                     model(**kw)
@@ -451,7 +492,7 @@ class StepDistillTrainer(Trainer):
             head = inner.get_output_embeddings()
             losses = [linear_cross_entropy(torch.cat(hidden), head.weight, head.bias, torch.cat(targets))]
         losses = torch.cat(losses)
-        per_row = losses.new_zeros(sum(splits)).index_add(0, torch.cat(where), losses)
+        per_row = losses.new_zeros(offset).index_add(0, torch.cat(rows), losses)
         return [part.sum() for part in per_row.split(splits)]
 
     def _fused_losses(self, model, inputs: dict, n: dict) -> tuple[torch.Tensor, torch.Tensor]:
