@@ -44,7 +44,8 @@ from tiny_models import FakeTask, examples, llama_student
 # Runs the CLI with one hook per kill point. CRASH_PAUSE names where to stop:
 #   step:N          before optimizer step N (steps 1..N-1 are done and logged)
 #   save:N          inside checkpoint-N, after its weights and before its optimizer and state
-#   replace:NAME    after a run file's temp copy is written, before it is renamed to NAME
+#   replace:NAME    after a run file's temp copy is written, before it is renamed to NAME (or to a
+#                   path ending in NAME, e.g. eval/metrics.json)
 # There the child writes CRASH_FLAG and waits to be killed. CRASH_BATCHES, when set, gets one
 # JSON line per optimizer step with the token ids of its batch (the data order).
 CHILD = r"""
@@ -61,13 +62,13 @@ def stop_here():
 real_replace = os.replace
 
 def replace(src, dst, *a, **k):
-    if kind == "replace" and Path(dst).name == arg:
+    if kind == "replace" and str(dst).endswith(os.sep + arg):  # a name, or a path's last parts
         stop_here()
     return real_replace(src, dst, *a, **k)
 
 os.replace = replace
 
-if sys.argv[1] == "train":  # annotate never imports torch: its children start in a second or two
+if sys.argv[1] in ("train", "sweep"):  # annotate never imports torch: its children start in a second or two
     import torch
     torch.set_num_threads(1)  # as the tests' own process: same float reductions, same weights
     from transformers import Trainer
@@ -223,6 +224,74 @@ def test_train_killed_between_and_inside_checkpoints_resumes_to_the_uninterrupte
     assert "checkpoint-6: incomplete" in log  # removed before the second resume
     assert _checkpoint_names(ckpts) == ["checkpoint-6", "checkpoint-9"]
     assert all(training._sealed(ckpts / name) for name in _checkpoint_names(ckpts)) and not _temp_files(run)
+
+
+def test_co_distillation_killed_resumes_both_models_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Co-distillation trains two models: kill -9 after its step-3 checkpoint, --resume, and both
+    the student and the teacher end bit for bit where an uninterrupted run ends (the teacher's
+    weights and Adam moments come back from the checkpoint with the student's)."""
+    teacher = tmp_path / "teacher"
+    t = llama_student(seed=1)
+    t.model.save_pretrained(teacher)
+    t.tokenizer.save_pretrained(teacher)
+
+    def argv(out):
+        return [*_train_argv(tmp_path, out), "--method", "co-distill", "--set", "method.kd.teacher=teacher",
+                "--set", "method.kd.warmup_steps=2"]
+
+    _kill_when_paused(_spawn(tmp_path, argv("run"), "step:5"), tmp_path)
+    assert _checkpoint_names(tmp_path / "run" / "checkpoints") == ["checkpoint-3"]
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-3" / training.TEACHER_DIR / "model.safetensors").is_file()
+    _finish(_spawn(tmp_path, argv("run") + ["--resume"]), tmp_path)
+    monkeypatch.chdir(tmp_path)  # uninterrupted, in this process (one thread, as the child)
+    assert cli.run(argv("ref")) == 0
+    for folder in ("model", "teacher_model"):
+        ours, theirs = (load_file(tmp_path / d / folder / "model.safetensors") for d in ("run", "ref"))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), folder
+    assert [v for _, v in _losses(tmp_path / "run")] == pytest.approx([v for _, v in _losses(tmp_path / "ref")], abs=1e-5)
+
+
+def _sweep_config(tmp_path: Path) -> Path:
+    """A sweep of 2 seeds x 1 method on the tiny llama: 6 steps per cell, a checkpoint every 3."""
+    import yaml
+
+    _train_argv(tmp_path, "unused")  # the student, words.jsonl and words.yaml
+    cfg = {"task": {"name": "generic", "spec": "words.yaml", "path": "words.jsonl"}, "methods": ["standard"],
+           "students": ["student"], "seeds": [0, 1],
+           "training": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "eval_steps": 3, "val_size": 2,
+                        "val_max_new_tokens": 2, "logging_steps": 1, "bf16": False},
+           "eval": {"split": "train", "limit": 6}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "sweep.yaml"
+
+
+def test_sweep_killed_inside_cells_reruns_to_the_uninterrupted_results(tmp_path, monkeypatch):
+    """kill -9 in the first cell's training (after its step-3 checkpoint) and again while the
+    second cell's evaluation is written: the reruns resume the cell from its checkpoint and redo
+    the evaluation; every cell ends with the weights and the accuracy of an uninterrupted sweep."""
+    _sweep_config(tmp_path)
+    argv = ["sweep", "--config", "sweep.yaml", "--out", "run"]
+    _kill_when_paused(_spawn(tmp_path, argv, "step:5"), tmp_path)
+    cells = tmp_path / "run" / "cells"
+    (first,) = [c for c in cells.iterdir()]
+    assert _checkpoint_names(first / "train" / "checkpoints") == ["checkpoint-3"]
+    assert first.name.endswith("__s0")
+    second = cells / (first.name[:-1] + "1")
+    _kill_when_paused(_spawn(tmp_path, argv, f"replace:{second.name}/eval/metrics.json"), tmp_path)
+    assert (first / "eval" / "metrics.json").is_file() and (second / "train" / "metrics.json").is_file()
+    assert not (second / "eval" / "metrics.json").exists()
+    _finish(_spawn(tmp_path, argv), tmp_path)
+    assert "resuming from" in (first / "train" / "log.txt").read_text()
+
+    monkeypatch.chdir(tmp_path)  # the same sweep, uninterrupted, in this process (one thread, as the child)
+    assert cli.run(["sweep", "--config", "sweep.yaml", "--out", "ref"]) == 0
+    ours, ref = (json.loads((tmp_path / d / "results.json").read_text())["cells"] for d in ("run", "ref"))
+    assert [(c["cell"], c["status"], c["accuracy"]) for c in ours] == [(c["cell"], c["status"], c["accuracy"])
+                                                                      for c in ref]
+    for c in ref:
+        a, b = (_weights(tmp_path / d / "cells" / c["cell"] / "train") for d in ("run", "ref"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), c["cell"]  # bit for bit
+    assert not _temp_files(tmp_path / "run")
 
 
 def test_failed_checkpoint_write_is_one_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

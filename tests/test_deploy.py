@@ -130,6 +130,21 @@ def test_serve_answers_over_http(run):
         assert one == [{"label": preds[0]["label"]}]  # no rationale unless asked
         bad = httpx.post(f"{base}/predict", json={"text": "wrong field"}, timeout=30)
         assert bad.status_code == 422 and "input" in bad.text
+        # hostile or broken requests: each a 422 with its reason, and the server still answers after them
+        from stepdistill.serve import MAX_INPUT_CHARS, MAX_INPUTS
+
+        for body, reason in (({"input": "x" * (MAX_INPUT_CHARS + 1)}, "at most 100000 characters"),
+                             ({"inputs": ["2 + 2"] * (MAX_INPUTS + 1)}, "at most 256 items"),
+                             ({"inputs": [1, None]}, "valid string"),
+                             ({"input": "2 + 2", "rationale": "maybe"}, "valid boolean"),
+                             ({"input": "2 + 2", "inputs": ["2 + 2"]}, "either `input`"),
+                             ({"inputs": []}, "is empty")):
+            r = httpx.post(f"{base}/predict", json=body, timeout=30)
+            assert r.status_code == 422 and reason in r.text, (body.keys(), r.text[:300])
+        for raw in (b"{not json", b"\xff\xfe", b""):
+            r = httpx.post(f"{base}/predict", content=raw, headers={"content-type": "application/json"}, timeout=30)
+            assert r.status_code == 422, (raw, r.status_code)
+        assert httpx.post(f"{base}/predict", json={"input": exs[0].input}, timeout=30).json()["predictions"] == one
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stepdistill.errors import RunExistsError
-from stepdistill.runs import home, write_json
+from stepdistill.runs import home, write_json, write_text
 from stepdistill.students import smollm2_gguf
 
 # size -> settings. "default" is the README's demo; "tiny" checks every stage in a minute or two.
@@ -109,6 +109,6 @@ def quickstart(out: str | Path = "runs/quickstart", *, overwrite: bool = False, 
     summary = {"size": size, "rows": rows, "seconds": round(time.perf_counter() - t_start, 1),
                "teacher_train_accuracy": ann_train["teacher_accuracy"]}
     write_json(out / "summary.json", summary)
-    (out / "table.txt").write_text(table + "\n")
+    write_text(out / "table.txt", table + "\n")
     print(f"\nwrote {out / 'summary.json'} and {out / 'table.txt'}")
     return summary

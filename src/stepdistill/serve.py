@@ -5,8 +5,9 @@
          -d '{"inputs": ["Tom has 3 apples and buys 4 more. How many?"], "rationale": true}'
     {"predictions": [{"label": "(3 + 4)", "rationale": "3 plus 4 is 7."}], "model": "...", "ms": 41.2}
 
-POST /predict takes `input` (one string) or `inputs` (a list); `rationale: true` also runs the
-rationale task. GET /health says which model is loaded. Needs the `serve` extra:
+POST /predict takes `input` (one string) or `inputs` (a list of at most 256); `rationale: true`
+also runs the rationale task. A malformed body, an unknown field, an input over 100,000
+characters or too many inputs is answered 422 with the reason; the server goes on serving. GET /health says which model is loaded. Needs the `serve` extra:
 pip install "stepdistill[serve]".
 """
 
@@ -15,20 +16,26 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from stepdistill.errors import StepDistillError
 
 MAX_INPUTS = 256  # per request: a bigger batch is the batch command's job (stepdistill predict)
+# characters per input: far beyond any model's context (inputs are cut to max_input_length tokens
+# anyway), small enough that a hostile request cannot make the tokenizer chew megabytes
+MAX_INPUT_CHARS = 100_000
+Text = Annotated[str, StringConstraints(max_length=MAX_INPUT_CHARS)]
 
 
 class Query(BaseModel):
     """The body of POST /predict."""
 
-    input: str | None = None
-    inputs: list[str] | None = Field(None, max_length=MAX_INPUTS)
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+    input: Text | None = None
+    inputs: list[Text] | None = Field(None, max_length=MAX_INPUTS)
     rationale: bool = False
 
     @model_validator(mode="after")

@@ -12,12 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
+
 import torch
 
 from stepdistill.config import KDConfig
 from stepdistill.errors import StepDistillError
 from stepdistill.methods.losses import IGNORE_INDEX, topk_logprobs
+from stepdistill.runs import fsync_dir, fsync_tree, write_error, write_json
 from stepdistill.students import Student, load_pretrained
 
 log = logging.getLogger(__name__)
@@ -116,12 +119,7 @@ def attach_topk_cache(kd: KDConfig, student: Student, feats: list[dict], *, batc
     digest = _digest(kd, feats)
     meta_file, tensors_file = cache / "meta.json", cache / "topk.safetensors"
     if meta_file.is_file() and tensors_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("digest") != digest:
-            raise StepDistillError(
-                f"the top-k cache {cache} was written for another teacher, temperature, k or training data: "
-                "delete it (it is rewritten) or point kd.cache to a new folder")
-        tensors = load_file(str(tensors_file))
+        tensors = _read_cache(cache, digest, load_file)
         log.info("kd: read the teacher's top-%d distributions from %s", kd.top_k, cache)
     elif cache.exists():
         raise StepDistillError(f"{cache} exists but is not a complete top-k cache (no meta.json/topk.safetensors): "
@@ -132,12 +130,20 @@ def attach_topk_cache(kd: KDConfig, student: Student, feats: list[dict], *, batc
         log.info("kd: writing the teacher's top-%d distributions to %s (once)", kd.top_k, cache)
         tensors = _compute_topk(kd, teacher, student.is_seq2seq, feats, batch_size)
         del teacher
-        tmp = cache.with_name(cache.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp / "topk.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps({"digest": digest, "teacher": kd.teacher, "top_k": kd.top_k,
-                                                   "temperature": kd.temperature, "features": len(feats)}, indent=2))
-        tmp.rename(cache)
+        tmp = cache.with_name(cache.name + ".tmp")  # a crash leaves only this, rewritten by the next run
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(tensors, str(tmp / "topk.safetensors"))
+            meta = {"digest": digest, "teacher": kd.teacher, "top_k": kd.top_k, "temperature": kd.temperature,
+                    "features": len(feats), "files": {}}
+            meta["files"] = fsync_tree(tmp)
+            write_json(tmp / "meta.json", meta)
+            tmp.rename(cache)
+            fsync_dir(cache.parent)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error(cache, e) from e
     out = []
     for i, f in enumerate(feats):
         g = dict(f)
@@ -147,6 +153,27 @@ def attach_topk_cache(kd: KDConfig, student: Student, feats: list[dict], *, batc
                 g[pre + "kd_ids"] = tensors[f"{pre}{i}.ids"]
         out.append(g)
     return out
+
+
+def _read_cache(cache: Path, digest: str, load_file) -> dict[str, torch.Tensor]:
+    """The cache's tensors, if it was written for this teacher and data and is whole; else one
+    clear error (a cache is only ever renamed into place complete, but disks fail and people copy)."""
+    fix = "delete it (it is rewritten) or point kd.cache to a new folder"
+    try:
+        meta = json.loads((cache / "meta.json").read_text())
+        sizes = meta.get("files") or {}
+        whole = all((cache / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, AttributeError) as e:
+        raise StepDistillError(f"the top-k cache {cache} cannot be read ({type(e).__name__}: {e}): {fix}") from e
+    if meta.get("digest") != digest:
+        raise StepDistillError(f"the top-k cache {cache} was written for another teacher, temperature, k or "
+                               f"training data: {fix}")
+    if not whole:
+        raise StepDistillError(f"the top-k cache {cache} is incomplete (a file has the wrong size): {fix}")
+    try:
+        return load_file(str(cache / "topk.safetensors"))
+    except Exception as e:  # safetensors raises its own error types on a damaged file
+        raise StepDistillError(f"the top-k cache {cache} is damaged ({type(e).__name__}: {e}): {fix}") from e
 
 
 @torch.inference_mode()
