@@ -74,7 +74,7 @@ def test_linear_cross_entropy_matches_hand_value():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_cross_entropy_has_the_unfused_values_and_gradients(bias):
-    """Fused output layer + cross-entropy, in chunks smaller than the rows, against F.linear then
+    """Fused output layer + cross-entropy, in vocabulary blocks (7 rows: the last one short), against F.linear then
     F.cross_entropy: per-token losses and the gradients of hidden, weight and bias, under
     per-token upstream weights (as alpha / token counts give)."""
     torch.manual_seed(0)
@@ -86,7 +86,7 @@ def test_linear_cross_entropy_has_the_unfused_values_and_gradients(bias):
     for fused in (False, True):
         leaves = [a.clone().requires_grad_() if a is not None else None for a in args]
         if fused:
-            losses = linear_cross_entropy(*leaves, targets, chunk=5)
+            losses = linear_cross_entropy(*leaves, targets, block=7)
         else:
             losses = torch.nn.functional.cross_entropy(torch.nn.functional.linear(*leaves), targets, reduction="none")
         (losses * upstream).sum().backward()
@@ -94,7 +94,7 @@ def test_linear_cross_entropy_has_the_unfused_values_and_gradients(bias):
     for ref, got in zip(*results):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     with torch.no_grad():  # no gradient asked: the losses alone, nothing kept for a backward pass
-        torch.testing.assert_close(linear_cross_entropy(*args, targets, chunk=5), results[0][0])
+        torch.testing.assert_close(linear_cross_entropy(*args, targets, block=7), results[0][0])
 
 
 def test_linear_cross_entropy_under_bf16_autocast_is_the_autocast_computation():
@@ -107,7 +107,7 @@ def test_linear_cross_entropy_under_bf16_autocast_is_the_autocast_computation():
     for fused in (False, True):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            losses = (linear_cross_entropy(h, w, None, targets, chunk=16) if fused else
+            losses = (linear_cross_entropy(h, w, None, targets, block=64) if fused else
                       torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), targets,
                                                         reduction="none"))
         losses.sum().backward()

@@ -67,17 +67,19 @@ def multitask_loss(label_loss: torch.Tensor, rationale_loss: torch.Tensor | None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, *, chunk: int = 32) -> torch.Tensor:
-    """Per-token cross-entropy of `F.linear(hidden, weight, bias)` against `targets`, without
-    the (tokens, vocab) float32 logits: `hidden` (n, d), `weight` (vocab, d), `targets` (n,).
+                         targets: torch.Tensor, *, block: int | None = None) -> torch.Tensor:
+    """Per-token cross-entropy of `F.linear(hidden, weight, bias)` against `targets` (no ignore
+    index), without vocabulary-wide float32 logits: `hidden` (n, d), `weight` (vocab, d).
 
-    The logits are made a chunk of rows at a time in the compute dtype (the autocast dtype
-    where autocast is on, else the weight's), their log-softmax taken in float32 while the
-    chunk is in cache, and the gradient with respect to them (softmax - one-hot) kept in the
-    compute dtype for the backward pass. The unfused way writes and rereads several
-    vocabulary-wide float32 arrays per token (the cast, the log-softmax and its gradient); for
-    a small student with a large vocabulary those passes cost more than its layers. Same
-    values and gradients (`tests/test_losses.py`).
+    The output layer runs a block of vocabulary rows at a time, for all n tokens at once, in the
+    compute dtype (the autocast dtype where autocast is on, else the weight's): each block of
+    logits is written once, in that dtype, into a (vocab, n) buffer, while a running log-sum-exp
+    is kept in float32. A second pass turns the buffer, a block at a time, into the gradient with
+    respect to the logits (softmax minus one-hot, computed in float32), which the backward pass
+    multiplies out. So the weight is read once, each block's float32 work stays in cache, and no
+    (n, vocab) float32 array is ever made: the unfused way writes and rereads several (the cast,
+    the log-softmax, its gradient, the cast back), which for a small student with a large
+    vocabulary cost more than its layers. Same values and gradients (`tests/test_losses.py`).
 
     >>> linear_cross_entropy(torch.zeros(2, 4), torch.zeros(3, 4), None, torch.tensor([0, 2]))  # ln 3
     tensor([1.0986, 1.0986])
@@ -85,41 +87,82 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, dtype, chunk, grad)
+    # about 1.3M logits a block: its float32 copy (5 MB) stays in cache; measured best on 2 cores
+    block = block or max(256, min(8192, (1_300_000 // max(hidden.shape[0], 1)) // 64 * 64))
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, dtype, block, grad)
+
+
+# The logits' buffer of the last finished backward pass, lent to the next forward pass (CPU only).
+# Allocating it afresh every step costs more than the arithmetic that fills it: glibc maps a
+# buffer this large anew each time, and the kernel faults in and zeroes every page (tens of
+# thousands per step). A buffer still saved for a backward pass is never lent; if a retained
+# graph's buffer were reused anyway, autograd's version check would raise, not compute wrong.
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _borrow(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    buf = _SCRATCH.pop((dtype, device.type), None) if device.type == "cpu" else None
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _give_back(view: torch.Tensor) -> None:
+    if view.device.type == "cpu":
+        base = view._base if view._base is not None else view
+        key = (base.dtype, base.device.type)
+        if key not in _SCRATCH or _SCRATCH[key].numel() < base.numel():
+            _SCRATCH[key] = base
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, dtype, chunk, grad):
+    def forward(ctx, hidden, weight, bias, targets, dtype, block, grad):
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             b = bias.to(dtype) if bias is not None else None
-            n, exact = h.shape[0], torch.promote_types(dtype, torch.float32)  # softmax in float32 at least
-            losses = torch.empty(n, dtype=exact, device=h.device)
-            grad_logits = torch.empty(n, w.shape[0], dtype=dtype, device=h.device) if grad else None
-            for s in range(0, n, chunk):
-                t = targets[s:s + chunk, None]
-                logits = F.linear(h[s:s + chunk], w, b).to(exact)
-                lse = logits.logsumexp(dim=-1, keepdim=True)
-                losses[s:s + chunk] = (lse - logits.gather(1, t)).squeeze(1)
-                if not grad:
-                    continue
-                p = logits.sub_(lse).exp_()  # softmax, in place
-                p.scatter_add_(1, t, p.new_full(t.shape, -1.0))  # minus the one-hot
-                grad_logits[s:s + chunk] = p
-        ctx.save_for_backward(h, w, grad_logits)
+            n, vocab = h.shape[0], w.shape[0]
+            exact = torch.promote_types(dtype, torch.float32)  # the softmax in float32 at least
+            logits = _borrow(vocab * n, dtype, h.device).view(vocab, n)  # transposed: a block is contiguous rows
+            top = torch.full((n,), -math.inf, dtype=exact, device=h.device)
+            total = torch.zeros(n, dtype=exact, device=h.device)
+            target_logit = torch.empty(n, dtype=exact, device=h.device)
+            blocks = []
+            for v in range(0, vocab, block):
+                rows = logits[v:v + block]
+                if b is None:
+                    torch.mm(w[v:v + block], h.t(), out=rows)
+                else:
+                    torch.addmm(b[v:v + block, None], w[v:v + block], h.t(), out=rows)
+                x = rows.to(exact)
+                new_top = torch.maximum(top, x.amax(dim=0))
+                total.mul_((top - new_top).exp_()).add_((x - new_top).exp_().sum(dim=0))
+                top = new_top
+                here = ((targets >= v) & (targets < v + block)).nonzero().squeeze(1)  # tokens whose target is here
+                target_logit[here] = x[targets[here] - v, here]
+                blocks.append((v, here))
+            lse = top + total.log()
+            losses = lse - target_logit
+            if grad:
+                for v, here in blocks:  # the logits' gradient in place: softmax - one-hot
+                    rows = logits[v:v + block]
+                    x = rows.to(exact).sub_(lse).exp_()
+                    x[targets[here] - v, here] -= 1
+                    rows.copy_(x)
+        ctx.save_for_backward(h, w, logits if grad else None)
         ctx.has_bias, ctx.dtypes = bias is not None, (hidden.dtype, weight.dtype)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        h, w, grad_logits = ctx.saved_tensors
+        h, w, grad_logits_t = ctx.saved_tensors  # (vocab, n)
         exact = torch.promote_types(h.dtype, torch.float32)
         g = grad_losses.to(exact)[:, None]  # one weight per token: scale the small operands, not the logits
         with torch.autocast(h.device.type, enabled=False):
-            grad_hidden = (grad_logits @ w).to(exact).mul_(g) if ctx.needs_input_grad[0] else None
-            grad_weight = grad_logits.t() @ (h.to(exact) * g).to(h.dtype) if ctx.needs_input_grad[1] else None
-            grad_bias = (grad_logits.to(exact) * g).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            grad_hidden = (grad_logits_t.t() @ w).to(exact).mul_(g) if ctx.needs_input_grad[0] else None
+            grad_weight = grad_logits_t @ (h.to(exact) * g).to(h.dtype) if ctx.needs_input_grad[1] else None
+            grad_bias = grad_logits_t.to(exact) @ g.squeeze(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        _give_back(grad_logits_t)
         hidden_dtype, weight_dtype = ctx.dtypes
         return (None if grad_hidden is None else grad_hidden.to(hidden_dtype),
                 None if grad_weight is None else grad_weight.to(weight_dtype),
