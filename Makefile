@@ -22,11 +22,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The llama.cpp teacher and server, for the slow tests: compiles llama.cpp (about 10 minutes on
-# 2 cores the first time; pip caches the wheel).
+# 2 cores). On x86-64 it is built for AVX2, not -march=native: a native build on a CPU that
+# reports AMX uses AMX tiles, and in VMs that do not hand the tile state to guests (this one)
+# the first tile instruction dies with SIGILL. --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS,
+# so a cached native wheel would come back.
+LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON,)
 setup-llamacpp: $(VENV)/.llamacpp
 
 $(VENV)/.llamacpp: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev,llamacpp-server]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir -e ".[dev,llamacpp-server]"
 	touch $@
 
 quickstart: setup

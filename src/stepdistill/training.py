@@ -473,7 +473,9 @@ class StepDistillTrainer(Trainer):
                                                            ignore_index=IGNORE_INDEX, reduction="none")
                 per_row.append(losses.view(labels.shape).sum(dim=1))
             return [part.sum() for part in torch.cat(per_row).split(splits)]
-        fused = self.fused_loss and fused_head(inner)
+        # fused only outside DDP/FSDP wrappers: there the layer's weight would be used outside the
+        # wrapper's forward, which breaks its gradient hooks (DDP marks the tied weight ready twice)
+        fused = self.fused_loss and fused_head(inner) and model is inner
         hidden, targets, losses, rows, offset = [], [], [], [], 0
         for kw, labels in passes:
             keep, t = target_positions(labels, shift=shift)
@@ -532,8 +534,11 @@ class StepDistillTrainer(Trainer):
     def _embed(self, model, ids: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Encoder-decoder inputs for each id tensor: one lookup for all of them (inputs_embeds)
         where encoder and decoder share the input embedding, as T5's do (each lookup's backward
-        fills a vocabulary-sized gradient: one instead of three per step), else the ids."""
+        fills a vocabulary-sized gradient: one instead of three per step), else the ids. Not under
+        a DDP/FSDP wrapper."""
         inner = self.accelerator.unwrap_model(model)
+        if model is not inner:  # DDP/FSDP: every parameter use stays inside the wrapper's forward
+            return [{"input_ids": x} for x in ids]
         emb = inner.get_input_embeddings()
         stacks = [getattr(stack, "embed_tokens", None) for stack in (inner.get_encoder(), inner.get_decoder())]
         if not all(type(e) is torch.nn.Embedding and e.weight is emb.weight for e in [emb, *stacks]):
