@@ -7,8 +7,8 @@
 
 POST /predict takes `input` (one string) or `inputs` (a list of at most 256); `rationale: true`
 also runs the rationale task. A malformed body, an unknown field, an input over 100,000
-characters or too many inputs is answered 422 with the reason; the server goes on serving. GET /health says which model is loaded. Needs the `serve` extra:
-pip install "stepdistill[serve]".
+characters or too many inputs is answered 422 with the reason; the server goes on serving.
+GET /health says which model is loaded. Needs the `serve` extra: pip install "stepdistill[serve]".
 """
 
 from __future__ import annotations

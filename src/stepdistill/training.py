@@ -48,7 +48,7 @@ from stepdistill.methods.kd import (
 )
 from stepdistill.methods.losses import (
     IGNORE_INDEX, _normalise, count_targets, kd_loss, kd_loss_topk, linear_cross_entropy, multitask_loss,
-    token_cross_entropy,
+    row_cross_entropy, token_cross_entropy,
 )
 from stepdistill.runs import fsync_dir, fsync_tree, is_main_process, write_error, write_json, write_text
 from stepdistill.students import Student, count_parameters
@@ -464,14 +464,7 @@ class StepDistillTrainer(Trainer):
         splits = splits or [labels.shape[0] for _, labels in passes]
         inner = self.accelerator.unwrap_model(model)
         if not self.target_logits_only:
-            per_row = []
-            for kw, labels in passes:
-                logits = model(**kw).logits
-                if shift:
-                    logits, labels = logits[:, :-1], labels[:, 1:]
-                losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                                           ignore_index=IGNORE_INDEX, reduction="none")
-                per_row.append(losses.view(labels.shape).sum(dim=1))
+            per_row = [row_cross_entropy(model(**kw).logits, labels, shift=shift) for kw, labels in passes]
             return [part.sum() for part in torch.cat(per_row).split(splits)]
         # fused only outside DDP/FSDP wrappers: there the layer's weight would be used outside the
         # wrapper's forward, which breaks its gradient hooks (DDP marks the tied weight ready twice)

@@ -113,13 +113,13 @@ def _digest(kd: KDConfig, feats: list[dict]) -> str:
 def attach_topk_cache(kd: KDConfig, student: Student, feats: list[dict], *, batch_size: int = 8) -> list[dict]:
     """Add the teacher's top-k log-probs (kd_vals, kd_ids; rat_kd_* for the rationale task) to
     each feature, reading kd.cache or, when it is missing, computing it once and writing it."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     cache = Path(kd.cache)
     digest = _digest(kd, feats)
     meta_file, tensors_file = cache / "meta.json", cache / "topk.safetensors"
     if meta_file.is_file() and tensors_file.is_file():
-        tensors = _read_cache(cache, digest, load_file)
+        tensors = _read_cache(cache, digest)
         log.info("kd: read the teacher's top-%d distributions from %s", kd.top_k, cache)
     elif cache.exists():
         raise StepDistillError(f"{cache} exists but is not a complete top-k cache (no meta.json/topk.safetensors): "
@@ -135,10 +135,9 @@ def attach_topk_cache(kd: KDConfig, student: Student, feats: list[dict], *, batc
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_file(tensors, str(tmp / "topk.safetensors"))
-            meta = {"digest": digest, "teacher": kd.teacher, "top_k": kd.top_k, "temperature": kd.temperature,
-                    "features": len(feats), "files": {}}
-            meta["files"] = fsync_tree(tmp)
-            write_json(tmp / "meta.json", meta)
+            write_json(tmp / "meta.json", {"digest": digest, "teacher": kd.teacher, "top_k": kd.top_k,
+                                           "temperature": kd.temperature, "features": len(feats),
+                                           "files": fsync_tree(tmp)})  # sizes of the files above
             tmp.rename(cache)
             fsync_dir(cache.parent)
         except OSError as e:
@@ -155,9 +154,11 @@ def attach_topk_cache(kd: KDConfig, student: Student, feats: list[dict], *, batc
     return out
 
 
-def _read_cache(cache: Path, digest: str, load_file) -> dict[str, torch.Tensor]:
+def _read_cache(cache: Path, digest: str) -> dict[str, torch.Tensor]:
     """The cache's tensors, if it was written for this teacher and data and is whole; else one
     clear error (a cache is only ever renamed into place complete, but disks fail and people copy)."""
+    from safetensors.torch import load_file
+
     fix = "delete it (it is rewritten) or point kd.cache to a new folder"
     try:
         meta = json.loads((cache / "meta.json").read_text())

@@ -36,16 +36,29 @@ def token_cross_entropy(
     >>> token_cross_entropy(torch.zeros(1, 2, 3), torch.tensor([[0, -100]]))  # ln 3
     tensor(1.0986)
     """
+    logits, labels = _shifted(logits, labels, shift)
+    return _normalise(_cross_entropy(logits, labels, "sum"), labels, num_items_in_batch)
+
+
+def row_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool = False) -> torch.Tensor:
+    """The summed token cross-entropy of each row, (batch,): token_cross_entropy's terms, kept apart
+    by row so that rows stacked from two tasks can be summed per task."""
+    logits, labels = _shifted(logits, labels, shift)
+    return _cross_entropy(logits, labels, "none").view(labels.shape).sum(dim=1)
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
     assert logits.shape[:-1] == labels.shape, f"logits {tuple(logits.shape)} vs labels {tuple(labels.shape)}"
-    if shift:
-        logits, labels = logits[:, :-1, :], labels[:, 1:]
-    total = F.cross_entropy(
+    return (logits[:, :-1, :], labels[:, 1:]) if shift else (logits, labels)
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(),  # float32: bf16 log-softmax loses too much
         labels.reshape(-1).to(logits.device),
         ignore_index=IGNORE_INDEX,
-        reduction="sum",
+        reduction=reduction,
     )
-    return _normalise(total, labels, num_items_in_batch)
 
 
 def count_targets(labels: torch.Tensor, *, shift: bool = False) -> torch.Tensor:

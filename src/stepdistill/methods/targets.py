@@ -38,9 +38,8 @@ PLAIN_HEAD_MODELS = frozenset({"t5", "mt5", "umt5", "llama", "mistral", "qwen2",
 
 def fused_head(model) -> bool:
     """Can the output layer of `model` run fused with the loss (see PLAIN_HEAD_MODELS)?"""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return (getattr(model.config, "model_type", None) in PLAIN_HEAD_MODELS
-            and isinstance(head, torch.nn.Linear))
+            and isinstance(_output_layer(model), torch.nn.Linear))
 
 
 @contextlib.contextmanager
@@ -74,8 +73,12 @@ def logits_at(model, keep: torch.Tensor):
         handle.remove()
 
 
+def _output_layer(model) -> torch.nn.Module | None:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
 def _head(model) -> torch.nn.Module:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _output_layer(model)
     if head is None:
         raise StepDistillError(f"{type(model).__name__} has no output embeddings to restrict to the target "
                                "tokens: set training.target_logits_only=false")
