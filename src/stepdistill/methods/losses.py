@@ -105,38 +105,56 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, dtype, block, grad)
 
 
-# The logits' buffer of the last finished backward pass, lent to the next forward pass (CPU only).
-# Allocating it afresh every step costs more than the arithmetic that fills it: glibc maps a
-# buffer this large anew each time, and the kernel faults in and zeroes every page (tens of
-# thousands per step). A buffer still saved for a backward pass is never lent; if a retained
-# graph's buffer were reused anyway, autograd's version check would raise, not compute wrong.
+# Buffers lent from one step to the next (CPU only): the logits' buffer of the last finished
+# backward pass, and the float32 block the softmax works in. Allocating them afresh costs more
+# than the arithmetic that fills them: glibc maps a buffer this large anew each time, and the
+# kernel faults in and zeroes every page (tens of thousands per step; a 5 MB block cast with
+# `.float()` took 1.7 ms against 0.23 ms copied into a kept one). A buffer still saved for a
+# backward pass is never lent; if a retained graph's buffer were reused anyway, autograd's
+# version check would raise, not compute wrong.
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
-def _borrow(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    buf = _SCRATCH.pop((dtype, device.type), None) if device.type == "cpu" else None
+def _borrow(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    buf = _SCRATCH.pop((name, dtype), None) if device.type == "cpu" else None
     if buf is None or buf.numel() < numel:
         buf = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
-def _give_back(view: torch.Tensor) -> None:
+def _give_back(name: str, view: torch.Tensor) -> None:
     if view.device.type == "cpu":
         base = view._base if view._base is not None else view
-        key = (base.dtype, base.device.type)
+        key = (name, base.dtype)
         if key not in _SCRATCH or _SCRATCH[key].numel() < base.numel():
             _SCRATCH[key] = base
+
+
+def _exp_shifted_(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """exp(x - shift) in place, with x - shift >= -80 (float32) or -700 (float64).
+
+    Below that, exp's results are subnormal numbers, which x86 computes about 50x slower (17 ms
+    against 0.33 ms for a 1.3M-logit block), and a trained model's logits span that range. What
+    the floor adds is below exp(-80) = 2e-35 a logit: invisible next to the largest logit's
+    term, 1.
+    """
+    return x.sub_(shift).clamp_(min=_EXP_FLOOR[x.dtype]).exp_()
+
+
+_EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, dtype, block, grad):
         with torch.autocast(hidden.device.type, enabled=False):
-            h, w = hidden.to(dtype), weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
+            h, b = hidden.to(dtype), bias.to(dtype) if bias is not None else None
+            lent = weight.dtype != dtype  # the weight's cast (vocabulary-sized) into a lent buffer
+            w = _borrow("weight", weight.numel(), dtype, weight.device).view_as(weight).copy_(weight) if lent else weight
             n, vocab = h.shape[0], w.shape[0]
             exact = torch.promote_types(dtype, torch.float32)  # the softmax in float32 at least
-            logits = _borrow(vocab * n, dtype, h.device).view(vocab, n)  # transposed: a block is contiguous rows
+            logits = _borrow("logits", vocab * n, dtype, h.device).view(vocab, n)  # transposed: a block is contiguous rows
+            work = _borrow("work", min(block, vocab) * n, exact, h.device)  # one block, in float32
             top = torch.full((n,), -math.inf, dtype=exact, device=h.device)
             total = torch.zeros(n, dtype=exact, device=h.device)
             target_logit = torch.empty(n, dtype=exact, device=h.device)
@@ -147,23 +165,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     torch.mm(w[v:v + block], h.t(), out=rows)
                 else:
                     torch.addmm(b[v:v + block, None], w[v:v + block], h.t(), out=rows)
-                x = rows.to(exact)
+                x = work[:rows.numel()].view_as(rows).copy_(rows)
                 new_top = torch.maximum(top, x.amax(dim=0))
-                total.mul_((top - new_top).exp_()).add_((x - new_top).exp_().sum(dim=0))
+                total.mul_((top - new_top).exp_()).add_(_exp_shifted_(x, new_top).sum(dim=0))
                 top = new_top
                 here = ((targets >= v) & (targets < v + block)).nonzero().squeeze(1)  # tokens whose target is here
-                target_logit[here] = x[targets[here] - v, here]
+                target_logit[here] = rows[targets[here] - v, here].to(exact)
                 blocks.append((v, here))
             lse = top + total.log()
             losses = lse - target_logit
             if grad:
                 for v, here in blocks:  # the logits' gradient in place: softmax - one-hot
                     rows = logits[v:v + block]
-                    x = rows.to(exact).sub_(lse).exp_()
+                    x = _exp_shifted_(work[:rows.numel()].view_as(rows).copy_(rows), lse)
                     x[targets[here] - v, here] -= 1
                     rows.copy_(x)
+            _give_back("work", work)
+            if not grad:
+                _give_back("logits", logits)
+                if lent:
+                    _give_back("weight", w)
         ctx.save_for_backward(h, w, logits if grad else None)
-        ctx.has_bias, ctx.dtypes = bias is not None, (hidden.dtype, weight.dtype)
+        ctx.has_bias, ctx.dtypes, ctx.lent = bias is not None, (hidden.dtype, weight.dtype), lent
         return losses
 
     @staticmethod
@@ -173,12 +196,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         g = grad_losses.to(exact)[:, None]  # one weight per token: scale the small operands, not the logits
         with torch.autocast(h.device.type, enabled=False):
             grad_hidden = (grad_logits_t.t() @ w).to(exact).mul_(g) if ctx.needs_input_grad[0] else None
-            grad_weight = grad_logits_t @ (h.to(exact) * g).to(h.dtype) if ctx.needs_input_grad[1] else None
+            grad_weight = None
+            if ctx.needs_input_grad[1]:  # in the compute dtype into a lent buffer; cast to the weight's below
+                out = _borrow("grad_weight", w.numel(), w.dtype, w.device).view_as(w) if ctx.lent else None
+                grad_weight = torch.mm(grad_logits_t, (h.to(exact) * g).to(h.dtype), out=out)
             grad_bias = grad_logits_t.to(exact) @ g.squeeze(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        _give_back(grad_logits_t)
         hidden_dtype, weight_dtype = ctx.dtypes
-        return (None if grad_hidden is None else grad_hidden.to(hidden_dtype),
-                None if grad_weight is None else grad_weight.to(weight_dtype),
+        grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
+        _give_back("logits", grad_logits_t)
+        if ctx.lent:
+            _give_back("weight", w)
+            if ctx.needs_input_grad[1]:
+                _give_back("grad_weight", out)
+        return (None if grad_hidden is None else grad_hidden.to(hidden_dtype), grad_weight,
                 None if grad_bias is None else grad_bias.to(weight_dtype), None, None, None, None)
 
 
