@@ -202,6 +202,19 @@ def test_fast_dropout_drops_at_rate_p_keeps_the_mean_and_its_gradient_is_the_mas
     assert FastDropout(p).eval()(x) is x
 
 
+def test_fast_dropout_in_bf16_scales_by_the_bf16_scale_and_a_seed_fixes_it():
+    x = torch.randn(300, 1000).bfloat16()
+    torch.manual_seed(1)
+    y = FastDropout(0.1)(x)
+    assert y.dtype == torch.bfloat16 and abs(float((y == 0).float().mean()) - 0.1) < 0.005
+    scale = torch.tensor(1 / (1 - round(0.1 * 65536) / 65536), dtype=torch.bfloat16)
+    kept = y != 0
+    assert torch.equal(y[kept], x[kept] * scale)
+    torch.manual_seed(1)
+    assert torch.equal(FastDropout(0.1)(x), y)
+    assert not torch.equal(FastDropout(0.1)(x), y)  # the next call draws a new mask
+
+
 def _with_dropout(student, p=0.1):
     for m in student.model.modules():
         if type(m) is torch.nn.Dropout:

@@ -312,20 +312,33 @@ def feature_length(f: dict) -> int:
 
 class FastDropout(torch.nn.Dropout):
     """Dropout with a cheaper mask on CPUs. torch draws one random float per element (bernoulli_),
-    and on a CPU that costs about 60x the multiply that applies the mask: a tenth of a small T5's
-    training step. Here one 64-bit random integer gives four elements a 16-bit uniform draw each;
-    an element is dropped when its draw falls below round(p * 65536), so the drop rate is p to
-    within 2**-17, and the kept values are scaled by 1 / (1 - that rate). Same RNG (torch's), so a
-    seed still fixes the masks; an identity in eval mode."""
+    serially from its Mersenne Twister, and on a CPU that costs about 60x the multiply that
+    applies the mask: a tenth of a small T5's training step. Here each element gets a 16-bit
+    uniform draw, four to a 64-bit number of numpy's SFC64 generator (seeded by one draw from
+    torch's generator, so a seed, and a checkpoint's saved RNG state, still fix the masks). An
+    element is dropped when its draw falls below round(p * 65536), so the drop rate is p to
+    within 2**-17, and the kept values are scaled by 1 / (1 - that rate). The mask is made in
+    numpy as the bit patterns of 0 and that scale in x's dtype, so applying it is one multiply
+    (5.8 -> about 1.2 ms for a T5 feed-forward activation of 1.1M bf16 elements). Off the CPU,
+    torch's own dropout; an identity in eval mode."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        n = x.numel()
-        bits = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_(-2**63, None)
-        drop = round(self.p * 65536)
-        keep = (bits.view(torch.int16)[:n] >= drop - 32768).view(x.shape)
-        return x * keep.to(x.dtype).mul_(65536 / (65536 - drop))
+        if x.device.type != "cpu" or x.dtype not in _BITS:
+            return torch.nn.functional.dropout(x, self.p, True, self.inplace)
+        import numpy as np
+
+        n, drop = x.numel(), round(self.p * 65536)
+        seed = int(torch.randint(2**62, (1,)))
+        draws = np.random.SFC64(seed).random_raw(-(-n // 4)).view(np.int16)[:n]
+        scale = torch.tensor(65536 / (65536 - drop), dtype=x.dtype).view(_BITS[x.dtype]).item()
+        width = np.int16 if x.element_size() == 2 else np.int32
+        mask = np.multiply(draws >= drop - 32768, width(scale))  # the bits of 0 or the scale
+        return x * torch.from_numpy(mask).view(x.dtype).view(x.shape)
+
+
+_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 def use_fast_dropout(model: torch.nn.Module) -> int:
