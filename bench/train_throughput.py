@@ -12,7 +12,8 @@ alpha 0.5, AdamW at 5e-4, the same number of optimizer steps for every row:
                             tasks in one forward pass, the output layer at target tokens only
                             (and that layer fused with the cross-entropy, training.fused_loss),
                             the encoder once per input (task marker on the decoder side), dropout
-                            masks from 16-bit draws (training.fast_dropout)
+                            masks from 16-bit draws (training.fast_dropout), T5's tanh-GELU as
+                            torch's fused kernel (training.fused_gelu)
   stepdistill default       TrainingConfig's defaults (on this CPU: all of the above but the
                             decoder marker, which changes the formulation and is opt-in)
 
@@ -45,7 +46,7 @@ SHARED = HERE.parent.parent / "shared" / "data" / "sbs"
 ALPHA, BATCH, LR, SEED = 0.5, 8, 5e-4, 0
 
 PLAIN = {"bf16": False, "group_by_length": False, "fuse_tasks": False, "target_logits_only": False,
-         "fused_loss": False, "fast_dropout": False}
+         "fused_loss": False, "fast_dropout": False, "fused_gelu": False}
 ROWS = {  # name: (TrainingConfig overrides, method overrides); None: the reference
     "reference (paper's two-pass step)": None,
     "stepdistill, all speed-ups off": (PLAIN, {}),
@@ -56,6 +57,7 @@ ROWS = {  # name: (TrainingConfig overrides, method overrides); None: the refere
     "+ ... fused with the loss": ({**PLAIN, "target_logits_only": True, "fused_loss": True}, {}),
     "+ encode once (decoder marker)": (PLAIN, {"task_marker": "decoder"}),
     "+ cheaper dropout masks": ({**PLAIN, "fast_dropout": True}, {}),
+    "+ fused GELU kernel": ({**PLAIN, "fused_gelu": True}, {}),
     "stepdistill default": ({}, {}),
     "stepdistill default + decoder marker": ({}, {"task_marker": "decoder"}),
 }

