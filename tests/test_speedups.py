@@ -270,3 +270,25 @@ def test_fused_gelu_swaps_pythons_tanh_gelu_for_the_same_function_and_is_on_by_d
         build_trainer(s, MethodConfig(name="standard"), TrainingConfig(max_steps=1, bf16=False, fused_gelu=fused),
                       recs, [], None, tmp_path / str(fused))
         assert any(isinstance(m, GELUTanh) for m in s.model.modules()) is fused
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_fused_output_layer_runs_in_the_forwards_precision(bf16, monkeypatch):
+    """accelerate puts bf16 autocast around the student's forward only; the fused output layer
+    runs after it, so training must give it the same autocast (it once ran in float32 there,
+    with a 3x slower vocabulary projection)."""
+    import stepdistill.training as tr
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return real(*args, **kwargs)
+
+    real = tr.linear_cross_entropy
+    monkeypatch.setattr(tr, "linear_cross_entropy", spy)
+    cfg = TrainingConfig(max_steps=1, batch_size=4, bf16=bf16, group_by_length=False)
+    trainer = build_trainer(t5_student(), SBS, cfg, _records(), [], None, _tmp(), progress=False)
+    trainer.args.save_strategy = "no"
+    trainer.train()
+    assert seen and all(s == (torch.bfloat16 if bf16 else False) for s in seen)

@@ -514,7 +514,8 @@ class StepDistillTrainer(Trainer):
                 losses.append(torch.nn.functional.cross_entropy(logits.float(), t, reduction="none"))
         if fused:
             head = inner.get_output_embeddings()
-            losses = [linear_cross_entropy(torch.cat(hidden), head.weight, head.bias, torch.cat(targets))]
+            with self._autocast():  # in the forward's precision: the layer runs outside it
+                losses = [linear_cross_entropy(torch.cat(hidden), head.weight, head.bias, torch.cat(targets))]
         losses = torch.cat(losses)
         per_row = losses.new_zeros(offset).index_add(0, torch.cat(rows), losses)
         return [part.sum() for part in per_row.split(splits)]
@@ -584,7 +585,7 @@ class StepDistillTrainer(Trainer):
                                temperature=kd.temperature, shift=shift)
             self._note(pre + "kd_loss", div)
             return (1 - w) * ce + w * div
-        with torch.set_grad_enabled(self.co_distill and model.training), self._teacher_autocast():
+        with torch.set_grad_enabled(self.co_distill and model.training), self._autocast():
             t_logits = teacher_logits(self.teacher.model, ids, mask, labels, seq2seq=self.student.is_seq2seq)
         div = kd_loss(logits, t_logits, labels, n_items, kind=kd.kind, temperature=kd.temperature, beta=kd.beta,
                       shift=shift, vocab_size=self._vocab)  # the teacher's logits are detached inside
@@ -606,7 +607,9 @@ class StepDistillTrainer(Trainer):
             return 0.0
         return self.kd.weight
 
-    def _teacher_autocast(self):
+    def _autocast(self):
+        """bf16 autocast where training runs in bf16, for what runs outside the student's forward
+        (accelerate puts autocast around the forward only): the KD teacher, the fused output layer."""
         if not self.args.bf16:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.args.device.type, dtype=torch.bfloat16)
