@@ -137,3 +137,31 @@ def test_linear_cross_entropy_with_logits_spanning_hundreds_matches_the_unfused_
         out.append((losses.detach().double(), h.grad.double(), w.grad.double()))
     for ref, got in zip(*out):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_a_tied_lookup_adds_its_gradient_into_the_fused_layers_and_the_sum_is_autograds():
+    """The weight gradient handed from the fused output layer to the lookup of the same weight:
+    the weight's one gradient is the sum autograd gives, and nothing is lost where the layer's
+    weight is another one (the handoff is then not taken)."""
+    from stepdistill.methods.losses import WeightGradHandoff, tied_embedding
+
+    torch.manual_seed(0)
+    vocab, d = 40, 8
+    ids, targets = torch.randint(0, vocab, (3, 5)), torch.randint(0, vocab, (15,))
+    proj = torch.randn(d, d, dtype=torch.float64)
+    for tied in (True, False):
+        grads = []
+        for handoff in (None, WeightGradHandoff()):
+            emb = torch.randn(vocab, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+            other = torch.randn(vocab, d, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+            head = emb if tied else other.requires_grad_()
+            x = tied_embedding(ids, emb, handoff) if handoff else torch.nn.functional.embedding(ids, emb)
+            hidden = torch.tanh(x.reshape(-1, d) @ proj)
+            losses = (linear_cross_entropy(hidden, head, None, targets, block=16, handoff=handoff) if handoff else
+                      torch.nn.functional.cross_entropy(hidden @ head.t(), targets, reduction="none"))
+            losses.sum().backward()
+            grads.append((emb.grad, head.grad))
+            if handoff:
+                assert handoff.grad is None  # taken over by the lookup
+        for ref, got in zip(*grads):
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)

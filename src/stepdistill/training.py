@@ -47,8 +47,8 @@ from stepdistill.methods.kd import (
     attach_topk_cache, decoder_inputs, load_kd_teacher, pad_topk, teacher_logits, vocab_size,
 )
 from stepdistill.methods.losses import (
-    IGNORE_INDEX, _normalise, count_targets, kd_loss, kd_loss_topk, linear_cross_entropy, multitask_loss,
-    row_cross_entropy, token_cross_entropy,
+    IGNORE_INDEX, WeightGradHandoff, _normalise, count_targets, kd_loss, kd_loss_topk, linear_cross_entropy,
+    multitask_loss, row_cross_entropy, tied_embedding, token_cross_entropy,
 )
 from stepdistill.runs import fsync_dir, fsync_tree, is_main_process, write_error, write_json, write_text
 from stepdistill.students import Student, count_parameters
@@ -483,12 +483,13 @@ class StepDistillTrainer(Trainer):
                 kw["decoder_input_ids"] = decoder_inputs(inputs[pre + "labels"], self.student.model.config)
         return kw
 
-    def _target_losses(self, model, passes: list[tuple[dict, torch.Tensor]], splits: list[int] | None = None
-                       ) -> list[torch.Tensor]:
+    def _target_losses(self, model, passes: list[tuple[dict, torch.Tensor]], splits: list[int] | None = None,
+                       handoff: WeightGradHandoff | None = None) -> list[torch.Tensor]:
         """Summed token cross-entropies of forward passes [(forward() arguments, labels), ...], one
         per group of rows (`splits`: row counts over the passes' rows in order; None: one group per
         pass). With `target_logits_only` the output layer runs at target tokens only, and with
-        `fused_loss` too, once for every pass, fused with the cross-entropy where the model allows it."""
+        `fused_loss` too, once for every pass, fused with the cross-entropy where the model allows it
+        (handing its weight gradient to the step's tied lookup, if `handoff`)."""
         shift = not self.student.is_seq2seq
         splits = splits or [labels.shape[0] for _, labels in passes]
         inner = self.accelerator.unwrap_model(model)
@@ -515,7 +516,8 @@ class StepDistillTrainer(Trainer):
         if fused:
             head = inner.get_output_embeddings()
             with self._autocast():  # in the forward's precision: the layer runs outside it
-                losses = [linear_cross_entropy(torch.cat(hidden), head.weight, head.bias, torch.cat(targets))]
+                losses = [linear_cross_entropy(torch.cat(hidden), head.weight, head.bias, torch.cat(targets),
+                                               handoff=handoff)]
         losses = torch.cat(losses)
         per_row = losses.new_zeros(offset).index_add(0, torch.cat(rows), losses)
         return [part.sum() for part in per_row.split(splits)]
@@ -540,7 +542,9 @@ class StepDistillTrainer(Trainer):
             else:
                 ids = stack_padded(a["input_ids"], b["input_ids"], pad_id)
                 mask = stack_padded(a["attention_mask"], b["attention_mask"], 0)
-            source, label_dec, rationale_dec = self._embed(model, [ids, a["decoder_input_ids"], b["decoder_input_ids"]])
+            handoff = WeightGradHandoff()
+            source, label_dec, rationale_dec = self._embed(model, [ids, a["decoder_input_ids"], b["decoder_input_ids"]],
+                                                           handoff)
             encoder = self.accelerator.unwrap_model(model).get_encoder()
             hidden = encoder(attention_mask=mask, **source).last_hidden_state
             if self.encode_once:
@@ -551,14 +555,16 @@ class StepDistillTrainer(Trainer):
                 enc = [(hidden[:k], mask[:k]), (hidden[k:], mask[k:])]
             passes = [({"encoder_outputs": (h,), "attention_mask": m, **{"decoder_" + k: v for k, v in dec.items()}},
                        labels) for (h, m), dec, labels in zip(enc, (label_dec, rationale_dec), (la, lb))]
-            label_sum, rationale_sum = self._target_losses(model, passes)
+            label_sum, rationale_sum = self._target_losses(model, passes, handoff=handoff)
         return _normalise(label_sum, la, n.get("")), _normalise(rationale_sum, lb, n.get(RATIONALE))
 
-    def _embed(self, model, ids: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def _embed(self, model, ids: list[torch.Tensor], handoff: WeightGradHandoff | None = None
+               ) -> list[dict[str, torch.Tensor]]:
         """Encoder-decoder inputs for each id tensor: one lookup for all of them (inputs_embeds)
         where encoder and decoder share the input embedding, as T5's do (each lookup's backward
         fills a vocabulary-sized gradient: one instead of three per step), else the ids. Not under
-        a DDP/FSDP wrapper."""
+        a DDP/FSDP wrapper. Where the fused output layer shares the weight too, the lookup's
+        gradient is added into the layer's (`handoff`), not zero-filled and summed."""
         inner = self.accelerator.unwrap_model(model)
         if model is not inner:  # DDP/FSDP: every parameter use stays inside the wrapper's forward
             return [{"input_ids": x} for x in ids]
@@ -566,8 +572,10 @@ class StepDistillTrainer(Trainer):
         stacks = [getattr(stack, "embed_tokens", None) for stack in (inner.get_encoder(), inner.get_decoder())]
         if not all(type(e) is torch.nn.Embedding and e.weight is emb.weight for e in [emb, *stacks]):
             return [{"input_ids": x} for x in ids]
-        vectors = emb(torch.cat([x.reshape(-1) for x in ids])).split([x.numel() for x in ids])
-        return [{"inputs_embeds": v.view(*x.shape, -1)} for v, x in zip(vectors, ids)]
+        flat = torch.cat([x.reshape(-1) for x in ids])
+        plain = emb.padding_idx is None and emb.max_norm is None and not emb.scale_grad_by_freq and not emb.sparse
+        vectors = tied_embedding(flat, emb.weight, handoff) if handoff is not None and plain else emb(flat)
+        return [{"inputs_embeds": v.view(*x.shape, -1)} for v, x in zip(vectors.split([x.numel() for x in ids]), ids)]
 
     def _task_loss(self, model, inputs: dict, pre: str, n_items) -> torch.Tensor:
         labels = inputs[pre + "labels"]

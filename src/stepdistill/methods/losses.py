@@ -80,7 +80,8 @@ def multitask_loss(label_loss: torch.Tensor, rationale_loss: torch.Tensor | None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, *, block: int | None = None) -> torch.Tensor:
+                         targets: torch.Tensor, *, block: int | None = None,
+                         handoff: "WeightGradHandoff | None" = None) -> torch.Tensor:
     """Per-token cross-entropy of `F.linear(hidden, weight, bias)` against `targets` (no ignore
     index), without vocabulary-wide float32 logits: `hidden` (n, d), `weight` (vocab, d).
 
@@ -94,6 +95,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     the log-softmax, its gradient, the cast back), which for a small student with a large
     vocabulary cost more than its layers. Same values and gradients (`tests/test_losses.py`).
 
+    `handoff`: the weight's gradient is not returned to autograd but handed to `tied_embedding`
+    of the same weight, which adds its own into it (see WeightGradHandoff).
+
     >>> linear_cross_entropy(torch.zeros(2, 4), torch.zeros(3, 4), None, torch.tensor([0, 2]))  # ln 3
     tensor([1.0986, 1.0986])
     """
@@ -102,7 +106,45 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     # about 1.3M logits a block: its float32 copy (5 MB) stays in cache; measured best on 2 cores
     block = block or max(256, min(8192, (1_300_000 // max(hidden.shape[0], 1)) // 64 * 64))
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, dtype, block, grad)
+    if handoff is not None and handoff.weight is not weight:  # no lookup of this weight takes it over
+        handoff = None
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, dtype, block, grad, handoff)
+
+
+class WeightGradHandoff:
+    """One weight used twice in a step, as a tied input embedding and output layer: the fused
+    output layer's backward (which always runs first: the layer's input depends on the lookup)
+    leaves its weight gradient here, and the lookup's backward adds its rows into it in place
+    and returns the sum as the weight's one gradient. Autograd's own way zero-fills a
+    vocabulary-sized gradient for the lookup and then adds the two (50 MB each in float32 for
+    SmolLM2's vocabulary at width 256)."""
+
+    def __init__(self) -> None:
+        self.weight: torch.Tensor | None = None  # set by tied_embedding: only that weight's gradient is handed over
+        self.grad: torch.Tensor | None = None
+
+
+def tied_embedding(ids: torch.Tensor, weight: torch.Tensor, handoff: WeightGradHandoff) -> torch.Tensor:
+    """`F.embedding(ids, weight)` (no padding_idx, max_norm or scale_grad_by_freq), whose weight
+    gradient is added into the one `handoff` holds, if any."""
+    handoff.weight = weight
+    return _TiedEmbedding.apply(ids, weight, handoff)
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, weight, handoff):
+        ctx.save_for_backward(ids)
+        ctx.handoff, ctx.shape = handoff, weight.shape
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        grad, ctx.handoff.grad = ctx.handoff.grad, None
+        if grad is None:  # no fused output layer ran in this graph: autograd's own way
+            grad = grad_out.new_zeros(ctx.shape)
+        return None, grad.index_add_(0, ids.reshape(-1), grad_out.reshape(-1, ctx.shape[1]).to(grad.dtype)), None
 
 
 # Buffers lent from one step to the next (CPU only): the logits' buffer of the last finished
@@ -146,7 +188,7 @@ _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, dtype, block, grad):
+    def forward(ctx, hidden, weight, bias, targets, dtype, block, grad, handoff):
         with torch.autocast(hidden.device.type, enabled=False):
             h, b = hidden.to(dtype), bias.to(dtype) if bias is not None else None
             lent = weight.dtype != dtype  # the weight's cast (vocabulary-sized) into a lent buffer
@@ -186,7 +228,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if lent:
                     _give_back("weight", w)
         ctx.save_for_backward(h, w, logits if grad else None)
-        ctx.has_bias, ctx.dtypes, ctx.lent = bias is not None, (hidden.dtype, weight.dtype), lent
+        ctx.has_bias, ctx.dtypes, ctx.lent, ctx.handoff = bias is not None, (hidden.dtype, weight.dtype), lent, handoff
         return losses
 
     @staticmethod
@@ -208,8 +250,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             _give_back("weight", w)
             if ctx.needs_input_grad[1]:
                 _give_back("grad_weight", out)
+        if ctx.handoff is not None and grad_weight is not None:
+            ctx.handoff.grad, grad_weight = grad_weight, None
         return (None if grad_hidden is None else grad_hidden.to(hidden_dtype), grad_weight,
-                None if grad_bias is None else grad_bias.to(weight_dtype), None, None, None, None)
+                None if grad_bias is None else grad_bias.to(weight_dtype), None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
