@@ -14,7 +14,6 @@ configuration otherwise (bench/train_throughput.py is the benchmark of record).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -57,18 +56,7 @@ def main() -> None:
     args = p.parse_args()
     from transformers import TrainerCallback
 
-    from stepdistill.config import MethodConfig, TrainingConfig
-    from stepdistill.training import build_trainer
-
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("STEPDISTILL_HOME", str(work / "home"))
-    setup = tt.Setup(work, args.steps * tt.BATCH)
-    training = TrainingConfig(max_steps=args.steps, batch_size=tt.BATCH, learning_rate=tt.LR, logging_steps=50,
-                              seed=tt.SEED)
-    trainer = build_trainer(setup.student(), MethodConfig(name="step-by-step", alpha=tt.ALPHA), training,
-                            setup.records, [], None, work / "step-ab", progress=False)
-    trainer.args.save_strategy = "no"
+    trainer = tt.default_trainer(Path(args.work), args.steps, "step-ab", logging_steps=50)
     on, off = switch(trainer, args.field)
     times: dict[bool, list[float]] = {True: [], False: []}
     state = {"on": True, "t0": 0.0}

@@ -12,7 +12,6 @@ the benchmark's SVAMP data; steps 5 to the last are timed, and minor page faults
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import time
 from pathlib import Path
@@ -30,20 +29,8 @@ def main() -> None:
     args = p.parse_args()
     from transformers import TrainerCallback
 
-    from stepdistill.config import MethodConfig, TrainingConfig
-    from stepdistill.training import build_trainer
-
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("STEPDISTILL_HOME", str(work / "home"))
-    setup = tt.Setup(work, args.steps * tt.BATCH)
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    training = TrainingConfig(max_steps=args.steps, batch_size=tt.BATCH, learning_rate=tt.LR, logging_steps=5,
-                              seed=tt.SEED, **overrides)
-    method = MethodConfig(name="step-by-step", alpha=tt.ALPHA)
-    trainer = build_trainer(setup.student(), method, training, setup.records, [], None, work / "step-time",
-                            progress=False)
-    trainer.args.save_strategy = "no"
+    trainer = tt.default_trainer(Path(args.work), args.steps, "step-time", **overrides)
     marks = []
 
     class Mark(TrainerCallback):

@@ -210,6 +210,23 @@ def features(student, fmt, prefix: str, pairs: list[tuple[str, str]]) -> dict:
             "decoder_input_ids": dec, "labels": labels}
 
 
+def default_trainer(work: Path, steps: int, name: str, *, logging_steps: int = 5, **overrides):
+    """stepdistill's step-by-step Trainer on the benchmark's T5 and data, TrainingConfig's
+    defaults but for `overrides`, no checkpoints (bench/step_time.py, bench/step_ab.py)."""
+    from stepdistill.config import MethodConfig, TrainingConfig
+    from stepdistill.training import build_trainer
+
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("STEPDISTILL_HOME", str(work / "home"))
+    setup = Setup(work, steps * BATCH)
+    training = TrainingConfig(max_steps=steps, batch_size=BATCH, learning_rate=LR, logging_steps=logging_steps,
+                              seed=SEED, **overrides)
+    trainer = build_trainer(setup.student(), MethodConfig(name="step-by-step", alpha=ALPHA), training,
+                            setup.records, [], None, work / name, progress=False)
+    trainer.args.save_strategy = "no"
+    return trainer
+
+
 def run_row(setup: Setup, name: str, steps: int, out: Path, *, timed: bool = True) -> dict:
     """Train one row for `steps` steps; its examples/s and loss curve (every 5 steps)."""
     import shutil
