@@ -47,9 +47,10 @@ def test_export_ships_safetensors_tokenizer_and_a_model_card(run, tmp_path):
     original, _ = load_trained(run)
     inputs = [e.input for e in exs]
     assert predict(student, inputs, prefix=info["label_prefix"]) == predict(original, inputs, prefix="predict: ")
-    with pytest.raises(StepDistillError, match="already exists"):
+    with pytest.raises(StepDistillError, match="already holds a stepdistill export"):
         export(run, out)
-    assert not (tmp_path / "exported.partial").exists()
+    assert export(run, out, overwrite=True) == out and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no staging or set-aside folder left
 
 
 def test_export_refuses_a_folder_without_a_trained_model(tmp_path):

@@ -28,16 +28,16 @@ def test_overwrite_deletes_only_run_directories_and_never_inputs(tmp_path):
     precious = tmp_path / "data"
     precious.mkdir()
     (precious / "train.jsonl").write_text("{}\n")
-    with pytest.raises(RunExistsError, match="not a stepdistill run"):
+    with pytest.raises(RunExistsError, match="not a stepdistill annotate output"):
         create_run(precious, _cfg(), command="annotate", overwrite=True)
     assert (precious / "train.jsonl").is_file()
-    with create_run(tmp_path / "run", _cfg(), command="annotate"):
+    with create_run(tmp_path / "run", _cfg(), command="eval"):
         pass
     (tmp_path / "run" / "model").mkdir()
-    with pytest.raises(RunExistsError, match="an input of this run"):
+    with pytest.raises(RunExistsError, match="holds .*model, which this command must not delete"):
         create_run(tmp_path / "run", _cfg(), command="eval", overwrite=True, inputs=(tmp_path / "run" / "model",))
     assert (tmp_path / "run" / "model").is_dir()
-    create_run(tmp_path / "run", _cfg(), command="annotate", overwrite=True).close()
+    create_run(tmp_path / "run", _cfg(), command="eval", overwrite=True).close()
     assert not (tmp_path / "run" / "model").exists()
 
 

@@ -60,7 +60,7 @@ def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = Fals
     if cfg.verify.samples > 1 and not teacher.samples:
         raise StepDistillError(f"the {teacher.kind} teacher has one fixed output per input: set verify.samples=1")
     with create_run(out, cfg, command="annotate", seed=cfg.teacher.sampling.seed, overwrite=overwrite,
-                    resume=resume, inputs=(cfg.task.path,)) as run:
+                    resume=resume, inputs=(cfg.task.path, store_path)) as run:
         echo = run.tee(echo)
         t0 = time.perf_counter()
         counts: dict[str, int] = {}

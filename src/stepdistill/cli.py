@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ _FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
     ],
     "train": _TASK_FLAGS + [
         ("--annotations", "annotations", str, "annotation run directory (distill, step-by-step)"),
-        ("--method", "method.name", str, "standard, distill or step-by-step"),
+        ("--method", "method.name", str, None),  # help: the config field's own description
         ("--alpha", "method.alpha", float, "label-loss weight of step-by-step"),
         ("--label-source", "method.label_source", str, "step-by-step labels: gold or teacher"),
         ("--student", "student.model", str, "student model: hub id, folder or .gguf file"),
@@ -78,14 +79,33 @@ def _add_common(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--out", required=stage != "eval", help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     for flag, key, typ, help_ in _FLAGS[stage]:
+        help_ = help_ or _field_help(stage, key)
         if key == "teacher.replicas":  # a list: one flag per replica
             p.add_argument(flag, dest="f:" + key, type=typ, action="append", help=help_)
         else:
             p.add_argument(flag, dest="f:" + key, type=typ, help=help_)
 
 
+def _field_help(stage: str, key: str) -> str:
+    """A flag's help text from the description of the config field it sets (one source for both)."""
+    from pydantic import BaseModel
+
+    from stepdistill.config import AnnotateRun, EvalRun, TrainRun
+
+    model: Any = {"annotate": AnnotateRun, "train": TrainRun, "eval": EvalRun}[stage]
+    field = None
+    for part in key.split("."):
+        field = model.model_fields[part]
+        model = next((t for t in (field.annotation, *typing.get_args(field.annotation))
+                      if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    return (field.description or "").replace("%", "%%")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from stepdistill import __version__
+
     parser = argparse.ArgumentParser(prog="stepdistill", description="Distil an LLM into a small task model.")
+    parser.add_argument("--version", action="version", version=f"stepdistill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("annotate", help="get rationales and labels from a teacher")
     _add_common(p, "annotate")
@@ -316,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = run(argv)
     except StepDistillError as e:
-        print(f"stepdistill: error: {e}", file=sys.stderr)
+        print(f"stepdistill: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
         code = 1
     except KeyboardInterrupt:
         print("stepdistill: interrupted: teacher completions so far are in the store and training checkpoints in "
@@ -325,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if os.environ.get("STEPDISTILL_DEBUG"):
             raise
-        print(f"stepdistill: internal error: {type(e).__name__}: {e} (set STEPDISTILL_DEBUG=1 for the traceback)", file=sys.stderr)
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]
+        print(f"stepdistill: internal error: {type(e).__name__}: {first} (set STEPDISTILL_DEBUG=1 for the traceback)", file=sys.stderr)
         code = 2
     sys.exit(code)
 

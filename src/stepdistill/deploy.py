@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,10 +21,11 @@ import yaml
 
 from stepdistill.errors import StepDistillError
 from stepdistill.evaluation import MODEL_INFO, decoding_vocab, explain, label_token_limit, load_trained, model_folder, predict
-from stepdistill.runs import fsync_tree, write_error, write_jsonl
+from stepdistill.runs import MARKER, claim_output, fsync_tree, output_kind, write_error, write_jsonl, write_marker
 from stepdistill.tasks.io import iter_records
 
 CARD = "README.md"
+STAGING_SUFFIX = ".partial"  # an export being written: .<name>.<random>.partial beside --out
 
 
 def export(run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
@@ -37,21 +39,44 @@ def export(run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path
         raise StepDistillError(f"{run} holds no trained stepdistill model: pass a training run directory or its model/ folder")
     if not any(src.glob("*.safetensors")):
         raise StepDistillError(f"{src} has no .safetensors weights: export ships safetensors only; retrain with stepdistill")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise StepDistillError(f"{out} already exists and is not empty: pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # The folder is checked, and never touched, before the copy: an existing export is swapped
+    # out only once the new one is complete, and nothing but an export stepdistill made is replaced.
+    claim_output(out, "export", overwrite=overwrite, inputs=(run, src), create=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=STAGING_SUFFIX, dir=out.parent))
     try:
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "*.pkl", "training_args*"))
+        write_marker(tmp, "export")  # first: a staging folder a killed export left is known as ours
+        shutil.copytree(src, tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "*.pkl", "training_args*", MARKER))
         (tmp / CARD).write_text(model_card(run))
         fsync_tree(tmp)
+        old = None
+        if out.exists():  # an empty folder, or (--overwrite) an export: set aside, then removed
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            out.rename(old / "export")
         tmp.replace(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(out, e) from e
     return out
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """What exports a killed process never finished left beside `out`: staging folders carrying
+    our marker, and set-aside old exports. Anything else of a similar name is left alone."""
+    def ours(p: Path) -> bool:
+        if p.is_symlink() or not p.is_dir():
+            return False
+        entries = list(p.iterdir())
+        return not entries or output_kind(p) == "export" or (p.name.endswith(".old") and [e.name for e in entries] == ["export"]
+                                                             and output_kind(entries[0]) == "export")
+
+    for p in [*out.parent.glob(f".{out.name}.*{STAGING_SUFFIX}"), *out.parent.glob(f".{out.name}.*.old")]:
+        if ours(p):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _read(path: Path, kind: str) -> Any:

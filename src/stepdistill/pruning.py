@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from stepdistill.errors import StepDistillError
+from stepdistill.runs import MARKER, new_marker, protected_path
 
 Strategy = Literal["spread", "first", "every"]
 Importance = Literal["magnitude", "taylor"]
@@ -596,6 +597,8 @@ def prune(model: str, out: str | Path, *, layers: int | None = None, strategy: S
     out = Path(out)
     if out.exists():
         raise StepDistillError(f"{out} exists: choose a new --out (prune never overwrites)")
+    if (hit := protected_path(out, (model,))) is not None:
+        raise StepDistillError(f"--out {out} holds {hit}: choose another --out")
     if importance == "taylor" and task is None:
         raise StepDistillError("taylor importance needs --task: its gradients come from the task's training examples")
     if not (layers or heads or ffn or sparsity):
@@ -651,7 +654,8 @@ def prune(model: str, out: str | Path, *, layers: int | None = None, strategy: S
                           "task": task, "split": split if task else None, "limit": limit}}
     if sparsity:
         report["note"] = MAGNITUDE_NOTE
-    files = {"prune_report.json": json.dumps(report, indent=2) + "\n"}
+    files = {"prune_report.json": json.dumps(report, indent=2) + "\n",
+             MARKER: json.dumps(new_marker("prune"), indent=2) + "\n"}
     if info_dir is not None:
         files[MODEL_INFO] = (info_dir / MODEL_INFO).read_text()
     _save_atomic(net, student.tokenizer, out, source=Path(str(model)), extra_files=files)

@@ -16,13 +16,11 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from stepdistill.errors import RunExistsError
-from stepdistill.runs import home, write_json, write_text
+from stepdistill.runs import claim_output, home, write_json, write_text
 from stepdistill.students import smollm2_gguf
 
 # size -> settings. "default" is the README's demo; "tiny" checks every stage in a minute or two.
@@ -56,13 +54,7 @@ def quickstart(out: str | Path = "runs/quickstart", *, overwrite: bool = False, 
 
     s = SIZES[size]
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise RunExistsError(f"{out} already holds a quickstart: pass --overwrite or choose another --out")
-        if not ((out / "summary.json").is_file() or (out / "annotate-train" / "env.json").is_file()):
-            raise RunExistsError(f"--overwrite refused: {out} is not a quickstart directory; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output(out, "quickstart", overwrite=overwrite)  # only a folder a quickstart made is replaced
     t_start = time.perf_counter()
 
     def stage(msg: str) -> None:

@@ -4,9 +4,13 @@
       config.yaml     the resolved config (after YAML + --set overrides)
       env.json        package versions, git revision, seed, command line, start time
       log.txt         the run's log
+      .stepdistill-run.json   the marker: which command made the folder, and a random id
       ...             the stage's outputs (annotations.jsonl, model/, metrics.json, ...)
 
-An existing run directory is never overwritten unless the caller asks (`--overwrite`).
+A folder is stepdistill's only when it carries the marker of the command's own kind (or, for a run
+written before the marker, that command's own env.json and config.yaml): only such a folder is
+resumed, overwritten (`--overwrite`) or deleted, and never one holding the command's inputs, the
+working directory or a home folder. `claim_output` is the one check every command makes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -230,39 +235,152 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+MARKER = ".stepdistill-run.json"  # written by stepdistill alone, first, into every folder it makes
+OUTPUT_KINDS = ("annotate", "train", "eval", "sweep", "quickstart", "export", "prune")
+_QUICKSTART_ENTRIES = {"annotate-train", "annotate-test", "student-standard", "student-step-by-step",
+                       "summary.json", "table.txt"}
+
+
+def new_marker(kind: str) -> dict[str, Any]:
+    """What marks a folder that `stepdistill <kind>` made; the random id tells two outputs apart."""
+    return {"kind": kind, "id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def write_marker(d: Path, kind: str) -> dict[str, Any]:
+    """Mark `d` as a folder that `stepdistill <kind>` made: only such a folder is ever resumed,
+    overwritten or deleted."""
+    marker = new_marker(kind)
+    write_json(d / MARKER, marker)
+    return marker
+
+
+def _legacy_kind(d: Path) -> str | None:
+    """What a folder written before the marker existed holds, judged by the content of the files
+    the command wrote (never by a file's name alone); None when it is no stepdistill output."""
+    try:
+        env = json.loads((d / "env.json").read_text())
+        header = (d / "config.yaml").read_text().split("\n", 1)[0]
+    except (OSError, ValueError, UnicodeDecodeError):
+        env, header = None, ""
+    if isinstance(env, dict) and env.get("command") in OUTPUT_KINDS and header == f"# written by: stepdistill {env['command']}":
+        return env["command"]
+    entries = {p.name for p in d.iterdir()}
+    if entries and entries <= _QUICKSTART_ENTRIES and "annotate-train" in entries and output_kind(d / "annotate-train") == "annotate":
+        return "quickstart"
+    try:
+        card = (d / "README.md").read_text().split("\n", 1)[0]
+    except (OSError, UnicodeDecodeError):
+        card = ""
+    if (d / "stepdistill.json").is_file() and card.startswith("# ") and card.endswith(" distilled with stepdistill"):
+        return "export"
+    return None
+
+
+def output_kind(d: str | Path) -> str | None:
+    """The kind of stepdistill output `d` holds ("train", "export", ...), or None when it holds none."""
+    d = Path(d)
+    if d.is_symlink() or not d.is_dir():
+        return None
+    try:
+        marker = json.loads((d / MARKER).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        marker = None
+    if isinstance(marker, dict) and marker.get("kind") in OUTPUT_KINDS:
+        return marker["kind"]
+    return _legacy_kind(d)
+
+
+def _is_empty(d: Path) -> bool:
+    """No entries but the temp file of a marker write that a killed process never finished."""
+    return all(p.name.startswith(f".{MARKER}.") and p.name.endswith(TMP_SUFFIX) for p in d.iterdir())
+
+
+def protected_path(d: Path, inputs: Iterable[str | Path | None]) -> Path | None:
+    """The first place that deleting `d` would take with it and that is not ours to delete: the
+    working directory, the home folder, /, stepdistill's own state, or an input of the command."""
+    for p in (Path.cwd(), Path.home(), Path("/"), home(), *(Path(i) for i in inputs if i)):
+        try:
+            if p.exists() and _inside(p, d):
+                return p
+        except (OSError, RuntimeError):  # an unresolvable path (a link loop): refuse rather than guess
+            return p
+    return None
+
+
+def claim_output(out: str | Path, kind: str, *, overwrite: bool = False, resume: bool = False,
+                 inputs: Iterable[str | Path | None] = (), create: bool = True) -> str:
+    """The one check every command makes before it writes into `out` or deletes it.
+
+    A missing or empty `out` is made and marked as `kind`'s. An existing one is resumed
+    (`resume`) or deleted and made afresh (`overwrite`) only when it carries `kind`'s marker,
+    and it is never deleted when it holds the working directory, the home folder, /, the
+    stepdistill home or one of the command's `inputs`. Returns "new", "resume" or "overwrite".
+    With `create=False` nothing is made or deleted (the caller stages its output elsewhere).
+
+    >>> claim_output("runs/x", "train", overwrite=True, inputs=("runs/ann",))
+    """
+    d = Path(out)
+    what = f"a stepdistill {kind} output"
+    if d.is_symlink():
+        raise RunExistsError(f"--out {d} is a symbolic link: choose a real folder as --out")
+    if d.exists() and not d.is_dir():
+        raise RunExistsError(f"--out {d} is a file, not a directory: choose another --out")
+    state = "new"
+    if d.exists() and not _is_empty(d):
+        owner = output_kind(d)
+        if resume:
+            if owner != kind:
+                raise RunExistsError(f"--resume refused: {d} is not {what} ({_owner_words(owner)}); "
+                                     "choose the run's own folder, or a new --out")
+            state = "resume"
+        elif not overwrite:
+            if owner == kind:
+                how = "--resume to continue it, --overwrite to replace it" if kind in ("annotate", "train") else "--overwrite to replace it"
+                raise RunExistsError(f"{d} already holds {what}: pass {how}, or choose another --out")
+            raise RunExistsError(f"{d} already exists and is not {what} ({_owner_words(owner)}): "
+                                 "choose another --out (stepdistill never writes into a folder it did not make)")
+        else:
+            if owner != kind:
+                raise RunExistsError(f"--overwrite refused: {d} is not {what} ({_owner_words(owner)}), so it is "
+                                     "not stepdistill's to delete; choose another --out")
+            state = "overwrite"
+    hit = protected_path(d, inputs) if state == "overwrite" or not create else None
+    if hit is not None:
+        raise RunExistsError(f"refused: --out {d} holds {hit}, which this command must not delete or replace "
+                             "(an input, the working directory or a home folder); choose another --out")
+    if not create:
+        return state
+    try:
+        if state == "overwrite":
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(d, e) from e
+    if state != "resume" or not (d / MARKER).is_file():  # a run from before the marker is marked on resume
+        write_marker(d, kind)
+    return state
+
+
+def _owner_words(owner: str | None) -> str:
+    return f"it holds a stepdistill {owner} output" if owner else f"it has no {MARKER} marker"
+
+
 def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | None = None,
                overwrite: bool = False, resume: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> Run:
     """Make (or, with `resume`, reopen) a run directory and record config, versions and git revision.
 
-    `--overwrite` deletes only a stepdistill run directory (one with env.json), and never one
-    holding the stage's own `inputs` (model, annotations, data) or the working directory.
+    Ownership goes through `claim_output`: `--resume` and `--overwrite` act only on a folder
+    carrying this command's marker, and `--overwrite` never deletes one holding the command's
+    `inputs` (model, annotations, data, store), the working directory or a home folder.
 
     >>> run = create_run("runs/x", cfg, command="train")  # RunExistsError if runs/x holds a run
     """
     d = Path(out)
     if not is_main_process():  # torchrun / accelerate launch: rank 0 owns the run directory
         return Run(d, main=False)
-    resumable = command in ("annotate", "train")
-    if d.exists() and not d.is_dir():
-        raise RunExistsError(f"--out {d} is a file, not a directory: choose another --out")
-    if d.exists() and any(d.iterdir()):
-        if resume:
-            _check_same_config(d, config)
-        elif not overwrite:
-            how = "--resume to continue it, --overwrite to replace it" if resumable else "--overwrite to replace it"
-            raise RunExistsError(f"run directory {d} already exists: pass {how}, or choose another --out")
-        else:
-            if not (d / "env.json").is_file():
-                raise RunExistsError(f"--overwrite refused: {d} is not a stepdistill run directory (no env.json); choose another --out")
-            for p in (Path.cwd(), *(Path(i) for i in inputs if i)):
-                if p.exists() and _inside(p, d):
-                    raise RunExistsError(f"--overwrite refused: {d} holds {p}, an input of this run; choose another --out")
-            shutil.rmtree(d)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_error(d, e) from e
-    if resume:
+    state = claim_output(d, command, overwrite=overwrite, resume=resume, inputs=inputs)
+    if state == "resume":
+        _check_same_config(d, config)
         for p in remove_stale_temp_files(d):
             log.info("removed %s: a write the interrupted run never finished", p)
     write_text(d / "config.yaml", f"# written by: stepdistill {command}\n" + to_yaml(config))
@@ -337,12 +455,24 @@ def resumed_config(out: str | Path, config: M) -> M:
 
 
 def _saved_config(d: Path) -> dict | None:
+    """The config a run directory was started with; None where there is no run (yet) to read."""
     import yaml
 
     saved_file = d / "config.yaml"
-    if not saved_file.is_file():
+    if output_kind(d) is None or not saved_file.is_file():
         return None
-    return yaml.safe_load(saved_file.read_text()) or {}
+    fix = "restore it from a copy, or start a new run with another --out"
+    try:
+        saved = yaml.safe_load(saved_file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RunExistsError(f"--resume refused: {saved_file} is damaged ({reason}); {fix}") from e
+    if saved is None:
+        return {}
+    if not isinstance(saved, dict):
+        raise RunExistsError(f"--resume refused: {saved_file} is damaged (it holds a {type(saved).__name__}, "
+                             f"not a config); {fix}")
+    return saved
 
 
 def _with_added_fields(model: type[BaseModel], saved: dict) -> dict:

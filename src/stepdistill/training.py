@@ -822,6 +822,13 @@ def _save_model(model, tokenizer, info: dict[str, Any], folder: Path) -> None:
     (folder / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
+def _refused_pickle(e: BaseException) -> bool:
+    """torch.load(weights_only=True) met a pickle that is more than tensors (and did not run it)."""
+    import pickle
+
+    return isinstance(e, pickle.UnpicklingError) or "weights only load failed" in str(e).lower()
+
+
 def _failed_write(e: Exception, ckpt_root: Path, step: int) -> StepDistillError | None:
     """A write that failed during training (a checkpoint, the log) as one clear error, or None when
     `e` is no failed write. The unsealed checkpoint is removed (it may be what filled the disk)."""
@@ -895,6 +902,11 @@ def fit(
     try:
         trainer.train(resume_from_checkpoint=str(last) if resume and last else None)
     except Exception as e:
+        if resume and last and _refused_pickle(e):
+            raise StepDistillError(
+                f"--resume refused: a file in {last} holds more than tensors (torch's weights-only loader refused "
+                f"it, and nothing in it ran); move {last.name} aside to resume from an earlier checkpoint, "
+                "or start a new run with another --out") from e
         err = _failed_write(e, ckpt_root, trainer.state.global_step)
         if err is None:
             raise
