@@ -8,7 +8,7 @@ import pytest
 
 from stepdistill import cli
 from stepdistill.errors import StepDistillError
-from stepdistill.report import comparisons, load_sweep, mcnemar, paired_bootstrap, report
+from stepdistill.report import comparisons, holm, load_sweep, mcnemar, paired_bootstrap, report, sign_flip_test
 from stepdistill.sweep import summarise
 
 
@@ -33,6 +33,38 @@ def test_paired_bootstrap_interval():
     assert r["low"] <= r["diff"] <= r["high"] and r["low"] > 0
     same = paired_bootstrap(a, a)
     assert same["diff"] == same["low"] == same["high"] == 0
+
+
+def test_pooling_seeds_overstates_significance_and_the_item_level_test_does_not():
+    """Three seeds that agree on every item are one measurement of each item, not three. A gets 9
+    items right that B misses and B 2 that A misses: on the items, p = McNemar's 9 vs 2 = 0.065.
+    Pooled over seeds x items it looks like 27 vs 6 (p = 0.0003) - significant by accident."""
+    a_seed = [True] * 9 + [False] * 2 + [True] * 20 + [False] * 19
+    b_seed = [False] * 9 + [True] * 2 + [True] * 20 + [False] * 19
+    a, b = [a_seed] * 3, [b_seed] * 3
+    pooled = mcnemar([x for row in a for x in row], [x for row in b for x in row])["p"]
+    assert pooled < 0.001
+    assert sign_flip_test(a, b) == pytest.approx(mcnemar(a_seed, b_seed)["p"]) == pytest.approx(2 * 67 / 2048)
+    assert sign_flip_test(a, b) > 0.05
+
+
+def test_sign_flip_test_by_hand_and_against_many_items():
+    # one seed, 2 items only A got right: the 4 sign flips give |sum| 2, 0, 0, 2 -> p = 2/4
+    assert sign_flip_test([[True, True, False]], [[False, False, False]]) == pytest.approx(0.5)
+    # seeds averaged within items: differences (+2/3, +1/3); the flips give |sums| 1, 1/3, 1/3, 1 -> p = 0.5
+    a = [[True, True], [True, False], [False, False]]
+    b = [[False, False], [False, False], [False, False]]
+    assert sign_flip_test(a, b) == pytest.approx(0.5)
+    assert sign_flip_test(a, a) == 1.0
+    # many differing items (Monte Carlo): 60 vs 30 one-seed discordant items, McNemar p = 0.0021
+    a = [[True] * 60 + [False] * 30 + [True] * 100]
+    b = [[False] * 60 + [True] * 30 + [True] * 100]
+    assert sign_flip_test(a, b) == pytest.approx(mcnemar(a[0], b[0])["p"], abs=0.002)
+
+
+def test_holm_adjustment():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5]) == [0.5] and holm([]) == []
 
 
 def _fake_sweep(d, task="esnli"):

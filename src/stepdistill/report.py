@@ -8,8 +8,9 @@ PNG files beside it), from the sweep's own files:
 - accuracy against the share of training data, per method, with standard-error bars over seeds;
 - accuracy against student size, with the teacher as a reference line;
 - teacher against student: accuracy, ms and CPU-seconds per 1,000 predictions, parameters, size;
-- paired comparisons between methods on the same test items: McNemar's exact test and a paired
-  bootstrap over items and seeds (95% interval), saying plainly when a difference is noise;
+- paired comparisons between methods on the same test items, with the item as the unit: a
+  sign-flip permutation test and a bootstrap interval over items (seeds averaged within an item),
+  Holm's adjustment, and McNemar's test per seed and on majority votes for reference;
 - training curves, each loss term on its own; annotation statistics; a confusion matrix for
   classification tasks; a few test items with gold label, teacher rationale and predictions.
 """
@@ -88,23 +89,63 @@ def mcnemar(a: list[bool], b: list[bool]) -> dict[str, Any]:
 
 
 def paired_bootstrap(a: list[list[bool]], b: list[list[bool]], *, seed: int = 0) -> dict[str, float]:
-    """Accuracy difference a - b and its 95% interval, resampling test items and seeds together
-    (a[s][i]: seed s, item i; the same items in both)."""
-    rng = random.Random(seed)
-    seeds, items = len(a), len(a[0])
-    diff = [[float(a[s][i]) - float(b[s][i]) for i in range(items)] for s in range(seeds)]
-    mean = sum(map(sum, diff)) / (seeds * items)
-    stats = []
-    for _ in range(BOOTSTRAP):
-        ss = [rng.randrange(seeds) for _ in range(seeds)]
-        ii = [rng.randrange(items) for _ in range(items)]
-        stats.append(sum(diff[s][i] for s in ss for i in ii) / (seeds * items))
-    stats.sort()
-    return {"diff": mean, "low": stats[int(0.025 * BOOTSTRAP)], "high": stats[int(0.975 * BOOTSTRAP) - 1]}
+    """Accuracy difference a - b and its 95% interval from a bootstrap over test items, the unit
+    of the experiment (a[s][i]: seed s, item i; the same items in both). Each resampled item
+    keeps all its seeds: seeds are repeated measurements of one item, not more items."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=float).mean(0) - np.asarray(b, dtype=float).mean(0)  # per item, over seeds
+    rng = np.random.default_rng(seed)
+    boots = np.sort(d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(1))
+    return {"diff": float(d.mean()), "low": float(boots[int(0.025 * BOOTSTRAP)]),
+            "high": float(boots[int(0.975 * BOOTSTRAP) - 1])}
+
+
+PERMUTATIONS = 20000  # random sign flips when too many items differ to enumerate every flip
+EXACT_UP_TO = 16  # items that differ: up to this many, all 2**n sign flips are enumerated
+
+
+def sign_flip_test(a: list[list[bool]], b: list[list[bool]], *, seed: int = 0) -> float:
+    """Two-sided p of a paired permutation test with the test item as the unit: under the null
+    hypothesis that the two methods are exchangeable, each item's difference (A's accuracy on it
+    over the seeds minus B's) is as likely to have either sign. With one seed it is McNemar's
+    exact test; with several, an item that one method gets right on every seed counts once, not
+    once per seed (pooling seeds x items as independent makes p-values too small)."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=float).mean(0) - np.asarray(b, dtype=float).mean(0)
+    nz = d[np.abs(d) > 1e-12]
+    if not len(nz):
+        return 1.0
+    observed = abs(nz.sum()) - 1e-9  # a flip as extreme as the data counts (float sums of thirds)
+    if len(nz) <= EXACT_UP_TO:
+        signs = ((np.arange(2 ** len(nz))[:, None] >> np.arange(len(nz))) & 1) * 2 - 1
+        return float((np.abs(signs @ nz) >= observed).mean())
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, PERMUTATIONS, 2000):  # in blocks: memory stays small for thousands of items
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(min(2000, PERMUTATIONS - start), len(nz)))
+        hits += int((np.abs(signs @ nz) >= observed).sum())
+    return (hits + 1) / (PERMUTATIONS + 1)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment: the family-wise error stays at alpha over all comparisons."""
+    order = sorted(range(len(pvalues)), key=pvalues.__getitem__)
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every pair of methods at each (student, fraction), on the test items both were scored on."""
+    """Every pair of methods at each (student, fraction), on the test items both were scored on.
+
+    The test item is the unit: `p` is the sign-flip permutation test over items and the interval a
+    bootstrap over items (seeds kept inside each item); `p_holm` adjusts `p` over all the
+    comparisons listed. Beside them, for reference: McNemar's exact test on each item's majority
+    vote over seeds, and on each seed alone."""
     by = {}
     for r in results["cells"]:
         if r["status"] == "done" and r["predictions"]:
@@ -120,13 +161,21 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
             if not seeds:
                 continue
             items = sorted(set.intersection(*(set(A[s]) & set(B[s]) for s in seeds)))
+            if not items:
+                continue
             a = [[A[s][i] for i in items] for s in seeds]
             b = [[B[s][i] for i in items] for s in seeds]
-            test = mcnemar([x for row in a for x in row], [x for row in b for x in row])
+            majority = mcnemar([2 * sum(col) > len(seeds) for col in zip(*a)], [2 * sum(col) > len(seeds) for col in zip(*b)])
             boot = paired_bootstrap(a, b)
-            noise = boot["low"] <= 0 <= boot["high"]
             out.append({"student": student, "fraction": fraction, "a": ma, "b": mb, "seeds": len(seeds),
-                        "items": len(items), **test, **boot, "within_noise": noise})
+                        "items": len(items), **boot, "p": sign_flip_test(a, b),
+                        "test": "sign-flip permutation over items (seeds averaged within each item)",
+                        "only_a": majority["only_a"], "only_b": majority["only_b"], "p_majority": majority["p"],
+                        "p_per_seed": [mcnemar(x, y)["p"] for x, y in zip(a, b)]})
+    for c, adjusted in zip(out, holm([c["p"] for c in out])):
+        c["p_holm"] = adjusted
+        c["significant"] = c["p"] < 0.05
+        c["within_noise"] = not c["significant"]
     return out
 
 
@@ -313,17 +362,22 @@ def build(sweep_dir: str | Path, teacher_run: str | Path | None = None
     if "accuracy_vs_size" in figs:
         md += ["![accuracy vs size](figures/accuracy_vs_size.png)", ""]
     md += ["## Are the differences real?", "",
-           "Each pair of methods on the same test items (pooled over the seeds both have): items only A got right, "
-           "only B got right, McNemar's exact p, and the accuracy difference A - B with a 95% interval from a "
-           "paired bootstrap over items and seeds. At a few hundred items a change of data order alone moves "
-           "accuracy by several points: a difference whose interval holds 0 is within noise.", "",
-           "| student | data | A | B | seeds x items | only A | only B | McNemar p | A - B (95% interval) | verdict |",
-           "|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
+           "Each pair of methods on the same test items, over the seeds both have. The test item is the unit: "
+           "each item's score is its accuracy over the seeds, `p` is a two-sided sign-flip permutation test on "
+           "the per-item differences (exact up to 16 differing items, else 20,000 random flips), and the interval "
+           "is a bootstrap over items, each resampled item keeping all its seeds. Counting every (seed, item) pair "
+           "as independent, as a pooled McNemar test does, counts one item once per seed and makes p too small. "
+           "Holm's p adjusts for every comparison in this table. For reference: items only A or only B got right "
+           "by majority vote over seeds, with McNemar's exact p on those votes, and McNemar's p on each seed "
+           "alone. A difference is called significant when p < 0.05; the verdict says so plainly.", "",
+           "| student | data | A | B | seeds x items | A - B (95% interval) | p (items) | Holm p | only A / only B (majority) | McNemar p (majority) | McNemar p per seed | verdict |",
+           "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for c in comps:
-        verdict = "within noise" if c["within_noise"] else ("A better" if c["diff"] > 0 else "B better")
+        verdict = "within noise" if not c["significant"] else ("A better" if c["diff"] > 0 else "B better")
+        per_seed = ", ".join(f"{p:.2g}" for p in c["p_per_seed"])
         md.append(f"| {c['student']} | {100 * c['fraction']:g}% | {c['a']} | {c['b']} | {c['seeds']} x {c['items']} | "
-                  f"{c['only_a']} | {c['only_b']} | {c['p']:.3g} | {100 * c['diff']:+.1f} "
-                  f"({100 * c['low']:+.1f}, {100 * c['high']:+.1f}) | {verdict} |")
+                  f"{100 * c['diff']:+.1f} ({100 * c['low']:+.1f}, {100 * c['high']:+.1f}) | {c['p']:.3g} | "
+                  f"{c['p_holm']:.3g} | {c['only_a']} / {c['only_b']} | {c['p_majority']:.3g} | {per_seed} | {verdict} |")
     md += ["", "## Teacher against student", ""]
     md += _deploy_table(results, teacher)
     if "training_curves" in figs:
