@@ -512,3 +512,47 @@ def test_recorded_teacher_accuracy(name, split, readme, ours, unparsed):
     assert acc >= readme - 0.5
     # The paper's own parsing (used to print the reference figure beside ours) reproduces the README.
     assert 100 * paper_parsing_accuracy(task, outputs, examples) == pytest.approx(readme, abs=0.5)
+
+
+# ---------------------------------------------------------------- carved splits
+
+def test_a_carve_keeps_ids_and_positions_and_its_halves_are_disjoint():
+    from stepdistill.tasks import load_examples, split_base, stream_examples
+
+    task = get_task("cqa")
+    whole = load_examples(task, "train", PAPER)
+    train, dev = load_examples(task, "train[:-1221]", PAPER), load_examples(task, "train[-1221:]", PAPER)
+    assert len(train) + len(dev) == len(whole) == 9741 and len(dev) == 1221
+    assert [e.id for e in train + dev] == [e.id for e in whole] and dev[0].index == 8520
+    assert not {e.id for e in train} & {e.id for e in dev}
+    assert [e.id for e in load_examples(task, "train[10%:20%]", PAPER)] == [e.id for e in whole[974:1948]]
+    assert len(stream_examples(task, "train[100:150]", PAPER)) == 50
+    assert split_base("valid[:50%]") == "valid" and split_base("test") == "test"
+    for bad in ("train[:]", "train[a:b]", "train[1:2:3]", "train[:150%]"):
+        with pytest.raises(DataError, match="carve"):
+            load_examples(task, bad, PAPER)
+
+
+def test_a_carve_takes_the_annotations_of_its_whole_split(tmp_path):
+    from stepdistill import api
+    from stepdistill.store import read_annotations
+    from stepdistill.tasks import load_examples
+
+    api.annotate({"task": {"name": "anli1", "path": str(PAPER)}, "split": "valid", "teacher": {"kind": "paper"}},
+                 tmp_path / "ann", echo=lambda _: None)
+    task = get_task("anli1")
+    part = load_examples(task, "valid[-100:]", PAPER)
+    ann = read_annotations(tmp_path / "ann", task, "valid[-100:]", part)
+    assert all(e.id in ann for e in part)
+    with pytest.raises(DataError, match="for split 'valid', not 'test'"):
+        read_annotations(tmp_path / "ann", task, "test", part)
+
+
+@pytest.mark.parametrize("field, value", [("split", "test"), ("split", "test[:50%]"), ("val_split", "test[:100]")])
+def test_training_or_selecting_on_test_is_refused(field, value):
+    from stepdistill import api
+
+    cfg = {"task": {"name": "svamp", "path": str(PAPER)}, "method": {"name": "standard"},
+           "student": {"model": "none"}, field: value}
+    with pytest.raises(StepDistillError, match="test split"):
+        api.train(cfg, "never-written")

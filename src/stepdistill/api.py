@@ -28,7 +28,7 @@ from stepdistill.config import AnnotateRun, TrainRun, coerce
 from stepdistill.errors import StepDistillError
 from stepdistill.runs import create_run, home, resumed_config, world_size, write_json, write_jsonl
 from stepdistill.store import AnnotationStore, KeyMaker, StoredCompletion, read_annotations
-from stepdistill.tasks import ExampleStream, get_task, load_examples, stream_examples
+from stepdistill.tasks import ExampleStream, get_task, load_examples, split_base, stream_examples
 from stepdistill.tasks.base import Example, Parsed, Task
 from stepdistill.verify import verify
 from stepdistill.evaluation import evaluate  # noqa: F401  (the third stage, beside predict())
@@ -343,8 +343,12 @@ def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, res
     tcfg = cfg.training
     data_seed = tcfg.seed if tcfg.data_seed is None else tcfg.data_seed  # the validation carve and the subset
     global_batch = tcfg.batch_size * tcfg.grad_accum * world_size()
-    if cfg.val_split == "test":
-        raise StepDistillError("val_split=test: selecting a model on the test split inflates its score; use a validation split")
+    if cfg.val_split and split_base(cfg.val_split) == "test":
+        raise StepDistillError(f"val_split={cfg.val_split}: selecting a model on the test split inflates its score; "
+                               "use a validation split, or unset val_split to carve one from the training split")
+    if split_base(cfg.split) == "test":
+        raise StepDistillError(f"split={cfg.split}: training on the test split leaves no unbiased test; train on "
+                               "train (or a carve of another split, e.g. valid[:-2000]) and evaluate on test")
     if cfg.val_split:  # the task's own validation split, when it has one
         train_ex = examples
         val_ex = load_examples(task, cfg.val_split, cfg.task.path, tcfg.val_size)

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 from stepdistill.arith import ExpressionError, evaluate_expression
 from stepdistill.config import TeacherConfig
 from stepdistill.errors import DataError, StepDistillError
+from stepdistill.tasks import split_base
 from stepdistill.tasks.base import Example, Task
 from stepdistill.teachers.base import TEACHERS, Completion, Request, Teacher
 
@@ -38,6 +39,7 @@ class PaperTeacher(Teacher):
             )
         root = Path(data_path)
         task_dir = root if (root / "llm").is_dir() else root / task.name
+        split = split_base(split)  # a carve's examples keep their positions in the whole split
         self.files = recorded_files(task_dir, split)
         if not self.files:
             have = sorted({p.name.split("_CoT_")[0] for p in (task_dir / "llm").glob("*_CoT_*.json")})
