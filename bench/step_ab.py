@@ -28,7 +28,7 @@ def switch(trainer, field: str):
     import torch
     from transformers.activations import GELUTanh, NewGELUActivation
 
-    from stepdistill.training import FastDropout
+    from stepdistill.training.speedups import FastDropout
 
     if field in ("fused_loss", "target_logits_only"):
         return (lambda: setattr(trainer, field, True)), (lambda: setattr(trainer, field, False))

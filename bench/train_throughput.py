@@ -192,7 +192,7 @@ def features(student, fmt, prefix: str, pairs: list[tuple[str, str]]) -> dict:
     import torch
 
     from stepdistill.methods.formatting import encode_example
-    from stepdistill.methods.kd import decoder_inputs
+    from stepdistill.methods.batches import decoder_inputs
 
     cfg = student.model.config
     rows = [encode_example(student.tokenizer, fmt, prefix, x, y, decoder_start=cfg.decoder_start_token_id)
@@ -261,7 +261,7 @@ def run_row(setup: Setup, name: str, steps: int, out: Path, *, timed: bool = Tru
 
 def save(trainer, model_dir: Path, marker: str) -> None:
     """The trained model in stepdistill's layout, so predict() formats its inputs as trained."""
-    from stepdistill.evaluation import MODEL_INFO
+    from stepdistill.students import MODEL_INFO
     from stepdistill.methods.formatting import Format
 
     trainer.model.save_pretrained(model_dir)

@@ -57,7 +57,8 @@ def main() -> None:
     args = p.parse_args()
 
     from stepdistill import api
-    from stepdistill.evaluation import load_trained, model_folder
+    from stepdistill.evaluation import load_trained
+    from stepdistill.students import model_folder
     from stepdistill.pruning import cut_layers
     from stepdistill.students import _gguf_cache_dir, count_parameters, load_pretrained, smollm2_gguf
     from stepdistill.teachers import TEACHERS

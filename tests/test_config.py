@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+import stepdistill.methods  # noqa: F401  (registers the methods that method.name is checked against)
 from stepdistill.config import TrainRun, build, load_yaml, parse_overrides, set_dotted
 from stepdistill.errors import ConfigError
 

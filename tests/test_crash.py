@@ -30,13 +30,15 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from stepdistill import cli, runs, training
+from stepdistill import cli, runs
 from stepdistill.config import MethodConfig, TrainingConfig
 from stepdistill.errors import StepDistillError
 from stepdistill.methods import get_method
 from stepdistill.store import AnnotationStore
 from stepdistill.testing.openai_server import FakeOpenAIServer
+from stepdistill.methods.co_distill import TEACHER_DIR
 from stepdistill.training import SEAL, find_checkpoints, fit
+from stepdistill.training.checkpoints import is_sealed, save_folder
 from tiny_models import FakeTask, examples, llama_student
 
 # ---------------------------------------------------------------- the child and its kill points
@@ -223,7 +225,7 @@ def test_train_killed_between_and_inside_checkpoints_resumes_to_the_uninterrupte
     assert len(resumed) == 2 and all(line.endswith("checkpoint-3 (step 3)") for line in resumed), resumed
     assert "checkpoint-6: incomplete" in log  # removed before the second resume
     assert _checkpoint_names(ckpts) == ["checkpoint-6", "checkpoint-9"]
-    assert all(training._sealed(ckpts / name) for name in _checkpoint_names(ckpts)) and not _temp_files(run)
+    assert all(is_sealed(ckpts / name) for name in _checkpoint_names(ckpts)) and not _temp_files(run)
 
 
 def test_co_distillation_killed_resumes_both_models_to_the_uninterrupted_result(tmp_path, monkeypatch):
@@ -241,7 +243,7 @@ def test_co_distillation_killed_resumes_both_models_to_the_uninterrupted_result(
 
     _kill_when_paused(_spawn(tmp_path, argv("run"), "step:5"), tmp_path)
     assert _checkpoint_names(tmp_path / "run" / "checkpoints") == ["checkpoint-3"]
-    assert (tmp_path / "run" / "checkpoints" / "checkpoint-3" / training.TEACHER_DIR / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-3" / TEACHER_DIR / "model.safetensors").is_file()
     _finish(_spawn(tmp_path, argv("run") + ["--resume"]), tmp_path)
     monkeypatch.chdir(tmp_path)  # uninterrupted, in this process (one thread, as the child)
     assert cli.run(argv("ref")) == 0
@@ -311,7 +313,9 @@ def test_failed_checkpoint_write_is_one_clear_error_and_keeps_the_previous_check
                 snapshot.update({p.name: p.read_bytes() for p in folder.iterdir()})
                 resource.setrlimit(resource.RLIMIT_FSIZE, (32_000, hard))  # the model file alone is ~84 KB
 
-    real_build = training.build_trainer
+    import stepdistill.training.fitting as fitting
+
+    real_build = fitting.build_trainer
 
     def build(*a, **k):
         trainer = real_build(*a, **k)
@@ -319,19 +323,19 @@ def test_failed_checkpoint_write_is_one_clear_error_and_keeps_the_previous_check
         return trainer
 
     run = tmp_path / "run"
-    monkeypatch.setattr(training, "build_trainer", build)
+    monkeypatch.setattr(fitting, "build_trainer", build)
     try:
         with pytest.raises(StepDistillError) as err:
             fit(llama_student(), method, cfg, records, exs[:4], FakeTask(), run, progress=False)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    monkeypatch.setattr(training, "build_trainer", real_build)
+    monkeypatch.setattr(fitting, "build_trainer", real_build)
     msg = str(err.value)
     assert "\n" not in msg and str(run / "checkpoints" / "checkpoint-6") in msg and "File too large" in msg
     assert "free disk space" in msg and "--resume" in msg and "continues from checkpoint-3" in msg
     ckpts = run / "checkpoints"
     assert _checkpoint_names(ckpts) == ["checkpoint-3"]  # the half-written one is gone
-    assert training._sealed(ckpts / "checkpoint-3")
+    assert is_sealed(ckpts / "checkpoint-3")
     assert {p.name: p.read_bytes() for p in (ckpts / "checkpoint-3").iterdir()} == snapshot
 
     m = fit(llama_student(), method, cfg, records, exs[:4], FakeTask(), run, resume=True, progress=False)
@@ -461,7 +465,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monke
 
 def test_failed_model_folder_save_keeps_the_previous_folder(tmp_path):
     dest = tmp_path / "model"
-    training._save_folder(dest, lambda d: (d.mkdir(), (d / "weights").write_text("old")))
+    save_folder(dest, lambda d: (d.mkdir(), (d / "weights").write_text("old")))
 
     def half_then_full(d):
         d.mkdir()
@@ -469,7 +473,7 @@ def test_failed_model_folder_save_keeps_the_previous_folder(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(StepDistillError, match="No space left on device"):
-        training._save_folder(dest, half_then_full)
+        save_folder(dest, half_then_full)
     assert (dest / "weights").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 

@@ -108,7 +108,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 sys.path.insert(0, sys.argv[1])
 from tiny_models import llama_student
-from stepdistill.training import place_teacher
+from stepdistill.training.placement import place_teacher
 
 real = Accelerator(cpu=True)  # gloo; accelerate runs FSDP on GPUs only, so this one is seen as FSDP2:
 

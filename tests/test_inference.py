@@ -11,7 +11,7 @@ from stepdistill.config import MethodConfig, TrainingConfig
 from stepdistill.errors import StepDistillError
 from stepdistill.evaluation import label_token_limit, predict, rank
 from stepdistill.methods.formatting import Format, encode_example
-from stepdistill.methods.kd import decoder_inputs
+from stepdistill.methods.batches import decoder_inputs
 from stepdistill.training import fit
 from tiny_models import FakeTask, examples, llama_student, t5_student
 

@@ -51,7 +51,7 @@ def test_kd_trains_the_student_and_leaves_the_teacher_untouched(kind, name, tmp_
     before = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
 
     seen = {}
-    import stepdistill.training as training
+    import stepdistill.training.fitting as training
 
     real = training.load_kd_teacher
 
@@ -177,14 +177,14 @@ def test_a_damaged_or_unwritable_topk_cache_is_one_clear_error(tmp_path, monkeyp
     import errno
 
     import stepdistill.methods.kd as kdmod
-    from stepdistill.training import build_features, make_format
+    from stepdistill.training import make_format
 
     save_teacher("llama", tmp_path / "teacher")
     kd = KDConfig(teacher=str(tmp_path / "teacher"), cache=str(tmp_path / "cache"), top_k=4)
     method = MethodConfig(name="standard", kd=kd)
     records, _ = _records(method)
     student = llama_student(0)
-    feats = build_features(student, method, make_format(student, TRAINING), records)
+    feats = get_method(method).features(student.tokenizer, make_format(student, TRAINING), records)
 
     def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -231,7 +231,7 @@ def test_config_rules_for_kd():
 
     base = {"task": {"name": "quickstart"}, "student": {"model": "m"}}
     with pytest.raises(ConfigError, match="co-distill trains a teacher beside the student: set method.kd.teacher"):
-        build(TrainRun, {**base, "method": {"name": "co-distill"}})
+        get_method(build(TrainRun, {**base, "method": {"name": "co-distill"}}).method)  # the method checks its own needs
     with pytest.raises(ConfigError, match="supports kind forward_kl, not jsd"):
         build(TrainRun, {**base, "method": {"kd": {"teacher": "t", "kind": "jsd", "cache": "c"}}})
 
@@ -245,7 +245,7 @@ def test_the_teacher_is_placed_for_the_students_distributed_setup(monkeypatch):
     from accelerate.utils import DistributedType
 
     import accelerate.utils.fsdp_utils as fsdp_utils
-    from stepdistill.training import place_teacher
+    from stepdistill.training.placement import place_teacher
 
     def accelerator(kind, fsdp2=False, stage=None):
         plugin = SimpleNamespace(zero_stage=stage) if stage else None

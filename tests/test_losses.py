@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from stepdistill.methods.losses import count_targets, linear_cross_entropy, multitask_loss, token_cross_entropy
+from stepdistill.methods.fused import linear_cross_entropy
+from stepdistill.methods.losses import count_targets, multitask_loss, token_cross_entropy
 
 
 def _ce(row, target):
@@ -143,7 +144,7 @@ def test_a_tied_lookup_adds_its_gradient_into_the_fused_layers_and_the_sum_is_au
     """The weight gradient handed from the fused output layer to the lookup of the same weight:
     the weight's one gradient is the sum autograd gives, and nothing is lost where the layer's
     weight is another one (the handoff is then not taken)."""
-    from stepdistill.methods.losses import WeightGradHandoff, tied_embedding
+    from stepdistill.methods.fused import WeightGradHandoff, tied_embedding
 
     torch.manual_seed(0)
     vocab, d = 40, 8

@@ -15,10 +15,9 @@ from stepdistill.methods.formatting import Format, encode_example
 from stepdistill.memory import resolve_bf16
 from stepdistill.students import Student
 from stepdistill.methods.targets import logits_at, target_positions
-from stepdistill.training import (
-    FastDropout, LengthGroupedSampler, build_trainer, feature_length, fit, stack_padded, use_fast_dropout,
-    use_fused_gelu,
-)
+from stepdistill.methods.batches import feature_length, stack_padded
+from stepdistill.training import build_trainer, fit
+from stepdistill.training.speedups import FastDropout, LengthGroupedSampler, use_fast_dropout, use_fused_gelu
 from tiny_models import FakeTask, annotations, examples, llama_student, t5_student
 
 STUDENTS = {"t5": t5_student, "llama": llama_student}
@@ -277,7 +276,7 @@ def test_the_fused_output_layer_runs_in_the_forwards_precision(bf16, monkeypatch
     """accelerate puts bf16 autocast around the student's forward only; the fused output layer
     runs after it, so training must give it the same autocast (it once ran in float32 there,
     with a 3x slower vocabulary projection)."""
-    import stepdistill.training as tr
+    import stepdistill.training.trainer as tr
 
     seen = []
 

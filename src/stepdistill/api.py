@@ -336,7 +336,7 @@ def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, res
     method = get_method(cfg.method)
     examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
     annotations = read_annotations(cfg.annotations, task, cfg.split, examples) if cfg.annotations else None
-    if annotations is not None and (cfg.method.name == "distill" or cfg.method.label_source == "teacher"):
+    if annotations is not None and method.teacher_labels:
         _note_gold_verified(cfg.annotations, examples, echo)
     if annotations is not None and method.multitask and cfg.method.rationales == "correct":
         annotations = keep_correct(annotations, examples, task, echo)

@@ -20,8 +20,9 @@ from typing import Any, Iterator
 import yaml
 
 from stepdistill.errors import StepDistillError
-from stepdistill.evaluation import MODEL_INFO, decoding_vocab, explain, label_token_limit, load_trained, model_folder, predict
+from stepdistill.evaluation import decoding_vocab, explain, label_token_limit, load_trained, predict
 from stepdistill.runs import MARKER, claim_output, fsync_tree, output_kind, write_error, write_jsonl, write_marker
+from stepdistill.students import MODEL_INFO, model_folder
 from stepdistill.tasks.io import iter_records
 
 CARD = "README.md"
@@ -79,6 +80,13 @@ def _remove_stale_staging(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _method(name: str | None):
+    """The class of a trained model's method (the base Method when it is unknown or missing)."""
+    from stepdistill.methods import METHODS, Method
+
+    return METHODS.get(name) if name in METHODS else Method
+
+
 def _read(path: Path, kind: str) -> Any:
     if not path.is_file():
         return None
@@ -107,7 +115,7 @@ def model_card(run: str | Path) -> str:
         acc = summary.get("teacher_accuracy")
         if acc is not None:
             teacher += f" (its accuracy on the annotated split: {acc:.1%})"
-    elif info.get("method") in ("standard", None):
+    elif not _method(info.get("method")).needs_annotations and not _method(info.get("method")).trains_teacher:
         teacher = "none (trained on gold labels only)"
     evals = []
     for m in sorted(run_dir.glob("eval*/metrics.json")):
@@ -120,7 +128,7 @@ def model_card(run: str | Path) -> str:
         f"# {task} student distilled with stepdistill", "",
         f"- **Task:** {task}",
         f"- **Method:** {method}" + (f" (alpha {info.get('alpha')}: label task + the teacher's rationales)"
-                                     if method == "step-by-step" else ""),
+                                     if _method(method).multitask else ""),
         f"- **Teacher:** {teacher}",
         f"- **Base model:** {info.get('base_model') or (cfg.get('student') or {}).get('model') or 'unknown'}",
         f"- **Data used:** {train.get('train_records', 'unknown')} training examples"

@@ -25,17 +25,7 @@ from stepdistill.runs import create_run, write_json, write_jsonl
 from stepdistill.store import read_annotations
 from stepdistill.tasks import get_task, load_examples
 from stepdistill.methods.formatting import Format, decoder_marker, encode_source
-from stepdistill.students import Student, count_parameters, load_pretrained
-
-MODEL_INFO = "stepdistill.json"  # written by training.fit next to the saved model
-
-
-def model_folder(path: str | Path) -> Path:
-    """The folder a model path names: a training run's `model/` (it holds stepdistill.json), else
-    the path itself (a model folder, a file or a hub id)."""
-    p = Path(path).expanduser()
-    return p / "model" if (p / "model" / MODEL_INFO).is_file() else p
-
+from stepdistill.students import MODEL_INFO, Student, count_parameters, load_pretrained, model_folder
 
 def load_trained(path: str | Path, *, trust_remote_code: bool = False, dtype: str = "float32"
                  ) -> tuple[Student, dict[str, Any]]:
@@ -275,8 +265,8 @@ def rank(student: Student, inputs: list[str], candidates: list[list[str]], *, pr
     ...      prefix="predict: ")
     ['contradiction']
     """
+    from stepdistill.methods.batches import decoder_inputs
     from stepdistill.methods.formatting import encode_example
-    from stepdistill.methods.kd import decoder_inputs
     from stepdistill.methods.losses import IGNORE_INDEX
     from stepdistill.methods.targets import logits_at, target_positions
 

@@ -527,7 +527,7 @@ def taylor_batches(student, examples, *, prefix: str, batch_size: int = 4) -> li
     """Training batches for taylor importance: `examples` with gold labels, formatted as the
     student's label task (prefix + input -> label), exactly as training formats them."""
     from stepdistill.methods.formatting import Format, encode_example
-    from stepdistill.training import Collator
+    from stepdistill.methods.batches import Collator
 
     fmt = student.fmt or Format(kind="causal")
     feats = [encode_example(student.tokenizer, fmt, prefix, e.input, e.label) for e in examples if e.label is not None]
@@ -539,7 +539,8 @@ def taylor_batches(student, examples, *, prefix: str, batch_size: int = 4) -> li
 
 def _load(model: str):
     """(student, stepdistill.json info or None, the folder holding stepdistill.json or None)."""
-    from stepdistill.evaluation import MODEL_INFO, load_trained, model_folder
+    from stepdistill.evaluation import load_trained
+    from stepdistill.students import MODEL_INFO, model_folder
     from stepdistill.students import load_pretrained
 
     d = model_folder(model)
@@ -591,7 +592,7 @@ def prune(model: str, out: str | Path, *, layers: int | None = None, strategy: S
 
     >>> prune("smollm2-135m-instruct", "models/smol-8l", layers=8, heads=1, ffn=0.25)["after"]["parameters"]
     """
-    from stepdistill.evaluation import MODEL_INFO
+    from stepdistill.students import MODEL_INFO
     from stepdistill.students import _save_atomic
 
     out = Path(out)

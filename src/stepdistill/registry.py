@@ -8,6 +8,17 @@ from stepdistill.errors import StepDistillError
 
 T = TypeVar("T")
 
+_REGISTRIES: dict[str, "Registry"] = {}  # kind -> its registry, once the module that makes it is imported
+
+
+def check_name(kind: str, name: str) -> str:
+    """For a config validator: `name` if the `kind` registry knows it (or no such registry is loaded
+    yet: then the registry itself refuses it later), else a ValueError listing the valid names."""
+    registry = _REGISTRIES.get(kind)
+    if registry is not None and name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}: choose one of {', '.join(registry.names())}")
+    return name
+
 
 class Registry(Generic[T]):
     """Name -> factory. Unknown names raise an error that lists the valid ones.
@@ -19,6 +30,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, Callable[..., T]] = {}
+        _REGISTRIES[kind] = self
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         def deco(factory: Callable[..., T]) -> Callable[..., T]:

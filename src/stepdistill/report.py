@@ -305,12 +305,21 @@ def _best_cell(results: dict[str, Any], method: str | None = None) -> dict[str, 
     return max(done, key=lambda r: (r["fraction"], r["accuracy"])) if done else None
 
 
+def _multitask(run: Path) -> bool:
+    """Was the student of a training run taught a rationale task?"""
+    from stepdistill.methods import METHODS
+    from stepdistill.students import MODEL_INFO
+
+    name = (_json(run / "model" / MODEL_INFO) or {}).get("method")
+    return name in METHODS and METHODS.get(name).multitask
+
+
 def _student_rationales(results: dict[str, Any], cell: dict[str, Any], inputs: list[str]) -> list[str] | None:
     """The rationale task's output of a cell's student for a few inputs (None if it has no such task)."""
-    from stepdistill.evaluation import MODEL_INFO, explain, label_token_limit, load_trained
+    from stepdistill.evaluation import explain, label_token_limit, load_trained
 
     run = Path(results["dir"]) / "cells" / cell["cell"] / "train"
-    if (_json(run / "model" / MODEL_INFO) or {}).get("method") != "step-by-step":
+    if not _multitask(run):
         return None
     student, info = load_trained(run)
     return explain(student, info, inputs, limit=label_token_limit(info), batch_size=len(inputs))
@@ -425,7 +434,8 @@ def _deploy_table(results: dict[str, Any], teacher: dict[str, Any] | None) -> li
 def _examples(results: dict[str, Any], teacher: dict[str, Any] | None, n: int = 5) -> list[str]:
     """A few test items: gold, the teacher's label and rationale, the student's label and, for a
     step-by-step student, its own rationale (generated here with its rationale task)."""
-    best = _best_cell(results, "step-by-step") or _best_cell(results)
+    with_rationales = [r for r in results["cells"] if _multitask(Path(results["dir"]) / "cells" / r["cell"] / "train")]
+    best = _best_cell({"cells": with_rationales}) or _best_cell(results)
     if not best:
         return []
     items = best["predictions"][:n]

@@ -39,6 +39,16 @@ log = logging.getLogger(__name__)
 Kind = Literal["auto", "causal", "seq2seq"]
 
 
+MODEL_INFO = "stepdistill.json"  # written by training beside a trained model: method, prefixes, format
+
+
+def model_folder(path: str | Path) -> Path:
+    """The folder a model path names: a training run's `model/` (it holds stepdistill.json), else
+    the path itself (a model folder, a file or a hub id)."""
+    p = Path(path).expanduser()
+    return p / "model" if (p / "model" / MODEL_INFO).is_file() else p
+
+
 @dataclass
 class Student:
     """A model to train or run. `is_seq2seq` picks the token layout (see methods/formatting.py)."""

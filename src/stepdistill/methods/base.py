@@ -1,17 +1,25 @@
-"""The Method interface: what a student is trained on (records) and with which tasks.
+"""The Method interface: what a student learns from, and its loss.
 
-A method turns task examples + teacher annotations into `TrainRecord`s. The training loop
-(training.py) then trains the label task on every record and, for multi-task methods, the
-rationale task on every record that has a rationale.
+A method owns three things, each a method of its class:
+  * `records`: task examples + teacher annotations -> `TrainRecord`s (what it keeps, and why not);
+  * `features`: records -> token rows (one per task it trains; methods/batches.py's layout);
+  * `compute_loss`: the loss of one micro-batch, built from the shared Trainer's helpers
+    (`trainer.task_loss`, `trainer.target_losses`, ...) and noting the terms it wants logged.
+The shared Trainer (training/trainer.py) only counts tokens exactly across accumulation,
+validates, selects and checkpoints. Adding a method is one file in methods/ that subclasses
+Method and registers itself with `@METHODS.register("name")`, plus its import in
+methods/__init__.py (docs/architecture.md walks through one).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
 
 from stepdistill.config import MethodConfig
 from stepdistill.errors import StepDistillError
+from stepdistill.methods.formatting import Format, encode_example
 from stepdistill.registry import Registry
 from stepdistill.tasks.base import Example, Parsed
 
@@ -42,18 +50,60 @@ class RecordSet:
 
 
 class Method:
-    """Base class. `needs_annotations`: a teacher must have annotated the split first.
-    `multitask`: the rationale task is trained beside the label task."""
+    """Base class: the label task alone, on gold labels.
+
+    Class attributes: `needs_annotations` (a teacher must have annotated the split first),
+    `multitask` (a rationale task is trained beside the label task), `trains_teacher` (the
+    KD teacher is trained too, in the student's optimizer)."""
 
     name: ClassVar[str]
     needs_annotations: ClassVar[bool] = True
     multitask: ClassVar[bool] = False
+    trains_teacher: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
 
+    # -- data ------------------------------------------------------------------------------
     def records(self, examples: list[Example], annotations: Mapping[str, Parsed] | None) -> RecordSet:
         raise NotImplementedError
+
+    @property
+    def teacher_labels(self) -> bool:
+        """Are the label targets the teacher's (so their accuracy is worth a note)?"""
+        return False
+
+    def features(self, tokenizer, fmt: Format, records: list[TrainRecord], *,
+                 decoder_start: int | None = None) -> list[dict]:
+        """Token rows of the records: {'input_ids', 'labels'} for the label task."""
+        return [encode_example(tokenizer, fmt, self.cfg.label_prefix, r.input, r.label, decoder_start=decoder_start)
+                for r in records]
+
+    # -- loss ------------------------------------------------------------------------------
+    def compute_loss(self, trainer, model, inputs: dict, counts: dict):
+        """The label task's loss (cross-entropy; with `kd`, mixed with the divergence to the teacher)."""
+        return trainer.task_loss(model, inputs, "", counts.get(""))
+
+    def kd_weight(self, step: int) -> float:
+        """The weight of the KD divergence in a task's loss at optimizer step `step`."""
+        return self.cfg.kd.weight if self.cfg.kd is not None else 0.0
+
+    # -- hooks for methods that train more than the student (co-distillation) --------------
+    def callbacks(self, teacher) -> list:
+        """Trainer callbacks the method needs beyond the shared ones."""
+        return []
+
+    def extend_optimizer(self, trainer, optimizer) -> None:
+        """Add what else the method trains to the student's optimizer."""
+
+    def resume_teacher_from(self, checkpoint: Path | None) -> Path | None:
+        """Where a resumed run's trained teacher is (None: the teacher is loaded as configured)."""
+        return None
+
+    def finish(self, trainer, info: dict[str, Any], out_dir: Path, val_examples: list[Example],
+               task) -> dict[str, Any]:
+        """After training: save and score what else the method trained; extra metrics."""
+        return {}
 
     def _require_annotations(self, annotations: Mapping[str, Parsed] | None) -> Mapping[str, Parsed]:
         if annotations is None:

@@ -4,7 +4,8 @@ and (for teachers too big to keep beside the student) write its top-k distributi
     teacher = load_kd_teacher(kd, student)            # frozen, same device, vocabulary checked
     feats = attach_topk_cache(kd, student, feats)     # kd.cache: top-k log-probs per position
 
-The losses themselves are pure functions in losses.py (kd_loss, kd_loss_topk).
+The divergences themselves are pure functions in losses.py (kd_loss, kd_loss_topk);
+`soft_label_loss` mixes one into a task's cross-entropy, for any method that has `kd`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import torch
 
 from stepdistill.config import KDConfig
 from stepdistill.errors import StepDistillError
-from stepdistill.methods.losses import IGNORE_INDEX, topk_logprobs
+from stepdistill.methods.batches import RATIONALE, Collator, decoder_inputs
+from stepdistill.methods.losses import IGNORE_INDEX, kd_loss, kd_loss_topk, token_cross_entropy, topk_logprobs
 from stepdistill.runs import fsync_dir, fsync_tree, write_error, write_json
-from stepdistill.students import Student, load_pretrained
+from stepdistill.students import Student, load_pretrained, model_folder
 
 log = logging.getLogger(__name__)
 
 KD_KEYS = ("kd_vals", "kd_ids")  # feature keys of cached top-k log-probs and token ids (per position)
-RATIONALE = "rat_"
 
 
 def load_kd_teacher(kd: KDConfig, student: Student, *, trainable: bool = False,
@@ -34,7 +35,6 @@ def load_kd_teacher(kd: KDConfig, student: Student, *, trainable: bool = False,
     """The teacher named by kd.teacher, checked against the student: same model kind and the
     same tokenizer vocabulary (soft labels compare distributions token by token).
     `weights_from`: a saved teacher folder (a co-distillation checkpoint) to take the weights from."""
-    from stepdistill.evaluation import model_folder
 
     source = model_folder(kd.teacher)  # a training run's model/, or the path itself
     if weights_from is not None:
@@ -74,23 +74,47 @@ def teacher_logits(teacher, ids: torch.Tensor, mask: torch.Tensor, labels: torch
     return teacher(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs(labels, teacher.config)).logits
 
 
-def decoder_inputs(labels: torch.Tensor, cfg) -> torch.Tensor:
-    """Decoder inputs from seq2seq labels (teacher forcing), as T5/BART build them: shifted right
-    behind the decoder start token, padding where the labels are masked."""
-    start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id
-    dec = labels.new_full(labels.shape, cfg.pad_token_id)
-    dec[:, 1:] = labels[:, :-1]
-    dec[:, 0] = start
-    return dec.masked_fill(dec == IGNORE_INDEX, cfg.pad_token_id)
+def run_teacher(trainer, kw: dict[str, torch.Tensor], labels: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
+    """The teacher's logits for the student's batch, in the student's precision (with gradients
+    only for a teacher that is trained too)."""
+    with torch.set_grad_enabled(grad), trainer.autocast():
+        return teacher_logits(trainer.teacher.model, kw["input_ids"], kw["attention_mask"], labels,
+                              seq2seq=trainer.student.is_seq2seq)
 
 
-# ---------------------------------------------------------------- the top-k cache
+def mixed_loss(trainer, logits: torch.Tensor, other: torch.Tensor, labels: torch.Tensor, n_items,
+               note: str | None = None) -> torch.Tensor:
+    """(1 - w) * cross-entropy + w * the divergence from `other`'s distribution (detached inside),
+    with w = the method's KD weight at this step; the divergence is logged as `note`."""
+    kd, w = trainer.kd, trainer.method.kd_weight(trainer.state.global_step)
+    shift = not trainer.student.is_seq2seq
+    ce = token_cross_entropy(logits, labels, n_items, shift=shift)
+    div = kd_loss(logits, other, labels, n_items, kind=kd.kind, temperature=kd.temperature, beta=kd.beta,
+                  shift=shift, vocab_size=trainer.kd_vocab)
+    if note:
+        trainer.note(note, div)
+    return (1 - w) * ce + w * div
+
+
+def soft_label_loss(trainer, logits: torch.Tensor, kw: dict[str, torch.Tensor], inputs: dict, pre: str,
+                    n_items) -> torch.Tensor:
+    """One task's soft-label KD loss: (1 - w) * CE + w * the divergence to the teacher, whose
+    distributions come from the batch (kd.cache: top-k) or from running the frozen teacher now."""
+    labels = inputs[pre + "labels"]
+    if pre + "kd_vals" not in inputs:
+        return mixed_loss(trainer, logits, run_teacher(trainer, kw, labels), labels, n_items, pre + "kd_loss")
+    kd, w = trainer.kd, trainer.method.kd_weight(trainer.state.global_step)
+    shift = not trainer.student.is_seq2seq
+    ce = token_cross_entropy(logits, labels, n_items, shift=shift)
+    div = kd_loss_topk(logits, inputs[pre + "kd_vals"], inputs[pre + "kd_ids"], labels, n_items,
+                       temperature=kd.temperature, shift=shift)
+    trainer.note(pre + "kd_loss", div)
+    return (1 - w) * ce + w * div
 
 
 def _fingerprint(teacher: str) -> list:
     """The teacher's weights as files (name, size, mtime): a retrained teacher at the same path
     must not be served a cache made from the old one."""
-    from stepdistill.evaluation import model_folder
     from stepdistill.teachers.base import portable_name
 
     p = model_folder(teacher)
@@ -182,7 +206,6 @@ def _compute_topk(kd: KDConfig, teacher: Student, seq2seq: bool, feats: list[dic
                   ) -> dict[str, torch.Tensor]:
     """Per feature and task: (positions, k) log-probs at temperature T and their token ids, for
     the positions the student's logits have (decoder positions for seq2seq, all for causal)."""
-    from stepdistill.training import Collator  # here: training imports this module
 
     model = teacher.model
     collate = Collator(teacher.tokenizer.pad_token_id or 0)
@@ -205,10 +228,3 @@ def _compute_topk(kd: KDConfig, teacher: Student, seq2seq: bool, feats: list[dic
     return tensors
 
 
-def pad_topk(rows: list[torch.Tensor], width: int, value: float) -> torch.Tensor:
-    """(batch, width, k) from per-row (positions, k) tensors, right-padded (padding is masked by labels)."""
-    k = rows[0].shape[-1]
-    out = torch.full((len(rows), width, k), value, dtype=rows[0].dtype)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-    return out

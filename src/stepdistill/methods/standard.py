@@ -32,6 +32,10 @@ class StandardMethod(Method):
 class DistillMethod(Method):
     name = "distill"
 
+    @property
+    def teacher_labels(self) -> bool:
+        return True
+
     def records(self, examples: list[Example], annotations: Mapping[str, Parsed] | None) -> RecordSet:
         ann = self._require_annotations(annotations)
         recs, unparsed, unannotated = [], 0, 0

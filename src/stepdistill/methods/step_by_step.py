@@ -1,5 +1,11 @@
 """Distilling step-by-step (Hsieh et al., 2023): label task + rationale task, one student.
 
+    loss = alpha * label loss + (1 - alpha) * rationale loss
+
+Each task's loss is its token cross-entropy divided by its own target count over the whole
+accumulated batch, so alpha weighs the two tasks as the paper's two-pass step does. With the
+fused speed-up (training.fuse_tasks) both tasks run in fewer passes: the same values.
+
 Records: the label comes from `label_source` (gold or teacher), the rationale from the teacher.
 Choice made here: an example whose teacher output did not parse (or gave no rationale) is
 *kept for the label task only* when its label is still known (gold source) — the label loss
@@ -11,8 +17,14 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import torch
+
 from stepdistill.errors import StepDistillError
 from stepdistill.methods.base import METHODS, Method, RecordSet, TrainRecord
+from stepdistill.methods.batches import RATIONALE, stack_padded
+from stepdistill.methods.formatting import Format, encode_example
+from stepdistill.methods.fused import WeightGradHandoff
+from stepdistill.methods.losses import IGNORE_INDEX, multitask_loss, normalise
 from stepdistill.tasks.base import Example, Parsed
 
 
@@ -55,3 +67,71 @@ class StepByStepMethod(Method):
                 "method 'distill'/'standard'"
             )
         return RecordSet(recs, counts)
+
+    @property
+    def teacher_labels(self) -> bool:
+        return self.cfg.label_source == "teacher"
+
+    def features(self, tokenizer, fmt: Format, records: list[TrainRecord], *,
+                 decoder_start: int | None = None) -> list[dict]:
+        """The label task's row and, for a record with a rationale, the rationale task's (rat_*)."""
+        feats = super().features(tokenizer, fmt, records, decoder_start=decoder_start)
+        for f, r in zip(feats, records):
+            if r.rationale:
+                g = encode_example(tokenizer, fmt, self.cfg.rationale_prefix, r.input, r.rationale,
+                                   decoder_start=decoder_start)
+                f.update({RATIONALE + k: v for k, v in g.items()})
+        return feats
+
+    def compute_loss(self, trainer, model, inputs: dict, counts: dict) -> torch.Tensor:
+        rationale_loss = None
+        if RATIONALE + "input_ids" in inputs and (trainer.fuse_tasks or trainer.encode_once):
+            label_loss, rationale_loss = both_tasks(trainer, model, inputs, counts)
+        else:
+            label_loss = trainer.task_loss(model, inputs, "", counts.get(""))
+        if rationale_loss is None:
+            # a micro-batch without rationales still contributes 0, never skips the alpha weight
+            rationale_loss = (trainer.task_loss(model, inputs, RATIONALE, counts.get(RATIONALE))
+                              if RATIONALE + "input_ids" in inputs else label_loss.new_zeros(()))
+        loss = multitask_loss(label_loss, rationale_loss, self.cfg.alpha)
+        trainer.note("label_loss", label_loss)
+        trainer.note("rationale_loss", rationale_loss)
+        return loss
+
+
+def both_tasks(trainer, model, inputs: dict, counts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both tasks' losses with fewer passes, equal to one pass per task. Causal: the label and
+    rationale rows padded to one width and stacked, one forward pass. Seq2seq: one embedding
+    lookup for every token of the step, one encoder pass for both tasks' sources (stacked; with the
+    task marker on the decoder side, each input once), then a decoder pass per task, each padded
+    to its own targets (a label is a few tokens, a rationale dozens), and one fused output layer
+    and loss for both."""
+    a, b = trainer.model_inputs(inputs, ""), trainer.model_inputs(inputs, RATIONALE)
+    la, lb = inputs["labels"], inputs[RATIONALE + "labels"]
+    pad_id = trainer.student.tokenizer.pad_token_id
+    if not trainer.student.is_seq2seq:
+        kw = {"input_ids": stack_padded(a["input_ids"], b["input_ids"], pad_id),
+              "attention_mask": stack_padded(a["attention_mask"], b["attention_mask"], 0)}
+        label_sum, rationale_sum = trainer.target_losses(model, [(kw, stack_padded(la, lb, IGNORE_INDEX))],
+                                                         [la.shape[0], lb.shape[0]])
+    else:
+        if trainer.encode_once:  # the same source for both tasks: encode it once
+            ids, mask = a["input_ids"], a["attention_mask"]
+        else:
+            ids = stack_padded(a["input_ids"], b["input_ids"], pad_id)
+            mask = stack_padded(a["attention_mask"], b["attention_mask"], 0)
+        handoff = WeightGradHandoff()
+        source, label_dec, rationale_dec = trainer.embed(model, [ids, a["decoder_input_ids"], b["decoder_input_ids"]],
+                                                         handoff)
+        encoder = trainer.accelerator.unwrap_model(model).get_encoder()
+        hidden = encoder(attention_mask=mask, **source).last_hidden_state
+        if trainer.encode_once:
+            rows = inputs[RATIONALE + "index"]
+            enc = [(hidden, mask), (hidden[rows], mask[rows])]
+        else:
+            k = la.shape[0]
+            enc = [(hidden[:k], mask[:k]), (hidden[k:], mask[k:])]
+        passes = [({"encoder_outputs": (h,), "attention_mask": m, **{"decoder_" + k: v for k, v in dec.items()}},
+                   labels) for (h, m), dec, labels in zip(enc, (label_dec, rationale_dec), (la, lb))]
+        label_sum, rationale_sum = trainer.target_losses(model, passes, handoff=handoff)
+    return normalise(label_sum, la, counts.get("")), normalise(rationale_sum, lb, counts.get(RATIONALE))
