@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import re
 import time
 from collections import Counter
 from itertools import islice
@@ -47,8 +48,11 @@ def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = Fals
 
     Writes `annotations.jsonl` (one row per example: its samples, the kept rationale and label,
     or why it was dropped) and `summary.json` (`n`, `kept`, `dropped_reasons`,
-    `teacher_accuracy`, `usage`, ...). Completions come from the annotation store when they are
-    there: a rerun costs nothing, and an interrupted run resumes where it stopped.
+    `teacher_accuracy`, `failed`, `failure_reasons`, `redacted_secrets`, `usage`, ...).
+    Completions come from the annotation store when they are there: a rerun costs nothing, and
+    an interrupted run resumes where it stopped. A run in which every teacher request failed
+    raises StepDistillError (after writing summary.json); one in which at least
+    FAILED_WARN_FRACTION failed completes with a warning.
     """
     from stepdistill.teachers import make_teacher
 
@@ -63,14 +67,36 @@ def annotate(cfg: AnnotateRun | dict, out: str | Path, *, overwrite: bool = Fals
                     resume=resume, inputs=(cfg.task.path, store_path)) as run:
         echo = run.tee(echo)
         t0 = time.perf_counter()
-        counts: dict[str, int] = {}
+        counts: dict[str, Any] = {}
         samples = _complete(teacher, task, examples, cfg.verify.samples, store_path, cfg.split, echo, counts)
         summary = _summarise(task, teacher, len(examples), samples, run, cfg)
-        summary.update(**counts, seconds=round(time.perf_counter() - t0, 2), usage=teacher.usage() or None)
+        usage = teacher.usage() or {}
+        summary.update(**counts, redacted_secrets=usage.get("redacted_secrets", 0),
+                       seconds=round(time.perf_counter() - t0, 2), usage=usage or None)
         write_json(run.path("summary.json"), summary)
         _report(summary, echo)
         echo(f"wrote {run.path('summary.json')}")
+        if counts["failed"] and not counts["generated"] and not counts["from_store"]:
+            # Raised inside the run, after summary.json: env.json then says "failed", and the
+            # failures stay recorded. Exiting 0 with an accuracy of 0% hid a server that was down.
+            reason, n = max(counts["failure_reasons"].items(), key=lambda kv: kv[1])
+            hint = getattr(teacher, "failure_hint", lambda: f"check the teacher's settings (teacher.kind={teacher.kind})")()
+            raise StepDistillError(
+                f"every teacher request failed ({counts['failed']} failed, {counts['not_requested']} not sent), most "
+                f"often ({n}x): {counts['failure_examples'][reason][:300]}: {hint}; {run.path('summary.json')} "
+                "records the failures")
     return summary
+
+
+# A run with at least this share of its teacher requests failed completes, but warns: its
+# annotations cover noticeably fewer inputs than asked, and a rerun would retry the failed ones.
+FAILED_WARN_FRACTION = 0.10
+
+
+def _failure_reason(error: str) -> str:
+    """The kind of a teacher error, to count alike ones together: "failed after 3 attempts:
+    HTTP 503: overloaded" -> "HTTP 503", "cannot connect to URL (details)" -> "cannot connect to URL"."""
+    return re.split(r" \(|: ", re.sub(r"^failed after \d+ attempts: ", "", error), maxsplit=1)[0]
 
 
 def _report(summary: dict[str, Any], echo: Printer) -> None:
@@ -85,6 +111,18 @@ def _report(summary: dict[str, Any], echo: Printer) -> None:
              + ", ".join(f"{r}: {c}" for r, c in summary["dropped_reasons"].items()))
     if summary["unparsed_reasons"]:
         echo("unparsed outputs: " + ", ".join(f"{r}: {c}" for r, c in summary["unparsed_reasons"].items()))
+    if summary.get("redacted_secrets"):
+        echo(f"redacted {summary['redacted_secrets']} API keys or key-shaped strings from teacher completions "
+             "before storing them (the server echoed a key, or the model wrote one)")
+    failed, attempted = summary.get("failed", 0), summary.get("failed", 0) + summary.get("generated", 0)
+    if failed:
+        reasons = ", ".join(f"{r}: {c}" for r, c in summary["failure_reasons"].items())
+        share = failed / attempted
+        if share >= FAILED_WARN_FRACTION:
+            echo(f"WARNING: {failed} of {attempted} teacher requests failed ({share:.0%}): {reasons}; these inputs "
+                 "have no annotation: check the teacher server, then rerun to retry only them")
+        else:
+            echo(f"{failed} of {attempted} teacher requests failed: {reasons} (a rerun retries them)")
     usage = summary.get("usage") or {}
     if usage.get("stopped"):
         echo(f"stopped early: {usage['stopped']}")
@@ -99,13 +137,14 @@ CHUNK_REQUESTS = 8192  # requests prepared at a time: memory stays bounded on da
 
 
 def _complete(teacher, task: Task, examples: ExampleStream, k: int, store_path, split: str, echo: Printer,
-              counts: dict[str, int]) -> Iterator[tuple[Example, list[Sample]]]:
+              counts: dict[str, Any]) -> Iterator[tuple[Example, list[Sample]]]:
     """Yield, per example in order, the example and its k samples (a StoredCompletion, or why
     the teacher gave none): from the store, or generated and committed as they arrive.
 
     Examples are read and handled a chunk at a time (prompts, keys, store look-ups, teacher
     calls), so a dataset of any size needs memory for one chunk only. `counts` receives the completions
-    generated now, found in the store, failed and not requested.
+    generated now, found in the store, failed and not requested, and the failures by reason
+    (`failure_reasons`, most common first; `failure_examples`: one full error per reason).
     """
     from stepdistill.teachers import Request
 
@@ -117,6 +156,7 @@ def _complete(teacher, task: Task, examples: ExampleStream, k: int, store_path, 
     source = iter(examples)
     counts.update(generated=0, from_store=0, failed=0, not_requested=0)
     failures: Counter = Counter()
+    examples_of: dict[str, str] = {}
     skip_reason = None
     t0, tokens = time.perf_counter(), 0
     echo(f"annotate {task.name}/{split} with {teacher.kind} teacher: {len(examples)} examples x {k} "
@@ -155,7 +195,8 @@ def _complete(teacher, task: Task, examples: ExampleStream, k: int, store_path, 
                             skip_reason = comp.error
                         else:
                             counts["failed"] += 1
-                            failures[comp.error.split(":")[0]] += 1
+                            failures[reason := _failure_reason(comp.error)] += 1
+                            examples_of.setdefault(reason, comp.error)
                             store.put_failure(kk, identity, req.prompt, comp.error, sample=req.sample)
                     store.put_many(records)  # what arrived together, committed together, before more is read
                     counts["generated"] += len(records)
@@ -167,10 +208,10 @@ def _complete(teacher, task: Task, examples: ExampleStream, k: int, store_path, 
                     yield ex, flat[i * k : (i + 1) * k]
     finally:
         store.close()
-    if failures:
-        echo(f"{counts['failed']} completions failed: " + ", ".join(f"{r}: {n}" for r, n in failures.most_common(5)))
+        counts["failure_reasons"] = dict(failures.most_common())
+        counts["failure_examples"] = {r: examples_of[r] for r in counts["failure_reasons"]}
     if skip_reason:
-        echo(f"{counts['not_requested']} completions not requested: {skip_reason}")
+        echo(f"{counts['not_requested']} completions not requested: {skip_reason.removeprefix('not requested: ')}")
 
 
 def _progress(usage: dict[str, Any], tokens: int, seconds: float) -> str:

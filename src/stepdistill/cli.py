@@ -183,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     _add_prediction_flags(p)
+    p.add_argument("--model-name", help="the name replies give the model (default: its folder's name; never a path)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="inputs per micro-batch: the worker takes turns between requests one micro-batch at a time")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    p.add_argument("--max-request-tokens", type=int, default=32_768,
+                   help="input tokens per request after truncation (x2 with rationale); more gets 413")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="inputs queued or running, all requests together; more gets 503 with Retry-After")
+    p.add_argument("--scheduler", choices=["fair", "fifo"], default="fair",
+                   help="fair: requests take turns by micro-batch; fifo: each runs whole, in arrival order")
     sub.add_parser("list", help="list tasks, teachers and methods")
     return parser
 
@@ -286,7 +296,9 @@ def run(argv: list[str] | None = None) -> int:
         from stepdistill.serve import serve
 
         serve(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-              label_decoding=args.label_decoding)
+              label_decoding=args.label_decoding, batch_size=args.batch_size, model_name=args.model_name,
+              max_body_bytes=args.max_body_bytes, max_request_tokens=args.max_request_tokens,
+              max_queue=args.max_queue, scheduler=args.scheduler)
         return 0
     data = _config_dict(args)
     if args.command == "annotate":

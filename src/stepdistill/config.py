@@ -89,6 +89,40 @@ class BudgetConfig(_Section):
     usd: Optional[float] = Field(None, gt=0, description="Most money this run may spend (needs teacher.price).")
 
 
+def _url_problem(url: str) -> str | None:
+    """Why `url` cannot be an OpenAI-compatible API root, or None: http(s), a host, and nothing
+    that could hold a secret (user or user:password before the host, a ?query, a #fragment)."""
+    from urllib.parse import urlsplit
+
+    if not url.isprintable() or any(c.isspace() for c in url):
+        return "not a URL (it holds spaces or control characters): write it as http://HOST:PORT/v1"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed [IPv6 address
+        return "not a URL: write it as http://HOST:PORT/v1"
+    if parts.scheme not in ("http", "https"):
+        return "not an http(s) URL: write it as http://HOST:PORT/v1 or https://HOST/v1"
+    if "@" in parts.netloc:
+        return ("must not carry credentials (a user@ or user:password@ would be written to config.yaml and "
+                "env.json): remove them and put the key in the environment variable named by teacher.api_key_env")
+    if "?" in url or "#" in url:
+        return ("must not have a ?query or #fragment (keys travel in them, and it would be written to config.yaml "
+                "and env.json): remove it and put a key in the environment variable named by teacher.api_key_env")
+    try:
+        parts.port  # noqa: B018  (raises on a port that is not a number in 0-65535)
+    except ValueError:
+        return "has an invalid port: write it as http://HOST:PORT/v1 with PORT a number up to 65535"
+    if not parts.hostname:
+        return "has no host: write it as http://HOST:PORT/v1"
+    return None
+
+
+def _masked_url(url: str) -> str:
+    """`url` fit for an error message: whatever may be a secret (userinfo, query, fragment) masked."""
+    url = re.sub(r"^([^/?#]*//)?[^/?#]*@", lambda m: (m.group(1) or "") + "***@", url)
+    return re.sub(r"[?#].*", lambda m: m.group(0)[0] + "***", url)
+
+
 class TeacherConfig(_Section):
     kind: str = Field(
         "hf",
@@ -131,14 +165,15 @@ class TeacherConfig(_Section):
 
     @field_validator("base_url", "replicas")
     @classmethod
-    def _no_credentials_in_url(cls, v: Any) -> Any:
-        from urllib.parse import urlsplit
-
+    def _plain_http_url(cls, v: Any) -> Any:
+        # Refused here, before a run directory exists: config.yaml and env.json (which records
+        # the command line) would otherwise keep a key carried in the URL, and a URL no request
+        # can reach would only fail later, one retried request at a time.
         for url in v if isinstance(v, list) else [v]:
-            if url and (urlsplit(url).password or urlsplit(url).query):
-                raise ValueError("teacher.base_url and teacher.replicas must not carry credentials or a query (they "
-                                 "would be written to config.yaml): put the key in an environment variable and name "
-                                 "it in teacher.api_key_env")
+            if url is not None:
+                problem = _url_problem(url)
+                if problem:
+                    raise ValueError(f"{problem} (got {_show(_masked_url(url))})")
         return v
 
     @model_validator(mode="after")

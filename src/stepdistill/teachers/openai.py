@@ -17,6 +17,10 @@ How a run behaves:
   connection, a malformed or an empty reply is retried up to `max_retries` times, after
   `Retry-After` when the server sends one (a 429's also pauses every other request), else
   after an exponential backoff with jitter;
+- a connection that cannot be made (refused, a name that does not resolve, no route) is retried
+  only twice per replica, after at most 2 s: a server that is not there now will not be there in
+  a minute. When no server has answered anything yet and a request gives up this way, the
+  server is plainly down: no more requests are sent, and `annotate` fails with the reason;
 - 401, 403 and 404 stop the run at once with the server's message (a wrong key, model or URL
   fails every request alike); other 4xx fail that input only;
 - the budget is never exceeded: before each attempt the worst case (prompt bytes, which
@@ -25,7 +29,10 @@ How a run behaves:
 - with `replicas`, each attempt goes to the healthy replica with the fewest requests in
   flight; one that fails 3 times in a row (timeouts, dropped connections, 5xx) is taken out for
   `replica_cooldown` seconds, and the requests it dropped are retried on the others;
-- every input ends with a completion or an error saying why, in the order they finish.
+- every input ends with a completion or an error saying why, in the order they finish;
+- the API key, and anything shaped like an API key or bearer token (`SECRET_PATTERN`), is
+  replaced by `[redacted]` in completions and error messages before they are stored, and
+  counted (`redacted_secrets`): a server that echoes the key must not put it in the store.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import logging
 import os
 import queue
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -58,15 +66,48 @@ RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
 FATAL_STATUS = {401: "the API key was refused", 403: "access denied", 404: "no such endpoint or model"}
 CHAT_OVERHEAD_TOKENS = 64  # chat templates add role markers and sometimes a default system prompt
 MAX_RETRY_AFTER = 600.0
+CONNECT_RETRIES = 2  # per replica, for a connection that cannot be made (refused, DNS, no route)
+CONNECT_BACKOFF_MAX = 2.0  # seconds: retrying a refused connection is for a server that restarts
+
+REDACTED = "[redacted]"
+# Shapes of API keys and tokens no rationale needs, so a completion never carries one into the
+# store (a server may echo the key it was sent, or a model repeat one from its context). Each
+# needs its provider's prefix and a long run of key characters: ordinary words stay untouched.
+SECRET_PATTERN = re.compile("|".join([
+    r"(?<![\w-])(?:sk|xai)-[A-Za-z0-9_-]{20,}",  # OpenAI sk-..., sk-proj-...; Anthropic sk-ant-...; DeepSeek; xAI
+    r"(?<![\w-])(?:hf|gsk|ghp|gho|ghu|ghs|ghr|github_pat|glpat)_[A-Za-z0-9_]{20,}",  # HF, Groq, GitHub
+    r"(?<![\w-])glpat-[A-Za-z0-9_-]{20,}",  # GitLab
+    r"(?<![\w-])xox[abposr]-[A-Za-z0-9-]{10,}",  # Slack
+    r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[0-9A-Z]{16}(?![A-Za-z0-9])",  # AWS access key id
+    r"(?<![\w-])AIza[0-9A-Za-z_-]{35}",  # Google API key
+    r"\b[Bb]earer\s+[A-Za-z0-9._~+/-]{16,}=*",  # an Authorization header's token
+]))
+MIN_KEY_REDACTED = 8  # a key this short is replaced only where it matches SECRET_PATTERN: "abc" is in words
+
+
+def redact_secrets(text: str, key: str | None = None) -> tuple[str, int]:
+    """`text` with `key` and anything shaped like an API key replaced by [redacted], and how many.
+
+    >>> redact_secrets("my key is sk-proj-abcdefghijklmnopqrstuvwx, 2 + 2 = 4")
+    ('my key is [redacted], 2 + 2 = 4', 1)
+    """
+    n = 0
+    if key and len(key) >= MIN_KEY_REDACTED:
+        n = text.count(key)
+        text = text.replace(key, REDACTED)
+    text, m = SECRET_PATTERN.subn(REDACTED, text)
+    return text, n + m
 
 
 class _Retry(Exception):
     """A transient failure: try again after `delay` (the server's Retry-After) or a backoff."""
 
-    def __init__(self, reason: str, delay: float | None = None, pause_all: bool = False, usage: dict | None = None):
-        # usage: what the failed attempt is charged ({} = its reserved worst case, None = nothing)
+    def __init__(self, reason: str, delay: float | None = None, pause_all: bool = False, usage: dict | None = None,
+                 connect: bool = False):
+        # usage: what the failed attempt is charged ({} = its reserved worst case, None = nothing);
+        # connect: no connection could be made (retried CONNECT_RETRIES times per replica only)
         super().__init__(reason)
-        self.delay, self.pause_all, self.usage = delay, pause_all, usage
+        self.delay, self.pause_all, self.usage, self.connect = delay, pause_all, usage, connect
 
 
 class _Fail(Exception):
@@ -140,19 +181,29 @@ class OpenAITeacher(Teacher):
         self.urls = [self.base_url] + [u.rstrip("/") for u in cfg.replicas]
         # per replica: requests in flight, failures in a row, out of service until (monotonic)
         self.replicas = {u: {"in_flight": 0, "fails": 0, "down_until": 0.0, "answered": 0} for u in self.urls}
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.api_key_env) or SECRET_PATTERN.search(cfg.api_key_env):
+            # checked before the run directory exists: config.yaml would keep a key put here
+            raise StepDistillError("teacher.api_key_env names the environment variable that holds the key, not "
+                                   "the key: export OPENAI_API_KEY=... and set api_key_env to OPENAI_API_KEY")
         self.api_key = os.environ.get(cfg.api_key_env) or None
         if self.api_key is None and self.base_url == DEFAULT_BASE_URL:  # other servers may need none; a 401 says so
             raise StepDistillError(f"the openai teacher at {self.base_url} needs an API key: "
                                    f"export {cfg.api_key_env}=... (or set teacher.api_key_env to the variable that holds it)")
         self.spend = Spend(cfg.price, cfg.budget.tokens, cfg.budget.usd)
         self.counts = {"requests": 0, "retries": 0, "failed": 0, "not_requested": 0, "truncated": 0,
-                       "replicas_taken_out": 0}
-        self.stopped: str | None = None  # why the run stopped early (the budget)
+                       "replicas_taken_out": 0, "redacted_secrets": 0}
+        self.stopped: str | None = None  # why the run stopped early (the budget, no server reachable)
+        self.reached = False  # some server has answered (anything) in this run: it is not plainly down
         self._rng = random.Random(cfg.sampling.seed)
 
     def identity(self) -> dict[str, Any]:
         # Not the URL: replicas or a moved server serving the same model share the store.
         return self.generation_identity(model=self.cfg.model, endpoint=self.cfg.endpoint)
+
+    def failure_hint(self) -> str:
+        """What to check when every request failed."""
+        return (f"check teacher.base_url ({', '.join(self.urls)}), that the server there is running and reachable "
+                f"from here, and the API key in ${self.cfg.api_key_env}")
 
     def usage(self) -> dict[str, Any]:
         s = self.spend
@@ -241,6 +292,7 @@ class OpenAITeacher(Teacher):
         path, body = self._body(req)
         est_prompt = len(req.prompt.encode()) + (CHAT_OVERHEAD_TOKENS if self.cfg.endpoint == "chat" else 8)
         reason = ""
+        connect_fails, give_up = 0, False
         for attempt in range(self.cfg.max_retries + 1):
             if not await self._reserve(est_prompt, s.max_new_tokens):
                 self.counts["not_requested"] += 1
@@ -271,7 +323,12 @@ class OpenAITeacher(Teacher):
                 return comp
             except _Retry as e:
                 reason, delay, usage = str(e), e.delay, e.usage
-                if delay is None:
+                if e.connect:
+                    connect_fails += 1
+                    give_up = connect_fails >= (CONNECT_RETRIES + 1) * len(self.urls) or self.stopped is not None
+                    delay = backoff_delay(connect_fails - 1, self.cfg.backoff,
+                                          min(self.cfg.backoff_max, CONNECT_BACKOFF_MAX), self._rng)
+                elif delay is None:
                     delay = backoff_delay(attempt, self.cfg.backoff, self.cfg.backoff_max, self._rng)
                 if e.pause_all:
                     self._paused_until = max(self._paused_until, time.monotonic() + delay)
@@ -284,11 +341,15 @@ class OpenAITeacher(Teacher):
                 raise
             finally:
                 await self._settle(est_prompt, s.max_new_tokens, usage)
+            if give_up:
+                if not self.reached and not self.stopped:  # nothing has answered at all: do not send the rest
+                    self.stopped = f"no teacher server could be reached ({reason})"
+                break
             if attempt < self.cfg.max_retries:
                 self.counts["retries"] += 1
                 await asyncio.sleep(delay)
         self.counts["failed"] += 1
-        return Completion("", error=f"failed after {self.cfg.max_retries + 1} attempts: {reason}")
+        return Completion("", error=f"failed after {attempt + 1} attempts: {reason}")
 
     def _body(self, req: Request) -> tuple[str, dict[str, Any]]:
         s = self.cfg.sampling
@@ -339,10 +400,15 @@ class OpenAITeacher(Teacher):
             status, headers, raw = await asyncio.wait_for(post(), self.cfg.timeout)
         except asyncio.TimeoutError:  # the server may still generate (and bill) it: charged in full
             raise _Retry(f"no reply within {self.cfg.timeout:g}s (teacher.timeout)", usage={}) from None
-        except aiohttp.ClientConnectorError as e:  # never connected: nothing was sent
-            raise _Retry(self._redact(f"cannot connect ({str(e)[:80]})")) from None
+        except aiohttp.ClientConnectorError as e:  # never connected (refused, DNS, no route): nothing was sent
+            os_error = getattr(e, "os_error", None)
+            why = ("connection refused" if isinstance(os_error, ConnectionRefusedError)
+                   else getattr(os_error, "strerror", None) or str(e)[:80])  # e.g. "Name or service not known"
+            raise _Retry(self._redact(f"cannot connect to {url} ({why})"), connect=True) from None
         except aiohttp.ClientError as e:  # sent, then the reply was lost: charged in full
+            self.reached = True  # something listens there
             raise _Retry(self._redact(f"connection error ({type(e).__name__}: {str(e)[:80] or 'dropped'})"), usage={}) from None
+        self.reached = True
         if status != 200:
             self._raise_for_status(status, headers, raw)
         try:
@@ -352,7 +418,8 @@ class OpenAITeacher(Teacher):
             usage = data.get("usage") or {}
         except (ValueError, KeyError, IndexError, TypeError) as e:  # a 200 without usable usage: charged in full
             raise _Retry(f"malformed reply ({type(e).__name__}: {str(e)[:80]})", usage={}) from None
-        text = cut_at_stop(text or "", self.task.stop)
+        text, n_secrets = redact_secrets(cut_at_stop(text or "", self.task.stop), self.api_key)
+        self.counts["redacted_secrets"] += n_secrets
         p_tok, c_tok = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if not text.strip():
             raise _Retry("empty completion", usage=usage)  # an empty reply may still be billed
@@ -361,11 +428,11 @@ class OpenAITeacher(Teacher):
     def _redact(self, text: str) -> str:
         """Server text goes into errors, annotations and the store: never with the key in it
         (some servers echo it, or part of it, in a 401)."""
-        if self.api_key:
-            text = text.replace(self.api_key, "***")
+        if self.api_key:  # any length here: an error message can lose a few letters, a rationale cannot
+            text = text.replace(self.api_key, REDACTED)
             if len(self.api_key) > 12:  # "Incorrect API key provided: sk-abc...wxyz"
-                text = text.replace(self.api_key[-4:], "***").replace(self.api_key[:8], "***")
-        return text
+                text = text.replace(self.api_key[-4:], REDACTED).replace(self.api_key[:8], REDACTED)
+        return redact_secrets(text)[0]
 
     def _raise_for_status(self, code: int, headers: Any, raw: bytes) -> None:
         try:
