@@ -247,3 +247,13 @@ def test_version_and_the_method_help_lists_every_method(capsys):
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
     for name in METHODS.names():
         assert f"{name}:" in text, name
+
+
+def test_a_key_on_the_command_line_never_reaches_env_json(tmp_path, monkeypatch):
+    key = "sk-proj-" + "a1b2c3d4" * 4
+    monkeypatch.setattr(sys, "argv", ["stepdistill", "annotate", "--model", key, "--out", str(tmp_path / "run")])
+    cfg = build(AnnotateRun, {"task": {"name": "svamp"}, "split": "train", "teacher": {"kind": "paper"}})
+    with create_run(tmp_path / "run", cfg, command="annotate"):
+        pass
+    env = (tmp_path / "run" / "env.json").read_text()
+    assert key not in env and "[redacted]" in env and "annotate" in env

@@ -36,6 +36,7 @@ from pydantic import BaseModel
 
 from stepdistill.config import ADDED_FIELDS, to_yaml
 from stepdistill.errors import RunExistsError, StepDistillError
+from stepdistill.redaction import redact_secrets
 
 log = logging.getLogger("stepdistill")
 
@@ -386,7 +387,7 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
     write_text(d / "config.yaml", f"# written by: stepdistill {command}\n" + to_yaml(config))
     env = {
         "command": command,
-        "argv": sys.argv,
+        "argv": [redact_secrets(a)[0] for a in sys.argv],  # a key typed on the command line is not kept
         "versions": _versions(),
         "git_revision": _git_revision(),
         "seed": seed,
