@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from stepdistill import api
+from stepdistill import annotation, api
 from stepdistill.errors import RunExistsError, StepDistillError
 from stepdistill.teachers import TEACHERS, Completion, Teacher
 
@@ -116,7 +116,7 @@ def test_paper_svamp_test_accuracy_reproduces_the_reference(tmp_path):
 
 
 def test_keep_correct_drops_rationales_that_reached_a_wrong_answer():
-    from stepdistill.api import keep_correct
+    from stepdistill.data import keep_correct
     from stepdistill.tasks import get_task
     from stepdistill.tasks.base import Example
 
@@ -185,7 +185,7 @@ def test_annotate_streams_a_large_file_in_bounded_memory(tmp_path, monkeypatch):
 
     data = _big_jsonl(tmp_path / "big.jsonl", n=2000, width=6000)  # 12 MB of inputs
     size = data.stat().st_size
-    monkeypatch.setattr(api, "CHUNK_REQUESTS", 50)
+    monkeypatch.setattr(annotation, "CHUNK_REQUESTS", 50)
     CountingTeacher.seen = []
     cfg = {"task": {"name": "svamp", "path": str(data)}, "split": "train", "teacher": {"kind": "counting", "model": "m"}}
 

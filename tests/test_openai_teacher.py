@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from stepdistill import api
+from stepdistill import annotation, api
 from stepdistill.config import AnnotateRun
 from stepdistill.errors import StepDistillError
 from stepdistill.store import AnnotationStore
@@ -325,7 +325,7 @@ def test_large_runs_are_prepared_a_chunk_at_a_time(tmp_path, monkeypatch):
     dataset of any size); rows still come out in input order, each with its own answer."""
     import stepdistill.teachers.openai as openai_teacher
 
-    monkeypatch.setattr(api, "CHUNK_REQUESTS", 4)  # k = 2: two inputs per chunk
+    monkeypatch.setattr(annotation, "CHUNK_REQUESTS", 4)  # k = 2: two inputs per chunk
     sizes = []
     real = openai_teacher.OpenAITeacher.generate_ready
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from stepdistill import api, cli
-from stepdistill.api import nested_subset
+from stepdistill.data import nested_subset
 from stepdistill.config import SweepRun
 from stepdistill.errors import RunExistsError
 from stepdistill.sweep import cells, summarise, sweep
