@@ -262,6 +262,16 @@ class MethodConfig(_Section):
     kd: Optional[KDConfig] = Field(
         None, description="Soft-label distillation added to any method's tasks; required by co-distill."
     )
+    weighting: Literal["task_mean", "token"] = Field(
+        "task_mean",
+        description="Multi-task methods: task_mean = alpha * the label tokens' mean loss + (1 - alpha) * the "
+        "rationale tokens' mean loss (the paper); token = every target token weighs the same, alpha unused "
+        "(rationale tokens outnumber label tokens about 10 to 1).",
+    )
+    tag: Optional[str] = Field(
+        None, description="The name this configuration goes by in sweep tables and reports (default: made from "
+        "the method's name and options).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -320,7 +330,8 @@ class TrainingConfig(_Section):
         "method and training seed sees the same data.")
     logging_steps: int = Field(10, gt=0)
     val_max_new_tokens: int = Field(
-        32, gt=0, description="Longest label generated when scoring validation accuracy (capped by max_target_length)."
+        32, gt=0, description="Longest label generated when scoring validation accuracy (capped by max_target_length; "
+        "a chain-of-thought student, method rationale-label, generates up to max_target_length)."
     )
 
 

@@ -24,7 +24,7 @@ from stepdistill.memory import resolve_bf16
 from stepdistill.runs import create_run, write_json, write_jsonl
 from stepdistill.store import read_annotations
 from stepdistill.tasks import get_task, load_examples
-from stepdistill.methods.formatting import Format, decoder_marker, encode_source
+from stepdistill.methods.formatting import Format, decoder_marker, encode_source, extract_answer
 from stepdistill.students import MODEL_INFO, Student, count_parameters, load_pretrained, model_folder
 
 def load_trained(path: str | Path, *, trust_remote_code: bool = False, dtype: str = "float32"
@@ -105,8 +105,11 @@ def predict(
     batch_size: int = 16,
     max_new_tokens: int = 64,
     vocab: list[int] | None = None,
+    extract: bool = True,
 ) -> list[str]:
-    """Greedy generation for each input, in order: the decoded new tokens, stripped.
+    """Greedy generation for each input, in order: the decoded new tokens, stripped, and with
+    `extract` the label within them where the student writes more than the label (a rationale
+    after or before it: Format.answer_end / answer_after).
 
     `prefix` picks the task: the label prefix for answers, the rationale prefix for
     explanations. Causal students are left-padded so every row's answer starts at the same
@@ -150,7 +153,7 @@ def predict(
                 else:
                     new = gen[:, ids.shape[1] :]
             for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
-                out[i] = text.strip()
+                out[i] = extract_answer(fmt, text) if extract else text.strip()
     return out
 
 
@@ -242,9 +245,17 @@ def decoding_vocab(info: dict[str, Any], decoding: str, model: str | Path) -> li
 def explain(student: Student, info: dict[str, Any], inputs: list[str], *, limit: int, batch_size: int = 16
             ) -> list[str]:
     """The rationale task's explanation of each input: the label limit, but at least 128 tokens
-    (a rationale runs to dozens of tokens where a label needs a few)."""
-    return predict(student, inputs, prefix=info["rationale_prefix"], batch_size=batch_size,
-                   max_new_tokens=max(limit, 128))
+    (a rationale runs to dozens of tokens where a label needs a few). A student that writes its
+    rationale in the label task's sequence explains with that sequence, its label cut off."""
+    fmt = student.fmt
+    if fmt is None or not (fmt.answer_end or fmt.answer_after):
+        return predict(student, inputs, prefix=info["rationale_prefix"], batch_size=batch_size,
+                       max_new_tokens=max(limit, 128))
+    raw = predict(student, inputs, prefix=info["label_prefix"], batch_size=batch_size,
+                  max_new_tokens=max(limit, 128) + limit, extract=False)
+    if fmt.answer_end:
+        return [t.split(fmt.answer_end, 1)[1].strip() if fmt.answer_end in t else "" for t in raw]
+    return [t.rsplit(fmt.answer_after, 1)[0].strip() for t in raw]
 
 
 def label_token_limit(info: dict[str, Any], default: int = 64) -> int:
@@ -318,8 +329,13 @@ def evaluate(cfg: EvalRun | dict, out: str | Path | None = None, *, overwrite: b
     student, info = load_trained(cfg.model, dtype=cfg.dtype)
     candidates = [task.label_candidates(e) for e in examples]
     decoding = cfg.label_decoding
+    # a student that writes its rationale in the label's own sequence is scored on what it writes
+    free_form = bool(student.fmt and (student.fmt.answer_end or student.fmt.answer_after))
     if decoding == "auto":
-        decoding = "rank" if all(candidates) else "generate"
+        decoding = "rank" if all(candidates) and not free_form else "generate"
+    elif decoding == "rank" and free_form:
+        raise StepDistillError("label_decoding=rank scores a label alone, but this student writes its rationale in "
+                               "the label's sequence: use label_decoding=generate")
     elif decoding == "rank" and not all(candidates):
         raise StepDistillError(f"label_decoding=rank needs a closed answer set, but task {task.name} has open "
                                f"answers ({task.label_kind}): use label_decoding=generate")

@@ -37,11 +37,17 @@ def _tag(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:40] or "x"
 
 
+def _method_tag(m) -> str:
+    """A method configuration's name in tables: its name and the options that set it apart."""
+    return (m.name + ("-teacher-labels" if m.label_source == "teacher" else "") + ("-kd" if m.kd else "")
+            + ("-decoder" if m.task_marker == "decoder" else "") + ("-correct" if m.rationales == "correct" else "")
+            + ("-token-weighted" if m.weighting == "token" else ""))
+
+
 def cells(cfg: SweepRun) -> list[dict[str, Any]]:
     """The grid, in run order: student, method, fraction, then seed (so every cell of a row of
     the final table is done before the next row starts)."""
-    method_tags = [_tag(m.name + ("-kd" if m.kd else "") + ("-decoder" if m.task_marker == "decoder" else ""))
-                   for m in cfg.methods]
+    method_tags = [_tag(m.tag or _method_tag(m)) for m in cfg.methods]
     if len(set(method_tags)) < len(method_tags):  # the same method twice, configured differently
         method_tags = [f"{t}{i}" for i, t in enumerate(method_tags)]
     student_tags = [_tag(Path(s.model).name) for s in cfg.students]

@@ -4,13 +4,17 @@
     distill       teacher labels, label task only
     step-by-step  label task + teacher-rationale task, loss = alpha*label + (1-alpha)*rationale
     co-distill    gold labels; a teacher trained beside the student, each learning from the other
+    label-rationale  label then rationale in one sequence; inference stops after the label
+    rationale-label  rationale then label in one sequence: a chain-of-thought student
 
 Any method takes `kd:` (soft-label distillation from a white-box teacher, on the fly or from a
 top-k cache): each task's loss becomes (1 - w) * cross-entropy + w * divergence (kd.py, losses.py).
 """
 
 from stepdistill.methods.base import METHODS, Method, RecordSet, TrainRecord, get_method
-from stepdistill.methods import co_distill as _co_distill, standard as _standard, step_by_step as _step_by_step  # noqa: F401  (register)
+from stepdistill.methods import (  # noqa: F401  (each registers itself)
+    co_distill as _co_distill, one_sequence as _one_sequence, standard as _standard, step_by_step as _step_by_step,
+)
 from stepdistill.methods.formatting import Format
 from stepdistill.methods.losses import multitask_loss, token_cross_entropy
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Mapping
 from stepdistill.config import MethodConfig
 from stepdistill.errors import StepDistillError
 from stepdistill.methods.formatting import Format, encode_example
+from stepdistill.methods.losses import IGNORE_INDEX
 from stepdistill.registry import Registry
 from stepdistill.tasks.base import Example, Parsed
 
@@ -78,6 +79,16 @@ class Method:
         """Token rows of the records: {'input_ids', 'labels'} for the label task."""
         return [encode_example(tokenizer, fmt, self.cfg.label_prefix, r.input, r.label, decoder_start=decoder_start)
                 for r in records]
+
+    def shape_format(self, fmt: Format) -> Format:
+        """The token layout the method trains (and its students predict) with: `fmt` as it is,
+        unless the method writes more than the label in the label task's sequence."""
+        return fmt
+
+    def answer_ids(self, feature: dict) -> list[int]:
+        """The target tokens the label task generates at inference (eos included): what sets the
+        generation limit and the label vocabulary saved with the model."""
+        return [t for t in feature["labels"] if t != IGNORE_INDEX]
 
     # -- loss ------------------------------------------------------------------------------
     def compute_loss(self, trainer, model, inputs: dict, counts: dict):

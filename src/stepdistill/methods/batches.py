@@ -3,7 +3,9 @@
 A feature is one training example: `input_ids`/`labels` for the label task and, where a method
 adds one, `rat_input_ids`/`rat_labels` for the rationale task (seq2seq with the decoder task
 marker: `decoder_input_ids` too; with a soft-label KD cache: `kd_vals`/`kd_ids`). The Collator pads
-each task's rows on their own, so a label row is never padded to a rationale's length.
+each task's rows on their own, so a label row is never padded to a rationale's length. A method
+that puts both tasks in one sequence marks the rationale's tokens of that row in `seg_labels`
+(`labels` then holds the label's tokens only), so each task's tokens can still be counted apart.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import torch
 from stepdistill.methods.losses import IGNORE_INDEX
 
 RATIONALE = "rat_"  # batch keys of the rationale task: rat_input_ids, rat_attention_mask, rat_labels
+SEGMENT = "seg_"  # seg_labels: the rationale's targets inside the label row's own sequence
+LABEL_KEYS = ("", RATIONALE, SEGMENT)  # the prefixes of every `labels` key a batch may hold
 
 
 class Collator:
@@ -38,6 +42,8 @@ class Collator:
             batch[pre + "input_ids"] = self._pad(ids, self.pad_id)
             batch[pre + "attention_mask"] = self._pad([[1] * len(x) for x in ids], 0)
             batch[pre + "labels"] = self._pad([f[pre + "labels"] for f in rows], IGNORE_INDEX)
+            if not pre and SEGMENT + "labels" in rows[0]:  # the same width as the labels they share a row with
+                batch[SEGMENT + "labels"] = self._pad([f[SEGMENT + "labels"] for f in rows], IGNORE_INDEX)
             if pre + "decoder_input_ids" in rows[0]:  # the task marker forced at the decoder's start
                 batch[pre + "decoder_input_ids"] = self._pad([f[pre + "decoder_input_ids"] for f in rows], self.pad_id)
             if pre + "kd_vals" in rows[0]:  # the teacher's cached top-k, one row per logits position
@@ -51,11 +57,6 @@ def stack_padded(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
     """Rows of `a` then rows of `b`, the narrower right-padded with `value` to the wider's width."""
     width = max(a.shape[1], b.shape[1])
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in (a, b)])
-
-
-def max_label_tokens(feats: list[dict]) -> int:
-    """The longest label-task target of the training features, in tokens (eos included)."""
-    return max(sum(t != IGNORE_INDEX for t in f["labels"]) for f in feats)
 
 
 def feature_length(f: dict) -> int:

@@ -12,7 +12,7 @@ input (where the question usually sits) survive. Targets are truncated on the ri
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from stepdistill.methods.losses import IGNORE_INDEX
 
@@ -30,6 +30,11 @@ class Format:
     # seq2seq only. encoder: the task prefix starts the source (the paper). decoder: the source is
     # the input alone (encoded once for both tasks) and the prefix is forced at the decoder's start
     task_marker: Literal["encoder", "decoder"] = "encoder"
+    # where the label sits in what the label task generates (methods that put the rationale in
+    # the same sequence): before `answer_end` (label, then rationale), or after the last
+    # `answer_after` (rationale, then label); neither: the whole generation is the label
+    answer_end: Optional[str] = None
+    answer_after: Optional[str] = None
     version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,7 +48,20 @@ class Format:
         return cls(**d)
 
 
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
+def extract_answer(fmt: Format, text: str) -> str:
+    """The label in a label task's generation (see Format.answer_end / answer_after), stripped.
+
+    >>> extract_answer(Format("causal", answer_end="because"), "(3 + 4) because 3 plus 4 is 7.")
+    '(3 + 4)'
+    """
+    if fmt.answer_end:
+        text = text.split(fmt.answer_end, 1)[0]
+    elif fmt.answer_after:
+        text = text.rsplit(fmt.answer_after, 1)[-1].strip().removesuffix(".")
+    return text.strip()
+
+
+def token_ids(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
@@ -53,7 +71,7 @@ def encode_source(tokenizer, fmt: Format, prefix: str, text: str) -> list[int]:
     Special tokens (T5's </s>, Llama's <s>) are added the way the tokenizer always adds them.
     """
     tail = fmt.separator if fmt.kind == "causal" else ""
-    ids = _ids(tokenizer, prefix + text + tail, True)
+    ids = token_ids(tokenizer, prefix + text + tail, True)
     if len(ids) <= fmt.max_input_length:
         return ids
     # Too long: cut the front of `text` (never the prefix or separator) and retokenise, so the
@@ -65,7 +83,7 @@ def encode_source(tokenizer, fmt: Format, prefix: str, text: str) -> list[int]:
             text = ""
         else:
             text = text[cut:]
-        ids = _ids(tokenizer, prefix + text + tail, True)
+        ids = token_ids(tokenizer, prefix + text + tail, True)
         if len(ids) <= fmt.max_input_length or not text:
             break
     # Last resort (prefix alone too long, or a tokenizer that merges across the cut): hard cut
@@ -83,20 +101,20 @@ def _char_cut(tokenizer, text: str, n_tokens: int) -> int:
         return max(offsets[n_tokens][0], 1)
     except (NotImplementedError, ValueError, TypeError, KeyError):
         # slow tokenizers have no offsets: drop a proportional share of characters
-        n = max(len(_ids(tokenizer, text, False)), 1)
+        n = max(len(token_ids(tokenizer, text, False)), 1)
         return max(1, int(len(text) * min(1.0, (n_tokens + 1) / n)))
 
 
 def encode_target(tokenizer, fmt: Format, target: str) -> list[int]:
     """Answer ids + eos, truncated on the right to max_target_length (a cut answer has no eos)."""
     assert tokenizer.eos_token_id is not None, "the student's tokenizer needs an eos token"
-    ids = _ids(tokenizer, target, False) + [tokenizer.eos_token_id]
+    ids = token_ids(tokenizer, target, False) + [tokenizer.eos_token_id]
     return ids[: fmt.max_target_length]
 
 
 def decoder_marker(tokenizer, prefix: str) -> list[int]:
     """The task prefix as decoder tokens (task_marker=decoder): forced, never predicted."""
-    return _ids(tokenizer, prefix, False)
+    return token_ids(tokenizer, prefix, False)
 
 
 def encode_example(tokenizer, fmt: Format, prefix: str, text: str, target: str, *,

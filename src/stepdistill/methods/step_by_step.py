@@ -24,7 +24,7 @@ from stepdistill.methods.base import METHODS, Method, RecordSet, TrainRecord
 from stepdistill.methods.batches import RATIONALE, stack_padded
 from stepdistill.methods.formatting import Format, encode_example
 from stepdistill.methods.fused import WeightGradHandoff
-from stepdistill.methods.losses import IGNORE_INDEX, multitask_loss, normalise
+from stepdistill.methods.losses import IGNORE_INDEX, count_targets, multitask_loss, normalise
 from stepdistill.tasks.base import Example, Parsed
 
 
@@ -93,10 +93,26 @@ class StepByStepMethod(Method):
             # a micro-batch without rationales still contributes 0, never skips the alpha weight
             rationale_loss = (trainer.task_loss(model, inputs, RATIONALE, counts.get(RATIONALE))
                               if RATIONALE + "input_ids" in inputs else label_loss.new_zeros(()))
-        loss = multitask_loss(label_loss, rationale_loss, self.cfg.alpha)
+        loss = task_weighted(self.cfg, label_loss, rationale_loss, inputs["labels"],
+                             inputs.get(RATIONALE + "labels"), counts, RATIONALE, trainer.student.is_seq2seq)
         trainer.note("label_loss", label_loss)
         trainer.note("rationale_loss", rationale_loss)
         return loss
+
+
+def task_weighted(cfg, label_loss: torch.Tensor, rationale_loss: torch.Tensor, labels: torch.Tensor,
+                  rationale_labels: torch.Tensor | None, counts: dict, key: str, seq2seq: bool) -> torch.Tensor:
+    """The two tasks' mean losses combined as `cfg.weighting` says: alpha-weighted task means (the
+    paper), or every token alike: (label tokens' sum + rationale tokens' sum) / all their tokens,
+    counted over the whole accumulated batch like the means themselves."""
+    if cfg.weighting == "task_mean":
+        return multitask_loss(label_loss, rationale_loss, cfg.alpha)
+    shift = not seq2seq
+    n_label = counts.get("") if counts.get("") is not None else count_targets(labels, shift=shift)
+    n_rationale = counts.get(key) if counts.get(key) is not None else (
+        count_targets(rationale_labels, shift=shift) if rationale_labels is not None else 0)
+    total = (n_label + n_rationale).clamp(min=1) if torch.is_tensor(n_label + n_rationale) else max(n_label + n_rationale, 1)
+    return (label_loss * n_label + rationale_loss * n_rationale) / total
 
 
 def both_tasks(trainer, model, inputs: dict, counts: dict) -> tuple[torch.Tensor, torch.Tensor]:

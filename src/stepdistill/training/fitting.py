@@ -24,7 +24,7 @@ from stepdistill.evaluation import label_token_limit, label_vocab
 from stepdistill.memory import check_training, resolve_bf16
 from stepdistill.methods import get_method
 from stepdistill.methods.base import TrainRecord
-from stepdistill.methods.batches import Collator, feature_length, max_label_tokens
+from stepdistill.methods.batches import Collator, feature_length
 from stepdistill.methods.formatting import Format
 from stepdistill.methods.kd import attach_topk_cache, load_kd_teacher
 from stepdistill.runs import is_main_process, write_error, write_json
@@ -68,7 +68,7 @@ def build_trainer(
     if not train_records:
         raise StepDistillError("no training records: the method kept none of the examples (see its summary)")
     method = get_method(method_cfg)
-    student.fmt = make_format(student, training, method_cfg.task_marker)
+    student.fmt = method.shape_format(make_format(student, training, method_cfg.task_marker))
     start = getattr(student.model.config, "decoder_start_token_id", None) if student.is_seq2seq else None
     feats = method.features(student.tokenizer, student.fmt, train_records, decoder_start=start)
     kd, teacher = method_cfg.kd, None
@@ -93,7 +93,7 @@ def build_trainer(
         use_fast_dropout(s.model)
     for s in trained if training.fused_gelu else ():
         use_fused_gelu(s.model)
-    longest_label = max_label_tokens(feats)
+    longest_label = max(len(method.answer_ids(f)) for f in feats)  # what the label task generates, eos included
     args = TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=training.batch_size,
@@ -142,14 +142,16 @@ def build_trainer(
         method=method,
         student=student,
         task=task,
-        val_max_new_tokens=min(training.val_max_new_tokens, training.max_target_length,
+        # a chain-of-thought student writes its rationale before the label: validation lets it
+        val_max_new_tokens=min(training.max_target_length if student.fmt.answer_after else training.val_max_new_tokens,
+                               training.max_target_length,
                                label_token_limit({"max_label_tokens": longest_label})),
         teacher=teacher,
         lengths=[feature_length(f) for f in feats] if training.group_by_length else None,
         fuse_tasks=training.fuse_tasks,
         target_logits_only=training.target_logits_only, fused_loss=training.fused_loss,
         max_label_tokens=longest_label,
-        label_vocab=label_vocab((f["labels"] for f in feats), student.tokenizer.eos_token_id),
+        label_vocab=label_vocab((method.answer_ids(f) for f in feats), student.tokenizer.eos_token_id),
     )
 
 

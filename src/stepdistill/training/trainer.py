@@ -25,10 +25,10 @@ from transformers import Trainer
 
 from stepdistill.evaluation import predict
 from stepdistill.methods.base import Method
-from stepdistill.methods.batches import RATIONALE, decoder_inputs
+from stepdistill.methods.batches import LABEL_KEYS, decoder_inputs
 from stepdistill.methods.fused import WeightGradHandoff, linear_cross_entropy, tied_embedding
 from stepdistill.methods.kd import soft_label_loss, vocab_size
-from stepdistill.methods.losses import count_targets, normalise, row_cross_entropy
+from stepdistill.methods.losses import IGNORE_INDEX, count_targets, normalise, row_cross_entropy
 from stepdistill.methods.targets import fused_head, logits_at, output_layer_inputs, target_positions
 from stepdistill.students import Student
 from stepdistill.tasks.base import Example, Task
@@ -95,7 +95,7 @@ class StepDistillTrainer(Trainer):
         counts = {
             pre: sum((count_targets(b[pre + "labels"], shift=shift) for b in batches if pre + "labels" in b),
                      torch.tensor(0))
-            for pre in ("", RATIONALE)
+            for pre in LABEL_KEYS
         }
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             counts = {k: self.accelerator.gather(v.to(device).reshape(1)).sum() for k, v in counts.items()}
@@ -145,31 +145,58 @@ class StepDistillTrainer(Trainer):
         if not self.target_logits_only:
             per_row = [row_cross_entropy(model(**kw).logits, labels, shift=shift) for kw, labels in passes]
             return [part.sum() for part in torch.cat(per_row).split(splits)]
+        scored = [(kw, *target_positions(labels, shift=shift)) for kw, labels in passes]
+        rows, offset = [], 0
+        for (_, keep, _), (_, labels) in zip(scored, passes):
+            rows.append(keep.nonzero()[:, 0] + offset)  # the row of each scored token, over all passes
+            offset += labels.shape[0]
+        losses = self._token_losses(model, scored, handoff)
+        per_row = losses.new_zeros(offset).index_add(0, torch.cat(rows), losses)
+        return [part.sum() for part in per_row.split(splits)]
+
+    def segment_losses(self, model, kw: dict, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Summed token cross-entropies of one forward pass over disjoint sets of its target tokens
+        (`parts`: labels tensors of the pass's shape, -100 off their own set): a label and its
+        rationale in one sequence, each summed on its own, for one pass."""
+        labels, group = parts[0], torch.zeros_like(parts[0])
+        for i, part in enumerate(parts[1:], start=1):
+            labels = torch.where(part.ne(IGNORE_INDEX), part, labels)
+            group = torch.where(part.ne(IGNORE_INDEX), torch.full_like(group, i), group)
+        shift = not self.student.is_seq2seq
+        keep, t = target_positions(labels, shift=shift)
+        which = group[:, 1:][keep[:, :-1]] if shift else group[keep]  # the part of each scored token
+        if not self.target_logits_only:
+            logits = model(**kw).logits
+            losses = torch.nn.functional.cross_entropy(logits[keep].float(), t, reduction="none")
+        else:
+            losses = self._token_losses(model, [(kw, keep, t)])
+        return [losses[which == i].sum() for i in range(len(parts))]
+
+    def _token_losses(self, model, scored: list[tuple[dict, torch.Tensor, torch.Tensor]],
+                      handoff: WeightGradHandoff | None = None) -> torch.Tensor:
+        """The cross-entropy of every scored token of forward passes [(arguments, keep, targets)],
+        pass after pass, with the output layer run at the `keep` positions only (fused with the loss
+        where the model allows it: see target_losses)."""
+        inner = self.accelerator.unwrap_model(model)
         # fused only outside DDP/FSDP wrappers: there the layer's weight would be used outside the
         # wrapper's forward, which breaks its gradient hooks (DDP marks the tied weight ready twice)
         fused = self.fused_loss and fused_head(inner) and model is inner
-        hidden, targets, losses, rows, offset = [], [], [], [], 0
-        for kw, labels in passes:
-            keep, t = target_positions(labels, shift=shift)
-            rows.append(keep.nonzero()[:, 0] + offset)  # the row of each scored token, over all passes
-            offset += labels.shape[0]
+        hidden, losses = [], []
+        for kw, keep, t in scored:
             if fused:
                 with output_layer_inputs(inner, keep) as caught:
                     model(**kw)
                 hidden += caught
-                targets.append(t)
             else:
                 with logits_at(inner, keep):
                     logits = model(**kw).logits
                 losses.append(torch.nn.functional.cross_entropy(logits.float(), t, reduction="none"))
-        if fused:
-            head = inner.get_output_embeddings()
-            with self.autocast():  # in the forward's precision: the layer runs outside it
-                losses = [linear_cross_entropy(torch.cat(hidden), head.weight, head.bias, torch.cat(targets),
-                                               handoff=handoff)]
-        losses = torch.cat(losses)
-        per_row = losses.new_zeros(offset).index_add(0, torch.cat(rows), losses)
-        return [part.sum() for part in per_row.split(splits)]
+        if not fused:
+            return torch.cat(losses)
+        head = inner.get_output_embeddings()
+        with self.autocast():  # in the forward's precision: the layer runs outside it
+            return linear_cross_entropy(torch.cat(hidden), head.weight, head.bias, torch.cat([t for _, _, t in scored]),
+                                        handoff=handoff)
 
     def embed(self, model, ids: list[torch.Tensor], handoff: WeightGradHandoff | None = None
               ) -> list[dict[str, torch.Tensor]]:
