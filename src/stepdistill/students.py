@@ -118,7 +118,7 @@ def _convert_gguf(path: Path, kind: Kind, dtype: Any) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    return _save_atomic(model, tok, dest, source=path)
+    return save_atomic(model, tok, dest, source=path)
 
 
 def _check_local(model: str) -> None:
@@ -321,13 +321,14 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def _refuse_existing(out: Path) -> None:
+def refuse_existing(out: Path) -> None:
+    """Refuse `out` when it already holds a model: called before a slow load, so the refusal is quick."""
     if (out / "config.json").is_file():
         raise StepDistillError(f"{out} already holds a model: choose another --out or delete it")
 
 
-def _save_atomic(model, tokenizer, dest: Path, *, source: Path | None = None,
-                 extra_files: dict[str, str] | None = None) -> Path:
+def save_atomic(model, tokenizer, dest: Path, *, source: Path | None = None,
+                extra_files: dict[str, str] | None = None) -> Path:
     """Model + tokenizer (+ `extra_files`, name -> text) to `dest` through a temp folder and a
     rename: a reader sees no folder or a complete one. A concurrent writer that got there first wins."""
     dest = Path(dest)
@@ -381,5 +382,5 @@ def new_t5(tokenizer_source: str, out: str | Path, *, n_layers: int = 4, d_model
                       feed_forward_proj="gated-gelu", tie_word_embeddings=True,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       decoder_start_token_id=tok.pad_token_id)
-    _refuse_existing(Path(out))
-    return _save_atomic(T5ForConditionalGeneration(config), tok, Path(out))
+    refuse_existing(Path(out))
+    return save_atomic(T5ForConditionalGeneration(config), tok, Path(out))
