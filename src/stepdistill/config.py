@@ -242,7 +242,9 @@ class MethodConfig(_Section):
         "step-by-step",
         description="The training method (`stepdistill list` shows them all). Built in: standard: gold labels; "
         "distill: teacher labels (sequence-level KD; no gold needed); step-by-step: label + rationale multi-task; "
-        "co-distill: kd.teacher and the student trained together, each also learning from the other's distribution.",
+        "co-distill: kd.teacher and the student trained together, each also learning from the other's distribution; "
+        "label-rationale: the label, then the rationale, in one sequence (inference stops after the label); "
+        "rationale-label: the rationale, then the label (a chain-of-thought student).",
     )
     alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha * label loss + (1 - alpha) * rationale loss.")
     label_source: Literal["gold", "teacher"] = Field("gold", description="step-by-step: which labels to train on.")
@@ -287,11 +289,13 @@ class MethodConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    epochs: float = Field(3.0, gt=0)
+    epochs: float = Field(3.0, gt=0, description="Passes over the training examples (a fraction stops part-way).")
     max_steps: int = Field(-1, description="If > 0, overrides epochs.")
-    learning_rate: float = Field(5e-5, gt=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate of the optimizer.")
+    batch_size: int = Field(8, gt=0, description="Training examples per step on each device (before gradient accumulation).")
+    grad_accum: int = Field(
+        1, gt=0, description="Steps whose gradients are summed before each optimizer update: the global batch is "
+        "batch_size x grad_accum x processes.")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_input_length: int = Field(512, gt=0)
@@ -350,7 +354,9 @@ class VerifyConfig(_Section):
 
 class AnnotateRun(_Section):
     task: TaskConfig
-    split: str = "train"
+    split: str = Field(
+        "train", description="The task's split to annotate (train, valid, test), or a carve of one: train[:-1000], "
+        "valid[:50%].")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
     limit: Optional[int] = Field(None, gt=0, description="Annotate only the first N examples.")
@@ -388,7 +394,8 @@ class TrainRun(_Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     annotations: Optional[str] = Field(None, description="Annotation run directory (needed by distill and step-by-step).")
-    split: str = "train"
+    split: str = Field(
+        "train", description="The task's split to train on, or a carve of one (e.g. valid[:-2000]); never test.")
     limit: Optional[int] = Field(None, gt=0, description="Use only the first N examples of the split (before carving validation).")
     val_split: Optional[str] = Field(
         None,
@@ -445,9 +452,9 @@ class SweepRun(_Section):
 class EvalRun(_Section):
     task: TaskConfig
     model: str = Field(description="A training run directory or a model path.")
-    split: str = "test"
+    split: str = Field("test", description="The task's split to score on, or a carve of one (e.g. test[:100]).")
     annotations: Optional[str] = Field(None, description="Annotation run on the same split, to report teacher accuracy beside the student's.")
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, description="Inputs predicted together.")
     max_new_tokens: Optional[int] = Field(
         None, gt=0, description="Longest label generated. Default: task-aware, the longest label the student was "
         "trained on plus a margin (a label needs a few tokens; free generation up to a fixed cap wastes time).")
@@ -457,7 +464,7 @@ class EvalRun(_Section):
         "the tokens of the labels the student was trained on (digits and signs for arithmetic): the output layer "
         "shrinks from the whole vocabulary to those rows, the largest cost of a small student's step. auto: rank "
         "where the task has a closed answer set, else generate.")
-    limit: Optional[int] = Field(None, gt=0)
+    limit: Optional[int] = Field(None, gt=0, description="Score only the first N examples of the split.")
     rationales: bool = Field(False, description="Also generate the rationale task's explanations.")
     dtype: InferenceDtype = Field(
         "float32", description="Weights at prediction: bfloat16 halves what each generated token reads (about 2x "
