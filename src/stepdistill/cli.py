@@ -15,59 +15,41 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 from stepdistill.errors import StepDistillError
 
-# (flag, dotted config key, type, help). A flag given on the command line overrides the YAML.
-_TASK_FLAGS = [
-    ("--task", "task.name", str, "task name (see `stepdistill list`)"),
-    ("--data", "task.path", str, "data: a paper-layout folder (e.g. ../shared/data/sbs) or a .jsonl/.json/.csv file; unset = the hub"),
-    ("--spec", "task.spec", str, "generic task: YAML file describing the dataset"),
-    ("--split", "split", str, "which split"),
-]
-_FLAGS: dict[str, list[tuple[str, str, type, str]]] = {
+# Flags that set a config field: (flag, dotted config key). The field is the one source of the
+# rest: its description is the flag's help, its type the flag's type (a list: repeat the flag; a
+# bool: the flag alone turns it on; a Literal: its values shown). A flag overrides the YAML.
+_TASK_FLAGS = [("--task", "task.name"), ("--data", "task.path"), ("--spec", "task.spec"), ("--split", "split")]
+_FLAGS: dict[str, list[tuple[str, str]]] = {
     "annotate": _TASK_FLAGS + [
-        ("--teacher", "teacher.kind", str, "teacher kind: hf, openai, llamacpp, vllm or paper"),
-        ("--model", "teacher.model", str, "teacher model: hub id, folder, .gguf file, or the served model's name (openai)"),
-        ("--base-url", "teacher.base_url", str, "openai: the server's API root, e.g. http://127.0.0.1:8000/v1"),
-        ("--replica", "teacher.replicas", str, "openai: another API root serving the same model (repeat the flag)"),
-        ("--endpoint", "teacher.endpoint", str, "openai: chat or completions"),
-        ("--concurrency", "teacher.concurrency", int, "openai: most requests in flight"),
-        ("--budget-usd", "teacher.budget.usd", float, "openai: stop before spending more (needs teacher.price)"),
-        ("--budget-tokens", "teacher.budget.tokens", int, "openai: stop before spending more tokens"),
-        ("--samples", "verify.samples", int, "self-consistency: k samples per input (needs --temperature > 0)"),
-        ("--verify", "verify.against", str, "keep rationales agreeing with: auto, gold, majority or none"),
-        ("--gguf-file", "teacher.gguf_file", str, "GGUF file inside --model"),
-        ("--batch-size", "teacher.batch_size", int, "prompts per generation batch"),
-        ("--n-shots", "teacher.n_shots", int, "few-shot exemplars in the prompt"),
-        ("--max-new-tokens", "teacher.sampling.max_new_tokens", int, "longest completion"),
-        ("--temperature", "teacher.sampling.temperature", float, "0 = greedy"),
-        ("--limit", "limit", int, "annotate only the first N examples"),
-        ("--shard", "shard", str, "I/N: only shard I of N (by input hash); N processes share one --store"),
+        ("--teacher", "teacher.kind"), ("--model", "teacher.model"), ("--base-url", "teacher.base_url"),
+        ("--replica", "teacher.replicas"), ("--endpoint", "teacher.endpoint"), ("--concurrency", "teacher.concurrency"),
+        ("--budget-usd", "teacher.budget.usd"), ("--budget-tokens", "teacher.budget.tokens"),
+        ("--samples", "verify.samples"), ("--verify", "verify.against"), ("--gguf-file", "teacher.gguf_file"),
+        ("--batch-size", "teacher.batch_size"), ("--n-shots", "teacher.n_shots"),
+        ("--max-new-tokens", "teacher.sampling.max_new_tokens"), ("--temperature", "teacher.sampling.temperature"),
+        ("--limit", "limit"), ("--shard", "shard"),
     ],
     "train": _TASK_FLAGS + [
-        ("--annotations", "annotations", str, "annotation run directory (distill, step-by-step)"),
-        ("--method", "method.name", str, None),  # help: the config field's own description
-        ("--alpha", "method.alpha", float, "label-loss weight of step-by-step"),
-        ("--label-source", "method.label_source", str, "step-by-step labels: gold or teacher"),
-        ("--student", "student.model", str, "student model: hub id, folder or .gguf file"),
-        ("--epochs", "training.epochs", float, "training epochs"),
-        ("--max-steps", "training.max_steps", int, "training steps (overrides epochs)"),
-        ("--lr", "training.learning_rate", float, "learning rate"),
-        ("--batch-size", "training.batch_size", int, "per-step batch size"),
-        ("--grad-accum", "training.grad_accum", int, "gradient accumulation steps"),
+        ("--annotations", "annotations"), ("--method", "method.name"), ("--alpha", "method.alpha"),
+        ("--label-source", "method.label_source"), ("--student", "student.model"), ("--epochs", "training.epochs"),
+        ("--max-steps", "training.max_steps"), ("--lr", "training.learning_rate"),
+        ("--batch-size", "training.batch_size"), ("--grad-accum", "training.grad_accum"), ("--bf16", "training.bf16"),
     ],
     "eval": _TASK_FLAGS + [
-        ("--model", "model", str, "training run directory or model folder"),
-        ("--annotations", "annotations", str, "annotation run of the same split: report the teacher's accuracy too"),
-        ("--limit", "limit", int, "evaluate only the first N examples"),
-        ("--batch-size", "batch_size", int, "predictions per batch"),
-        ("--max-new-tokens", "max_new_tokens", int, "longest label generated (default: from the trained labels)"),
-        ("--label-decoding", "label_decoding", str, "auto | generate | rank (score the allowed answers) | vocab (greedy within the trained labels' tokens)"),
-        ("--dtype", "dtype", str, "weights at prediction: float32 | bfloat16 | auto"),
+        ("--model", "model"), ("--annotations", "annotations"), ("--limit", "limit"), ("--batch-size", "batch_size"),
+        ("--max-new-tokens", "max_new_tokens"), ("--label-decoding", "label_decoding"), ("--dtype", "dtype"),
+        ("--rationales", "rationales"),
     ],
 }
 
@@ -78,18 +60,12 @@ def _add_common(p: argparse.ArgumentParser, stage: str) -> None:
                    help="override any config field, e.g. --set training.learning_rate=1e-4")
     p.add_argument("--out", required=stage != "eval", help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    for flag, key, typ, help_ in _FLAGS[stage]:
-        help_ = help_ or _field_help(stage, key)
-        if key == "teacher.replicas":  # a list: one flag per replica
-            p.add_argument(flag, dest="f:" + key, type=typ, action="append", help=help_)
-        else:
-            p.add_argument(flag, dest="f:" + key, type=typ, help=help_)
+    for flag, key in _FLAGS[stage]:
+        p.add_argument(flag, dest="f:" + key, **_flag_options(_config_field(stage, key), key))
 
 
-def _field_help(stage: str, key: str) -> str:
-    """A flag's help text from the description of the config field it sets (one source for both)."""
-    from pydantic import BaseModel
-
+def _config_field(stage: str, key: str) -> FieldInfo:
+    """The config field a dotted key names: `_config_field("train", "training.epochs")`."""
     from stepdistill.config import AnnotateRun, EvalRun, TrainRun
 
     model: Any = {"annotate": AnnotateRun, "train": TrainRun, "eval": EvalRun}[stage]
@@ -98,7 +74,26 @@ def _field_help(stage: str, key: str) -> str:
         field = model.model_fields[part]
         model = next((t for t in (field.annotation, *typing.get_args(field.annotation))
                       if isinstance(t, type) and issubclass(t, BaseModel)), None)
-    return (field.description or "").replace("%", "%%")
+    return field
+
+
+def _flag_options(field: FieldInfo, key: str) -> dict[str, Any]:
+    """add_argument's options for a flag that sets `field`. Literal values are shown, not enforced:
+    the config validates them, so a bad value is reported with every other config problem at once."""
+    assert field.description, f"{key}: give the config field a description (it is the flag's help)"
+    typ = field.annotation
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):  # Optional[X] -> X
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    help_ = (field.description or "").replace("%", "%%")  # argparse formats help with %
+    if typ is bool:
+        return {"action": "store_const", "const": True, "help": help_}
+    if field.default is not None and field.default is not PydanticUndefined:
+        help_ += f" (default: {field.default})".replace("%", "%%")
+    if typing.get_origin(typ) is list:  # one flag per item
+        return {"action": "append", "type": typing.get_args(typ)[0], "metavar": key.upper(), "help": help_}
+    if typing.get_origin(typ) is typing.Literal:
+        return {"type": str, "metavar": "{" + ",".join(typing.get_args(typ)) + "}", "help": help_}
+    return {"type": typ, "metavar": key.upper(), "help": help_}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,12 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (stored completions are reused)")
     p = sub.add_parser("train", help="train a student")
     _add_common(p, "train")
-    p.add_argument("--bf16", dest="f:training.bf16", action="store_const", const=True, help="bfloat16 autocast")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p = sub.add_parser("eval", help="score a trained student")
     _add_common(p, "eval")
-    p.add_argument("--rationales", dest="f:rationales", action="store_const", const=True,
-                   help="also generate explanations (the rationale task)")
     p = sub.add_parser("quickstart", help="the whole pipeline offline on a built-in task, in minutes")
     p.add_argument("--out", default="runs/quickstart", help="where the quickstart's runs go")
     p.add_argument("--overwrite", action="store_true", help="replace an existing quickstart directory")
@@ -181,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a trained student over HTTP (POST /predict)")
     p.add_argument("--model", required=True, help="training run, model folder or exported folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     _add_prediction_flags(p)
     p.add_argument("--model-name", help="the name replies give the model (default: its folder's name; never a path)")
     p.add_argument("--batch-size", type=int, default=32,
@@ -233,88 +225,115 @@ def _eval_defaults(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import stepdistill.api as api
+# One function per subcommand: parsed flags in, exit code out.
 
-    if args.command == "list":
-        from stepdistill.methods import METHODS
-        from stepdistill.tasks import TASKS
-        from stepdistill.teachers import TEACHERS
 
-        print("tasks:    " + ", ".join(TASKS.names()))
-        print("teachers: " + ", ".join(TEACHERS.names()))
-        print("methods:  " + ", ".join(METHODS.names()))
-        return 0
-    if args.command == "quickstart":
-        from stepdistill.quickstart import quickstart
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    from stepdistill.api import annotate
 
-        quickstart(args.out, overwrite=args.overwrite, size=args.size)
-        return 0
-    if args.command == "make-student":
-        from stepdistill.pruning import cut_layers
-        from stepdistill.students import count_parameters, load_pretrained, new_t5
-
-        if args.arch == "cut":
-            out = cut_layers(args.source, args.layers, args.out, strategy=args.strategy)
-        else:
-            out = new_t5(args.source, args.out, n_layers=args.layers, d_model=args.d_model,
-                         n_heads=max(1, args.d_model // 64), d_ff=4 * args.d_model)
-        print(f"wrote {out} ({count_parameters(load_pretrained(str(out)).model)[1] / 1e6:.1f}M parameters)")
-        return 0
-    if args.command == "prune":
-        from stepdistill.pruning import prune
-
-        prune(args.model, args.out, layers=args.layers, strategy=args.strategy, heads=args.heads, ffn=args.ffn,
-              importance=args.importance, sparsity=args.sparsity, scope=args.scope, task=args.task, data=args.data,
-              split=args.split, limit=args.limit)
-        return 0
-    if args.command == "store":
-        return _store_command(args)
-    if args.command == "report":
-        from stepdistill.report import report
-
-        out = report(args.sweep, args.out, teacher_run=args.teacher)
-        print(f"wrote {out / 'report.html'} and {out / 'report.md'}")
-        return 0
-    if args.command == "export":
-        from stepdistill.deploy import export
-
-        print(f"wrote {export(args.model, args.out, overwrite=args.overwrite)} (model card: README.md)")
-        return 0
-    if args.command == "predict":
-        from stepdistill.deploy import predict_file
-
-        if Path(args.out).exists():
-            raise StepDistillError(f"{args.out} exists: choose a new --out (predictions never overwrite a file)")
-        n = predict_file(args.model, args.input, args.out, field=args.field, batch_size=args.batch_size,
-                         rationales=args.rationales, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                         label_decoding=args.label_decoding)
-        print(f"wrote {n} predictions to {args.out}")
-        return 0
-    if args.command == "serve":
-        from stepdistill.serve import serve
-
-        serve(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-              label_decoding=args.label_decoding, batch_size=args.batch_size, model_name=args.model_name,
-              max_body_bytes=args.max_body_bytes, max_request_tokens=args.max_request_tokens,
-              max_queue=args.max_queue, scheduler=args.scheduler)
-        return 0
-    data = _config_dict(args)
-    if args.command == "annotate":
-        api.annotate(data, args.out, overwrite=args.overwrite, resume=args.resume, store_path=args.store)
-    elif args.command == "train":
-        api.train(data, args.out, overwrite=args.overwrite, resume=args.resume)
-    elif args.command == "eval":
-        api.evaluate(_eval_defaults(data), args.out, overwrite=args.overwrite)
-    elif args.command == "sweep":
-        from stepdistill.sweep import sweep
-
-        sweep(data, args.out)
+    annotate(_config_dict(args), args.out, overwrite=args.overwrite, resume=args.resume, store_path=args.store)
     return 0
 
 
-def _store_command(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace) -> int:
+    from stepdistill.api import train
+
+    train(_config_dict(args), args.out, overwrite=args.overwrite, resume=args.resume)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from stepdistill.api import evaluate
+
+    evaluate(_eval_defaults(_config_dict(args)), args.out, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from stepdistill.sweep import sweep
+
+    sweep(_config_dict(args), args.out)
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from stepdistill.methods import METHODS
+    from stepdistill.tasks import TASKS
+    from stepdistill.teachers import TEACHERS
+
+    print("tasks:    " + ", ".join(TASKS.names()))
+    print("teachers: " + ", ".join(TEACHERS.names()))
+    print("methods:  " + ", ".join(METHODS.names()))
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from stepdistill.quickstart import quickstart
+
+    quickstart(args.out, overwrite=args.overwrite, size=args.size)
+    return 0
+
+
+def _cmd_make_student(args: argparse.Namespace) -> int:
+    from stepdistill.pruning import cut_layers
+    from stepdistill.students import count_parameters, load_pretrained, new_t5
+
+    if args.arch == "cut":
+        out = cut_layers(args.source, args.layers, args.out, strategy=args.strategy)
+    else:
+        out = new_t5(args.source, args.out, n_layers=args.layers, d_model=args.d_model,
+                     n_heads=max(1, args.d_model // 64), d_ff=4 * args.d_model)
+    print(f"wrote {out} ({count_parameters(load_pretrained(str(out)).model)[1] / 1e6:.1f}M parameters)")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from stepdistill.pruning import prune
+
+    prune(args.model, args.out, layers=args.layers, strategy=args.strategy, heads=args.heads, ffn=args.ffn,
+          importance=args.importance, sparsity=args.sparsity, scope=args.scope, task=args.task, data=args.data,
+          split=args.split, limit=args.limit)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from stepdistill.report import report
+
+    out = report(args.sweep, args.out, teacher_run=args.teacher)
+    print(f"wrote {out / 'report.html'} and {out / 'report.md'}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from stepdistill.deploy import export
+
+    print(f"wrote {export(args.model, args.out, overwrite=args.overwrite)} (model card: README.md)")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from stepdistill.deploy import predict_file
+
+    if Path(args.out).exists():
+        raise StepDistillError(f"{args.out} exists: choose a new --out (predictions never overwrite a file)")
+    n = predict_file(args.model, args.input, args.out, field=args.field, batch_size=args.batch_size,
+                     rationales=args.rationales, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                     label_decoding=args.label_decoding)
+    print(f"wrote {n} predictions to {args.out}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from stepdistill.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+          label_decoding=args.label_decoding, batch_size=args.batch_size, model_name=args.model_name,
+          max_body_bytes=args.max_body_bytes, max_request_tokens=args.max_request_tokens,
+          max_queue=args.max_queue, scheduler=args.scheduler)
+    return 0
+
+
+def _cmd_store(args: argparse.Namespace) -> int:
     import json
 
     from stepdistill.runs import home
@@ -342,6 +361,22 @@ def _store_command(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "annotate": _cmd_annotate, "train": _cmd_train, "eval": _cmd_eval, "sweep": _cmd_sweep,
+    "quickstart": _cmd_quickstart, "make-student": _cmd_make_student, "prune": _cmd_prune,
+    "store": _cmd_store, "report": _cmd_report, "export": _cmd_export, "predict": _cmd_predict,
+    "serve": _cmd_serve, "list": _cmd_list,
+}
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Parse `argv` and run its subcommand; the exit code (domain errors propagate to main())."""
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> None:
