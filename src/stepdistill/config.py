@@ -412,6 +412,9 @@ class SweepEval(_Section):
     limit: Optional[int] = Field(None, gt=0)
     batch_size: int = Field(16, gt=0)
     dtype: InferenceDtype = Field("float32", description="Weights at prediction (as in eval).")
+    label_decoding: Literal["auto", "generate", "rank", "vocab"] = Field(
+        "auto", description="As in eval. `generate` scores every method the same way (greedy decoding), where "
+        "`auto` ranks a closed answer set for students that write the label alone.")
 
 
 class SweepRun(_Section):

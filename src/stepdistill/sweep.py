@@ -94,7 +94,7 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print) -> di
                     api.train(train_cfg, d / "train", resume=started, echo=lambda _: None)
                 api.evaluate({"task": cfg.task.model_dump(), "model": str(d / "train"), "split": cfg.eval.split,
                               "limit": cfg.eval.limit, "batch_size": cfg.eval.batch_size,
-                              "dtype": cfg.eval.dtype}, d / "eval",
+                              "dtype": cfg.eval.dtype, "label_decoding": cfg.eval.label_decoding}, d / "eval",
                              overwrite=(d / "eval").exists(), echo=lambda _: None)
                 row.update(_metrics(d), status="done")
                 (d / "error.txt").unlink(missing_ok=True)
