@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-import stepdistill.methods  # noqa: F401  (registers the methods that method.name is checked against)
 from stepdistill.config import TrainRun, build, load_yaml, parse_overrides, set_dotted
+from stepdistill.methods import get_method
+from stepdistill.tasks import split_base
 from stepdistill.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -53,5 +54,35 @@ def test_paper_sweep_configs_validate(path):
     from stepdistill.config import SweepRun
 
     cfg = build(SweepRun, load_yaml(path), str(path))
-    assert {m.name for m in cfg.methods} == {"standard", "distill", "step-by-step"}
-    assert len(cfg.seeds) >= 3 and cfg.eval.split == "test"
+    # both of the paper's like-for-like pairs: rationales on gold labels against standard fine-tuning,
+    # rationales on the teacher's labels against distillation
+    pairs = {(m.name, m.label_source) for m in cfg.methods}
+    multitask = {m.name for m in cfg.methods if get_method(m).multitask}
+    assert ("standard", "gold") in pairs and ("distill", "gold") in pairs, path
+    assert any((name, "gold") in pairs for name in multitask) and any((name, "teacher") in pairs for name in multitask)
+    assert len(cfg.seeds) >= 3 and split_base(cfg.split) != "test" and cfg.val_split is None
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "paper").glob("*sweep*.yaml")) + sorted((CONFIGS / "paper").glob("*_cpu.yaml")),
+                         ids=lambda p: p.name)
+def test_sweep_configs_evaluate_on_a_real_test_split_by_changing_two_fields(path, tmp_path):
+    """`--set task.path=DIR --set eval.split=test`, nothing else: the cells are evaluated on
+    DIR/<task>/<task>_test.json, and training reads the same training carve as before."""
+    from stepdistill.config import SweepRun
+    from stepdistill.tasks import get_task, load_examples
+
+    data = load_yaml(path)
+    task = get_task(data["task"]["name"])
+    folder = tmp_path / "held-back" / task.name
+    folder.mkdir(parents=True)
+    shared = CONFIGS.parents[1] / "shared" / "data" / "sbs" / task.name
+    for f in shared.glob(f"{task.name}_*.json"):  # the shared splits, and a test split beside them
+        (folder / f.name).write_bytes(f.read_bytes())
+        (folder / f"{task.name}_test.json").write_bytes(b"".join(f.read_bytes().splitlines(keepends=True)[:5]))
+    data["task"]["path"] = str(tmp_path / "held-back")
+    data["eval"]["split"] = "test"
+    cfg = build(SweepRun, data, str(path))
+    tested = load_examples(task, cfg.eval.split, cfg.task.path, cfg.eval.limit)
+    assert len(tested) == 5 and split_base(cfg.split) != "test"
+    if (folder / f"{task.name}_{split_base(cfg.split)}.json").is_file():  # (GPU configs may train on the hub's split)
+        assert load_examples(task, cfg.split, cfg.task.path, 3)  # the training carve still reads

@@ -20,15 +20,6 @@ from stepdistill.errors import ConfigError, StepDistillError
 from stepdistill.registry import check_name
 
 
-def _registered(registry, name: str) -> str:
-    """A validator's check that `name` is registered; the registry's error lists the valid names."""
-    try:
-        registry.get(name)
-    except StepDistillError as e:
-        raise ValueError(str(e)) from None
-    return name
-
-
 # Fields added after runs were already written, and the value those older runs ran with. A
 # `--resume` of such a run takes these values (unless the config sets the field), so it goes on
 # as it started; fields not listed here ran with their current default.
@@ -59,9 +50,7 @@ class TaskConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known_task(cls, v: str) -> str:
-        from stepdistill.tasks import TASKS  # late: the registries' modules import this one
-
-        return _registered(TASKS, v)
+        return check_name("task", v)
 
     @model_validator(mode="after")
     def _spec_fits(self) -> "TaskConfig":
@@ -159,9 +148,7 @@ class TeacherConfig(_Section):
     @field_validator("kind")
     @classmethod
     def _known_teacher(cls, v: str) -> str:
-        from stepdistill.teachers import TEACHERS
-
-        return _registered(TEACHERS, v)
+        return check_name("teacher", v)
 
     @field_validator("base_url", "replicas")
     @classmethod

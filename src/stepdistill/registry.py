@@ -1,6 +1,14 @@
-"""One small extension mechanism: a dict registry per kind of thing (tasks, teachers, methods)."""
+"""One small extension mechanism: a dict registry per kind of thing (tasks, teachers, methods).
+
+Each registry lives in the package whose modules register into it (`tasks.TASKS`,
+`teachers.TEACHERS`, `methods.METHODS`). Config validation, at the bottom of the layers, checks a
+name with `check_name(kind, name)`, which loads that package by name when no code has yet: the
+registry finds providers, so config never imports the layers above it.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from typing import Callable, Generic, TypeVar
 
@@ -9,11 +17,14 @@ from stepdistill.errors import StepDistillError
 T = TypeVar("T")
 
 _REGISTRIES: dict[str, "Registry"] = {}  # kind -> its registry, once the module that makes it is imported
+PROVIDERS = {"task": "stepdistill.tasks", "teacher": "stepdistill.teachers", "method": "stepdistill.methods"}
 
 
 def check_name(kind: str, name: str) -> str:
-    """For a config validator: `name` if the `kind` registry knows it (or no such registry is loaded
-    yet: then the registry itself refuses it later), else a ValueError listing the valid names."""
+    """For a config validator: `name` if the `kind` registry knows it, else a ValueError listing the
+    valid names (loading the package that registers them, the first time)."""
+    if kind not in _REGISTRIES and kind in PROVIDERS:
+        importlib.import_module(PROVIDERS[kind])
     registry = _REGISTRIES.get(kind)
     if registry is not None and name not in registry:
         raise ValueError(f"unknown {kind} {name!r}: choose one of {', '.join(registry.names())}")
