@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 #   make quickstart TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 
-.PHONY: setup setup-llamacpp quickstart test test-slow clean
+.PHONY: setup setup-llamacpp quickstart lint test test-slow clean
 
 setup: $(VENV)/.installed
 
@@ -36,7 +36,11 @@ $(VENV)/.llamacpp: $(VENV)/.installed
 quickstart: setup
 	$(VENV)/bin/stepdistill quickstart --overwrite
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports
+
+test: setup lint
 	$(VENV)/bin/python -m pytest -q
 
 test-slow: setup setup-llamacpp

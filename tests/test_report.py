@@ -8,7 +8,8 @@ import pytest
 
 from stepdistill import cli
 from stepdistill.errors import StepDistillError
-from stepdistill.report import comparisons, holm, load_sweep, mcnemar, paired_bootstrap, report, sign_flip_test
+from stepdistill.report import comparisons, load_sweep, report
+from stepdistill.stats import holm, mcnemar, paired_bootstrap, sign_flip_test
 from stepdistill.sweep import summarise
 
 

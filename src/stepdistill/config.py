@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from stepdistill.errors import ConfigError, StepDistillError
+from stepdistill.errors import ConfigError
 from stepdistill.registry import check_name
 
 

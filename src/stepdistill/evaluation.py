@@ -89,7 +89,7 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _by_length(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+def by_length(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
     """Indices in batches of similar length (little padding), shortest first."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     for start in range(0, len(order), batch_size):
@@ -128,7 +128,7 @@ def predict(
     encoded = [encode_source(tok, fmt, "" if marker is not None else prefix, text) for text in inputs]
     out: list[str] = [""] * len(inputs)
     with _eval_mode(model) as device:
-        for idx in _by_length([len(x) for x in encoded], batch_size):
+        for idx in by_length([len(x) for x in encoded], batch_size):
             ids, mask = _pad([encoded[i] for i in idx], tok.pad_token_id, left=not student.is_seq2seq)
             forced = {}
             if marker is not None:  # the task marker starts the decoder; it is not part of the answer
@@ -288,7 +288,7 @@ def rank(student: Student, inputs: list[str], candidates: list[list[str]], *, pr
     feats = [encode_example(tok, fmt, prefix, inputs[i], c, decoder_start=start) for i, c in pairs]
     scores = torch.empty(len(pairs))
     with _eval_mode(model) as device:
-        for idx in _by_length([len(f["input_ids"]) for f in feats], batch_size):
+        for idx in by_length([len(f["input_ids"]) for f in feats], batch_size):
             ids, mask = _pad([feats[j]["input_ids"] for j in idx], tok.pad_token_id, left=False)
             labels, _ = _pad([feats[j]["labels"] for j in idx], IGNORE_INDEX, left=False)
             kw = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}

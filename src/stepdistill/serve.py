@@ -296,8 +296,8 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
     except ImportError as e:
         raise StepDistillError('stepdistill serve needs FastAPI: pip install "stepdistill[serve]"') from e
 
-    # _by_length is how predict() groups inputs into batches: micro-batches made with it are those batches
-    from stepdistill.evaluation import _by_length, decoding_vocab, explain, label_token_limit, load_trained, predict
+    # by_length is how predict() groups inputs into batches: micro-batches made with it are those batches
+    from stepdistill.evaluation import by_length, decoding_vocab, explain, label_token_limit, load_trained, predict
     from stepdistill.methods.formatting import Format, encode_source
 
     problems = [f"{flag} must be at least {low}, not {value}" for flag, value, low in (
@@ -370,7 +370,7 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
         def settle() -> None:  # the worker thread's signal, handed to this request's event loop
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
 
-        job = Job(texts, deque(_by_length(lengths, batch_size)), q.rationale, on_done=settle)
+        job = Job(texts, deque(by_length(lengths, batch_size)), q.rationale, on_done=settle)
         try:
             sched.submit(job)
         except QueueFull as e:

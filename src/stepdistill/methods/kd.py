@@ -21,7 +21,7 @@ import torch
 from stepdistill.config import KDConfig
 from stepdistill.errors import StepDistillError
 from stepdistill.methods.batches import RATIONALE, Collator, decoder_inputs
-from stepdistill.methods.losses import IGNORE_INDEX, kd_loss, kd_loss_topk, token_cross_entropy, topk_logprobs
+from stepdistill.methods.losses import kd_loss, kd_loss_topk, token_cross_entropy, topk_logprobs
 from stepdistill.runs import fsync_dir, fsync_tree, write_error, write_json
 from stepdistill.students import Student, load_pretrained, model_folder
 

@@ -141,7 +141,6 @@ class StepDistillTrainer(Trainer):
         (handing its weight gradient to the step's tied lookup, if `handoff`)."""
         shift = not self.student.is_seq2seq
         splits = splits or [labels.shape[0] for _, labels in passes]
-        inner = self.accelerator.unwrap_model(model)
         if not self.target_logits_only:
             per_row = [row_cross_entropy(model(**kw).logits, labels, shift=shift) for kw, labels in passes]
             return [part.sum() for part in torch.cat(per_row).split(splits)]
