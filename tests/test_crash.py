@@ -551,3 +551,19 @@ def test_full_store_is_one_clear_error_and_keeps_what_was_committed(server, tmp_
     assert cli.run(_annotate_argv(server, tmp_path, "second") + ["--resume"]) == 0
     asked_again = server.answered() - before
     assert len(AnnotationStore(store_path)) == 30 and len(asked_again) == 30 - len(kept)  # only what was missing
+
+
+def test_a_network_error_during_training_is_not_called_a_full_disk(tmp_path):
+    """A failed name lookup is an OSError too: once, a hub lookup inside Trainer was reported as
+    'cannot write ...: free disk space'. Only file-system errors are writes."""
+    import socket
+
+    from stepdistill.training.checkpoints import failed_write
+
+    lookup = socket.gaierror(-3, "Temporary failure in name resolution")
+    wrapped = RuntimeError("could not reach the hub")
+    wrapped.__cause__ = lookup
+    assert failed_write(wrapped, tmp_path / "checkpoints", 0) is None
+    disk = OSError(28, "No space left on device", str(tmp_path / "run" / "train_log.jsonl"))
+    err = failed_write(disk, tmp_path / "checkpoints", 0)
+    assert err is not None and "free disk space" in str(err)

@@ -9,6 +9,7 @@ are rotated only after the new one is sealed; a saved model folder appears by a 
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -132,11 +133,18 @@ def save_folder(dest: Path, save) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# the errors of a file that cannot be written; a refused connection or a failed name lookup is an
+# OSError too, and must not be reported as a full disk
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                 errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EMFILE, errno.ENFILE}
+
+
 def os_error(e: BaseException | None) -> OSError | None:
-    """The OSError behind an exception (torch and safetensors wrap the one from a failed write)."""
+    """The file-system error behind an exception (torch and safetensors wrap the one from a failed
+    write); None when there is none (network errors are OSErrors, but not writes)."""
     seen = set()
     while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
             return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
