@@ -63,8 +63,7 @@ def test_paper_sweep_configs_validate(path):
     assert len(cfg.seeds) >= 3 and split_base(cfg.split) != "test" and cfg.val_split is None
 
 
-@pytest.mark.parametrize("path", sorted((CONFIGS / "paper").glob("*sweep*.yaml")) + sorted((CONFIGS / "paper").glob("*_cpu.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((CONFIGS / "paper").glob("*.yaml")), ids=lambda p: p.name)
 def test_sweep_configs_evaluate_on_a_real_test_split_by_changing_two_fields(path, tmp_path):
     """`--set task.path=DIR --set eval.split=test`, nothing else: the cells are evaluated on
     DIR/<task>/<task>_test.json, and training reads the same training carve as before."""
