@@ -10,24 +10,18 @@ import httpx
 import pytest
 
 from stepdistill import cli
-from stepdistill.config import MethodConfig, TrainingConfig
+from stepdistill.config import MethodConfig
 from stepdistill.deploy import export, predict_file
 from stepdistill.errors import DataError, StepDistillError
 from stepdistill.evaluation import label_token_limit, load_trained, predict
-from stepdistill.methods import get_method
-from stepdistill.training import fit
-from tiny_models import FakeTask, annotations, examples, t5_student
+from tiny_models import FakeTask, examples, trained_run
 
 SBS = MethodConfig(name="step-by-step", alpha=0.5)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "run"
-    exs = examples(16)
-    records = get_method(SBS).records(exs, annotations(exs)).records
-    fit(t5_student(), SBS, TrainingConfig(max_steps=30, learning_rate=1e-2, batch_size=8, bf16=False), records,
-        exs[:8], FakeTask(), out, progress=False)
+    out = trained_run(tmp_path_factory.mktemp("train") / "run", max_steps=30)
     (out / "eval-test").mkdir()
     (out / "eval-test" / "metrics.json").write_text(json.dumps(
         {"task": "fake", "split": "test", "accuracy": 0.75, "n": 8, "ms_per_example": 3.2}))

@@ -15,12 +15,10 @@ import httpx
 import pytest
 
 from stepdistill import cli
-from stepdistill.config import MethodConfig, TrainingConfig
+from stepdistill.config import MethodConfig
 from stepdistill.errors import StepDistillError
 from stepdistill.evaluation import label_token_limit, load_trained, predict
-from stepdistill.methods import get_method
-from stepdistill.training import fit
-from tiny_models import FakeTask, annotations, examples, t5_student
+from tiny_models import examples, trained_run
 
 SBS = MethodConfig(name="step-by-step", alpha=0.5)
 WAIT = 20  # seconds any single event may take before the test fails (never reached when passing)
@@ -28,12 +26,7 @@ WAIT = 20  # seconds any single event may take before the test fails (never reac
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "svamp-tiny"
-    exs = examples(16)
-    records = get_method(SBS).records(exs, annotations(exs)).records
-    fit(t5_student(), SBS, TrainingConfig(max_steps=10, learning_rate=1e-2, batch_size=8, bf16=False), records,
-        exs[:8], FakeTask(), out, progress=False)
-    return out
+    return trained_run(tmp_path_factory.mktemp("train") / "svamp-tiny", max_steps=10)
 
 
 @contextlib.contextmanager

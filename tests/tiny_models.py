@@ -80,3 +80,18 @@ def annotations(exs: list[Example], *, bad: set[str] = frozenset()) -> dict[str,
         rationale = " ".join([f"a {w} {verb}"] + ["so it is a thing"] * (i % 3))
         out[e.id] = Parsed(None, None, "no answer phrase") if e.id in bad else Parsed(rationale, WORDS[w])
     return out
+
+
+def trained_run(out, max_steps: int):
+    """A tiny T5 trained with step-by-step for `max_steps` into `out` (model/ and its files), as
+    a training run leaves them: for the tests of what comes after training (export, serve)."""
+    from stepdistill.config import MethodConfig, TrainingConfig
+    from stepdistill.methods import get_method
+    from stepdistill.training import fit
+
+    method = MethodConfig(name="step-by-step", alpha=0.5)
+    exs = examples(16)
+    records = get_method(method).records(exs, annotations(exs)).records
+    fit(t5_student(), method, TrainingConfig(max_steps=max_steps, learning_rate=1e-2, batch_size=8, bf16=False),
+        records, exs[:8], FakeTask(), out, progress=False)
+    return out
