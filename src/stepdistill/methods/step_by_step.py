@@ -111,7 +111,8 @@ def task_weighted(cfg, label_loss: torch.Tensor, rationale_loss: torch.Tensor, l
     n_label = counts.get("") if counts.get("") is not None else count_targets(labels, shift=shift)
     n_rationale = counts.get(key) if counts.get(key) is not None else (
         count_targets(rationale_labels, shift=shift) if rationale_labels is not None else 0)
-    total = (n_label + n_rationale).clamp(min=1) if torch.is_tensor(n_label + n_rationale) else max(n_label + n_rationale, 1)
+    total = n_label + n_rationale
+    total = total.clamp(min=1) if torch.is_tensor(total) else max(total, 1)
     return (label_loss * n_label + rationale_loss * n_rationale) / total
 
 
