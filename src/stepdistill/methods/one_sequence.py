@@ -64,9 +64,9 @@ class _OneSequence(StepByStepMethod):
             head, tail = token_ids(tokenizer, first, False), token_ids(tokenizer, second, False) + [eos]
             target = (head + tail)[: fmt.max_target_length]
             cut = min(len(head), len(target))
-            label_part = (slice(0, cut) if self.label_first else slice(cut, len(target)))
-            labels = [t if label_part.start <= i < label_part.stop else IGNORE_INDEX for i, t in enumerate(target)]
-            rationale = [IGNORE_INDEX if x != IGNORE_INDEX else t for x, t in zip(labels, target)]
+            before = target[:cut] + [IGNORE_INDEX] * (len(target) - cut)  # the part before the split, marked alone
+            after = [IGNORE_INDEX] * cut + target[cut:]
+            labels, rationale = (before, after) if self.label_first else (after, before)
             if not r.rationale:  # no rationale: every target token is the label's
                 labels, rationale = target, [IGNORE_INDEX] * len(target)
             if fmt.kind == "seq2seq":
@@ -77,8 +77,8 @@ class _OneSequence(StepByStepMethod):
         return rows
 
     def answer_ids(self, feature: dict) -> list[int]:
-        """What the label task writes before its label is complete: label-first, the label's line;
-        rationale-first, the whole target."""
+        """What the label task writes before its label is complete: label-first, the label and the
+        word that ends it; rationale-first, the whole target."""
         if self.label_first:
             return super().answer_ids(feature)
         return [t for t in feature["labels"] if t != IGNORE_INDEX] + [
