@@ -106,6 +106,7 @@ def model_card(run: str | Path) -> str:
     cfg = _read(run_dir / "config.yaml", "yaml") or {}
     train = _read(run_dir / "metrics.json", "json") or {}
     task = (cfg.get("task") or {}).get("name") or info.get("task") or "unknown"
+    kind = _method(info.get("method"))
     teacher = "unknown"
     ann = cfg.get("annotations")
     summary = _read(Path(ann) / "summary.json", "json") if ann else None
@@ -115,7 +116,7 @@ def model_card(run: str | Path) -> str:
         acc = summary.get("teacher_accuracy")
         if acc is not None:
             teacher += f" (its accuracy on the annotated split: {acc:.1%})"
-    elif not _method(info.get("method")).needs_annotations and not _method(info.get("method")).trains_teacher:
+    elif not kind.needs_annotations and not kind.trains_teacher:
         teacher = "none (trained on gold labels only)"
     evals = []
     for m in sorted(run_dir.glob("eval*/metrics.json")):
@@ -128,7 +129,7 @@ def model_card(run: str | Path) -> str:
         f"# {task} student distilled with stepdistill", "",
         f"- **Task:** {task}",
         f"- **Method:** {method}" + (f" (alpha {info.get('alpha')}: label task + the teacher's rationales)"
-                                     if _method(method).multitask else ""),
+                                     if kind.multitask else ""),
         f"- **Teacher:** {teacher}",
         f"- **Base model:** {info.get('base_model') or (cfg.get('student') or {}).get('model') or 'unknown'}",
         f"- **Data used:** {train.get('train_records', 'unknown')} training examples"
