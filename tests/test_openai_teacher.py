@@ -408,3 +408,61 @@ def test_bad_shard_is_a_clear_error(tmp_path):
         AnnotateRun(task={"name": "svamp"}, shard="first half")
     with pytest.raises(ValueError, match="need 0 <= I < N"):
         AnnotateRun(task={"name": "svamp"}, shard="3/3")
+
+
+# --- several rationales per input (SCoTD): method.rationales_per_input ------------------------
+
+
+def _many_rationales(prompt, body):
+    """Sample i of every question: seeds 0, 2 and 3 right with their own reasoning (3 repeats 0's),
+    seed 1 wrong."""
+    q, seed = question(prompt), body.get("seed", 0)
+    if seed == 1:
+        return "Oops. The answer is (1 + 1000)."
+    return f"Reasoning number {seed % 3}. The answer is {GOLD[q]}."
+
+
+def test_several_rationales_per_input_become_rows_of_their_own(tmp_path):
+    from stepdistill.config import MethodConfig
+    from stepdistill.methods import get_method
+    from stepdistill.store import read_annotations
+
+    with FakeOpenAIServer(_many_rationales) as srv:
+        run(srv, tmp_path, n=3, sampling={"temperature": 0.7, "max_new_tokens": 64}, verify={"samples": 4})
+    ann = read_annotations(tmp_path / "a", TASK, "train", EXAMPLES[:3])
+    # the kept rationale, then the other right samples' distinct ones; the wrong sample and the repeat are not others
+    assert all(ann[e.id].rationale == "Reasoning number 0." and ann[e.id].others == ("Reasoning number 2.",)
+               for e in EXAMPLES[:3])
+    for name in ("step-by-step", "label-rationale"):
+        one = get_method(MethodConfig(name=name)).records(EXAMPLES[:3], ann)
+        three = get_method(MethodConfig(name=name, rationales_per_input=3)).records(EXAMPLES[:3], ann)
+        assert len(one.records) == 3 and len(three.records) == 6 and three.counts["extra_rationales"] == 3
+        assert [(r.id, r.label, r.rationale) for r in three.records[:2]] == [
+            (EXAMPLES[0].id, EXAMPLES[0].label, "Reasoning number 0."),
+            (EXAMPLES[0].id, EXAMPLES[0].label, "Reasoning number 2.")]
+
+
+def test_several_rationales_are_read_from_runs_that_did_not_record_them_per_sample(tmp_path):
+    from stepdistill.store import read_annotations
+
+    with FakeOpenAIServer(_many_rationales) as srv:
+        run(srv, tmp_path, n=2, sampling={"temperature": 0.7, "max_new_tokens": 64}, verify={"samples": 4})
+    path = tmp_path / "a" / "annotations.jsonl"
+    old = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in old:  # as annotate wrote them before sample rows carried their rationale
+        for s in row["samples"]:
+            s.pop("rationale")
+    path.write_text("".join(json.dumps(r) + "\n" for r in old))
+    ann = read_annotations(tmp_path / "a", TASK, "train", EXAMPLES[:2])
+    assert [ann[e.id].others for e in EXAMPLES[:2]] == [("Reasoning number 2.",)] * 2
+
+
+def test_asking_for_several_rationales_from_one_sample_per_input_is_a_clear_error(tmp_path, server):
+    from stepdistill.config import MethodConfig
+    from stepdistill.methods import get_method
+    from stepdistill.store import read_annotations
+
+    run(server, tmp_path, n=3)
+    ann = read_annotations(tmp_path / "a", TASK, "train", EXAMPLES[:3])
+    with pytest.raises(StepDistillError, match="one rationale per input.*verify.samples"):
+        get_method(MethodConfig(name="step-by-step", rationales_per_input=2)).records(EXAMPLES[:3], ann)

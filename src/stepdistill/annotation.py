@@ -222,7 +222,8 @@ def _progress(usage: dict[str, Any], tokens: int, seconds: float) -> str:
 def _sample_row(rec: Sample, parsed) -> dict[str, Any]:
     if isinstance(rec, str):
         return {"completion": None, "error": rec}
-    return {"completion": rec.completion, "key": rec.key, "label": parsed.label, "parse_error": parsed.error}
+    return {"completion": rec.completion, "key": rec.key, "label": parsed.label, "rationale": parsed.rationale,
+            "parse_error": parsed.error}
 
 
 def _summarise(task: Task, teacher, n_examples: int, samples: Iterable[tuple[Example, list[Sample]]], run,

@@ -240,6 +240,12 @@ class MethodConfig(_Section):
         description="step-by-step: `all` parsed teacher rationales (the paper), or only those whose "
         "teacher label is correct against gold (a weak teacher's wrong reasoning is not taught).",
     )
+    rationales_per_input: int = Field(
+        1, ge=1,
+        description="step-by-step, label-rationale, rationale-label: up to this many of the teacher's rationales "
+        "per input (SCoTD), each a training row with the input's label. Above 1 it needs annotations made with "
+        "verify.samples > 1: the kept rationale first, then the other samples that gave the same label.",
+    )
     label_prefix: str = Field("predict: ", description="Task prefix of the label task.")
     rationale_prefix: str = Field("explain: ", description="Task prefix of the rationale task.")
     task_marker: Literal["encoder", "decoder"] = Field(

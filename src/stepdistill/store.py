@@ -265,4 +265,31 @@ def read_annotations(run_dir: str | Path, task, split: str | None = None, exampl
                 raise DataError(f"annotations in {d} do not belong to this data: example {row['id']} has another "
                                 f"input there; annotate this data (same --data and --split) first")
     # A parser fix needs no new teacher calls: rerun `annotate`, which reads the store.
-    return {row["id"]: Parsed(row.get("rationale"), row.get("label"), row.get("error")) for row in rows}
+    by_id = {e.id: e for e in examples} if examples is not None else {}
+    return {row["id"]: Parsed(row.get("rationale"), row.get("label"), row.get("error"),
+                              _other_rationales(row, task, by_id.get(row["id"])))
+            for row in rows}
+
+
+def _other_rationales(row: dict, task, example) -> tuple[str, ...]:
+    """A kept row's further rationales (several teacher samples per input): the other samples
+    whose answer is the kept one (by the task's vote key), each text once, in sample order.
+    Sample rows written before they recorded their rationale are parsed again from their
+    completion."""
+    if not row.get("samples") or row.get("error") or not row.get("rationale"):
+        return ()
+    seen, others = {row["rationale"].strip()}, []
+    key = task.vote_key(row["label"], example)  # same answer by meaning: (3 + 4) is (4 + 3)
+    for i, s in enumerate(row["samples"]):
+        if i == row.get("chosen") or s.get("parse_error") or s.get("label") is None:
+            continue
+        if task.vote_key(s["label"], example) != key:
+            continue
+        text = s.get("rationale")
+        if text is None and "rationale" not in s and s.get("completion") and example is not None:
+            parsed = task.parse(s["completion"], example)
+            text = parsed.rationale if parsed.ok else None
+        if text and text.strip() not in seen:
+            seen.add(text.strip())
+            others.append(text.strip())
+    return tuple(others)

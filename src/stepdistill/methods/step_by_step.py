@@ -46,6 +46,9 @@ class StepByStepMethod(Method):
                 )
         recs: list[TrainRecord] = []
         counts = {"examples": len(examples), "dropped_unparsed": 0, "dropped_not_annotated": 0, "label_only": 0}
+        more = self.cfg.rationales_per_input - 1  # further rationales per input (several teacher samples)
+        if more:
+            counts["extra_rationales"] = 0
         for e in examples:
             p = ann.get(e.id)
             usable = p is not None and p.ok
@@ -60,11 +63,21 @@ class StepByStepMethod(Method):
             if rationale is None:
                 counts["label_only"] += 1
             recs.append(TrainRecord(e.id, e.input, label, rationale))  # type: ignore[arg-type]
+            if more and rationale is not None:
+                # SCoTD: each further rationale is a row of its own, with the same label
+                for other in p.others[:more]:  # type: ignore[union-attr]
+                    recs.append(TrainRecord(e.id, e.input, label, other))  # type: ignore[arg-type]
+                    counts["extra_rationales"] += 1
         if not any(r.rationale for r in recs) and recs:
             raise StepDistillError(
                 "step-by-step: none of the teacher annotations has a usable rationale, so there is "
                 "nothing to distil beyond the labels: check the annotation run (parse errors?) or use "
                 "method 'distill'/'standard'"
+            )
+        if more and not counts["extra_rationales"] and recs:
+            raise StepDistillError(
+                f"method.rationales_per_input={more + 1}, but the annotations hold one rationale per input: "
+                "annotate with --set verify.samples=K (K > 1) from a teacher that samples, or set rationales_per_input=1"
             )
         return RecordSet(recs, counts)
 

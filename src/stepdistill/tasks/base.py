@@ -32,6 +32,9 @@ class Parsed:
     rationale: str | None
     label: str | None
     error: str | None = None  # why it did not parse, e.g. "no answer phrase", "label out of space"
+    # the teacher's other rationales for the same label, from its other samples (verify.samples > 1);
+    # a method reads them only when asked (method.rationales_per_input)
+    others: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
