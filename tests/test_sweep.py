@@ -3,6 +3,7 @@ failed cell is recorded while the rest go on, and a rerun does no finished cell 
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -104,6 +105,28 @@ def test_sweep_refuses_a_changed_config_in_the_same_directory(setup):
     sweep(small, out, echo=lambda _: None)
     with pytest.raises(RunExistsError, match="differs in training.learning_rate"):
         sweep({**small, "training": {**small["training"], "learning_rate": 1e-2}}, out, echo=lambda _: None)
+
+
+def test_a_resumed_sweep_may_add_seeds_and_methods_and_reuses_only_identical_cells(setup, monkeypatch):
+    d, cfg = setup
+    out = d / "run3"
+    small = {**cfg, "methods": ["standard", "step-by-step"], "fractions": [1.0], "seeds": [0]}
+    first = sweep(small, out, echo=lambda _: None)
+    calls = []
+    real_train = api.train
+    monkeypatch.setattr(api, "train", lambda c, o, **k: (calls.append(Path(o).parent.name), real_train(c, o, **k))[1])
+    lines = []
+    grown = sweep({**small, "methods": ["standard"], "seeds": [0, 1]}, out, echo=lines.append)
+    assert calls == ["standard__student__f1__s1"]  # seed 0 is reused, not retrained
+    assert [r["cell"] for r in grown["cells"]] == ["standard__student__f1__s0", "standard__student__f1__s1"]
+    assert grown["cells"][0]["accuracy"] == first["cells"][0]["accuracy"]
+    assert any("outside this grid" in line and "step-by-step__student__f1__s0" in line for line in lines)
+    # the same tag with other options would reuse a cell that trained something else: refused
+    with pytest.raises(RunExistsError, match="cell step-by-step__student__f1__s0 on disk trained another config.*alpha"):
+        sweep({**small, "methods": ["standard", {"name": "step-by-step", "alpha": 0.9, "tag": "step-by-step"}]}, out,
+              echo=lambda _: None)
+    with pytest.raises(RunExistsError, match="differs in training.max_steps"):  # not a grid axis
+        sweep({**small, "training": {**small["training"], "max_steps": 3}}, out, echo=lambda _: None)
 
 
 def test_summary_mean_and_standard_error():

@@ -279,7 +279,8 @@ def _owner_words(owner: str | None) -> str:
 
 
 def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | None = None,
-               overwrite: bool = False, resume: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> Run:
+               overwrite: bool = False, resume: bool = False, inputs: tuple[str | Path | None, ...] = (),
+               may_change: tuple[str, ...] = ()) -> Run:
     """Make (or, with `resume`, reopen) a run directory and record config, versions and git revision.
 
     Ownership goes through `claim_output`: `--resume` and `--overwrite` act only on a folder
@@ -287,13 +288,16 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
     `inputs` (model, annotations, data, store), the working directory or a home folder.
 
     >>> run = create_run("runs/x", cfg, command="train")  # RunExistsError if runs/x holds a run
+
+    `may_change`: top-level config fields a resume may change (a sweep's grid axes, whose cells
+    the sweep checks one by one).
     """
     d = Path(out)
     if not is_main_process():  # torchrun / accelerate launch: rank 0 owns the run directory
         return Run(d, main=False)
     state = claim_output(d, command, overwrite=overwrite, resume=resume, inputs=inputs)
     if state == "resume":
-        _check_same_config(d, config)
+        check_same_config(d, config, may_change)
         for p in remove_stale_temp_files(d):
             log.info("removed %s: a write the interrupted run never finished", p)
     write_text(d / "config.yaml", f"# written by: stepdistill {command}\n" + to_yaml(config))
@@ -319,13 +323,16 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
     return Run(d, handler)
 
 
-def _check_same_config(d: Path, config: BaseModel) -> None:
+def check_same_config(d: Path, config: BaseModel, may_change: tuple[str, ...] = ()) -> None:
     """--resume continues the same run: a changed config would mix two experiments in one."""
     saved = _saved_config(d)
     if saved is None:
         return
     saved = _with_added_fields(type(config), saved)
     now = config.model_dump(mode="json")
+    for key in may_change:
+        saved.pop(key, None)
+        now.pop(key, None)
 
     def diff(a: Any, b: Any, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):

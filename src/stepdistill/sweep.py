@@ -62,16 +62,56 @@ def cells(cfg: SweepRun) -> list[dict[str, Any]]:
     return out
 
 
+GRID_AXES = ("methods", "fractions", "students", "seeds")
+
+
+def _train_config(cfg: SweepRun, c: dict[str, Any]) -> dict[str, Any]:
+    """What one cell trains: the sweep's shared settings with the cell's student, method,
+    seed and data fraction."""
+    return {"task": cfg.task.model_dump(), "student": c["student"].model_dump(),
+            "method": c["method"].model_dump(), "annotations": cfg.annotations,
+            "split": cfg.split, "limit": cfg.limit, "val_split": cfg.val_split,
+            "training": {**cfg.training.model_dump(), "seed": c["seed"], "data_seed": cfg.data_seed,
+                         "data_fraction": c["fraction"]}}
+
+
+def _check_cells_on_disk(cfg: SweepRun, grid: list[dict[str, Any]], folder: Path, echo: Printer) -> None:
+    """Before anything runs: every cell of the grid found on disk trained this cell's config (a
+    method whose options changed under the same tag would otherwise reuse the old cell), and the
+    cells on disk that the grid no longer holds are named, since the results will not show them."""
+    from stepdistill.config import TrainRun
+    from stepdistill.errors import RunExistsError
+    from stepdistill.runs import check_same_config
+
+    names = {c["name"] for c in grid}
+    for c in grid:
+        d = folder / c["name"] / "train"
+        if (d / "config.yaml").is_file():
+            try:
+                check_same_config(d, coerce(TrainRun, _train_config(cfg, c)))
+            except RunExistsError as e:
+                raise RunExistsError(f"cell {c['name']} on disk trained another config than this sweep's cell of that "
+                                     f"name ({str(e).split('differs in ')[-1].split(';')[0]}): give the method a new "
+                                     "tag, or sweep into another --out") from None
+    outside = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in names) if folder.is_dir() else []
+    if outside:
+        echo(f"note: {len(outside)} cell(s) on disk are outside this grid and not in its results: {', '.join(outside)}")
+
+
 def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print) -> dict[str, Any]:
     """Run (or resume) every cell of the grid; write and return the collected results."""
     from stepdistill import api
 
     cfg = coerce(SweepRun, cfg)
     grid = cells(cfg)
-    with create_run(out, cfg, command="sweep", resume=True, inputs=(cfg.task.path, cfg.annotations)) as run:
+    # a resumed sweep may grow or shrink its grid (more seeds, another method): each cell already on
+    # disk is reused only if it trained exactly what this grid's cell of that name would
+    with create_run(out, cfg, command="sweep", resume=True, inputs=(cfg.task.path, cfg.annotations),
+                    may_change=GRID_AXES) as run:
         echo = run.tee(echo)
         echo(f"sweep: {len(grid)} cells ({len(cfg.methods)} methods x {len(cfg.fractions)} fractions x "
              f"{len(cfg.students)} students x {len(cfg.seeds)} seeds) in {run.dir}")
+        _check_cells_on_disk(cfg, grid, run.dir / "cells", echo)
         rows = []
         for i, c in enumerate(grid, start=1):
             d = run.dir / "cells" / c["name"]
@@ -84,11 +124,7 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print) -> di
                 continue
             echo(f"[{i}/{len(grid)}] {c['name']}")
             try:
-                train_cfg = {"task": cfg.task.model_dump(), "student": c["student"].model_dump(),
-                             "method": c["method"].model_dump(), "annotations": cfg.annotations,
-                             "split": cfg.split, "limit": cfg.limit, "val_split": cfg.val_split,
-                             "training": {**cfg.training.model_dump(), "seed": c["seed"], "data_seed": cfg.data_seed,
-                                          "data_fraction": c["fraction"]}}
+                train_cfg = _train_config(cfg, c)
                 if not (d / "train" / "metrics.json").is_file():
                     started = (d / "train").is_dir() and any((d / "train").iterdir())
                     api.train(train_cfg, d / "train", resume=started, echo=lambda _: None)
