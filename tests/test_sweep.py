@@ -125,6 +125,9 @@ def test_a_resumed_sweep_may_add_seeds_and_methods_and_reuses_only_identical_cel
     with pytest.raises(RunExistsError, match="cell step-by-step__student__f1__s0 on disk trained another config.*alpha"):
         sweep({**small, "methods": ["standard", {"name": "step-by-step", "alpha": 0.9, "tag": "step-by-step"}]}, out,
               echo=lambda _: None)
+    # where the curves go changes no result: a resume may add a tracker
+    sweep({**small, "methods": ["standard"], "seeds": [0, 1], "training": {**small["training"], "report_to": ["tensorboard"]}},
+          out, echo=lambda _: None)
     with pytest.raises(RunExistsError, match="differs in training.max_steps"):  # not a grid axis
         sweep({**small, "training": {**small["training"], "max_steps": 3}}, out, echo=lambda _: None)
 

@@ -33,15 +33,19 @@ Printer = Callable[[str], None]
 
 
 def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, resume: bool = False,
-          echo: Printer = print) -> dict[str, Any]:
-    """Train a student with `standard`, `distill` or `step-by-step`; the best model goes to `out/model`."""
+          echo: Printer = print, tags: dict[str, str] | None = None, tracking_dir: str | Path | None = None
+          ) -> dict[str, Any]:
+    """Train a student with `standard`, `distill` or `step-by-step`; the best model goes to `out/model`.
+    `tags`, `tracking_dir`: how `training.report_to`'s trackers name and group the run (a sweep's cells)."""
     from stepdistill.methods import get_method
     from stepdistill.students import load_student
     from stepdistill.training import fit
+    from stepdistill.training.tracking import check_installed
 
     cfg = coerce(TrainRun, cfg)
     if resume:
         cfg = resumed_config(out, cfg)
+    check_installed(cfg.training.report_to)  # a missing tracker stops us before anything is loaded or written
     task = get_task(cfg.task.name, cfg.task.spec)
     method = get_method(cfg.method)
     examples = load_examples(task, cfg.split, cfg.task.path, cfg.limit)
@@ -87,7 +91,8 @@ def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, res
              f"{global_batch} ({tcfg.batch_size} per device x {tcfg.grad_accum} "
              f"accumulation x {world_size()} process{'es' if world_size() > 1 else ''})")
         student = load_student(cfg.student)
-        metrics = fit(student, cfg.method, tcfg, records, val_ex, task, run.dir, resume=resume)
+        metrics = fit(student, cfg.method, tcfg, records, val_ex, task, run.dir, resume=resume, tags=tags,
+                      tracking_dir=Path(tracking_dir) if tracking_dir else None)
         metrics.update({"task": task.name, "method": cfg.method.name, "n_train": len(records),
                         "n_val": len(val_ex), "records": record_set.counts,
                         "world_size": world_size(), "global_batch_size": global_batch})

@@ -326,6 +326,20 @@ class TrainingConfig(_Section):
         None, description="Seed of the validation carve and the data subset (default: seed). Sweeps fix it, so every "
         "method and training seed sees the same data.")
     logging_steps: int = Field(10, gt=0)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that receive the training curves (loss, each task's loss, the KD terms, "
+        "validation accuracy), e.g. [tensorboard]; none by default. Offline-safe: tensorboard and mlflow write under "
+        "the run folder, wandb runs offline unless WANDB_MODE says otherwise.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, v: Any) -> Any:
+        if isinstance(v, str):  # "tensorboard", "tensorboard,wandb", "none"
+            v = [t.strip() for t in v.split(",") if t.strip()]
+        return [t for t in v if t != "none"] if isinstance(v, list) else v
+
     val_max_new_tokens: int = Field(
         32, gt=0, description="Longest label generated when scoring validation accuracy (capped by max_target_length; "
         "a chain-of-thought student, method rationale-label, generates up to max_target_length)."

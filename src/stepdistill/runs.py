@@ -323,6 +323,10 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
     return Run(d, handler)
 
 
+# fields a resume may change in any run: where a run reports its curves changes nothing it computes
+NEVER_CHANGES_RESULTS = ("training.report_to",)
+
+
 def check_same_config(d: Path, config: BaseModel, may_change: tuple[str, ...] = ()) -> None:
     """--resume continues the same run: a changed config would mix two experiments in one."""
     saved = _saved_config(d)
@@ -330,16 +334,14 @@ def check_same_config(d: Path, config: BaseModel, may_change: tuple[str, ...] = 
         return
     saved = _with_added_fields(type(config), saved)
     now = config.model_dump(mode="json")
-    for key in may_change:
-        saved.pop(key, None)
-        now.pop(key, None)
 
     def diff(a: Any, b: Any, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             return [k for key in sorted(set(a) | set(b)) for k in diff(a.get(key), b.get(key), f"{prefix}{key}.")]
         return [] if a == b else [prefix.rstrip(".")]
 
-    changed = diff(saved, now)
+    free = (*may_change, *NEVER_CHANGES_RESULTS)
+    changed = [k for k in diff(saved, now) if not any(k == f or k.startswith(f + ".") for f in free)]
     if changed:
         raise RunExistsError(f"--resume refused: the config of {d} differs in {', '.join(changed)}; "
                              f"resume with the same config, or start a new run with another --out")

@@ -127,7 +127,10 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print) -> di
                 train_cfg = _train_config(cfg, c)
                 if not (d / "train" / "metrics.json").is_file():
                     started = (d / "train").is_dir() and any((d / "train").iterdir())
-                    api.train(train_cfg, d / "train", resume=started, echo=lambda _: None)
+                    api.train(train_cfg, d / "train", resume=started, echo=lambda _: None,
+                              tags={"run": c["name"], "sweep": run.dir.name, "method": c["method_tag"],
+                                    "student": c["student_tag"], "fraction": str(c["fraction"]),
+                                    "seed": str(c["seed"])}, tracking_dir=run.dir)
                 api.evaluate({"task": cfg.task.model_dump(), "model": str(d / "train"), "split": cfg.eval.split,
                               "limit": cfg.eval.limit, "batch_size": cfg.eval.batch_size,
                               "dtype": cfg.eval.dtype, "label_decoding": cfg.eval.label_decoding}, d / "eval",

@@ -9,6 +9,7 @@
     checkpoints.py  sealed, crash-safe checkpoints and model folders
     speedups.py     cheaper dropout masks, fused GELU, length-grouped batches (CPU speed-ups)
     placement.py    where a KD teacher lives in a distributed run
+    tracking.py     experiment trackers (training.report_to), kept offline
 
 What a student learns and its loss are the method's (methods/).
 """

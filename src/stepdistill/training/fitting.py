@@ -34,6 +34,7 @@ from stepdistill.training.checkpoints import (
     SEALS, JsonlLog, SealCheckpoint, checkpoint_step, failed_write, find_checkpoints, refused_pickle, trim_log,
 )
 from stepdistill.training.speedups import use_fast_dropout, use_fused_gelu
+from stepdistill.training.tracking import tracking
 from stepdistill.training.trainer import StepDistillTrainer
 
 log = logging.getLogger("stepdistill.training")
@@ -62,9 +63,13 @@ def build_trainer(
     *,
     progress: bool = True,
     teacher_from: Path | None = None,
+    report_to: list[str] | str = "none",
+    run_name: str | None = None,
+    extra_callbacks: tuple[TrainerCallback, ...] = (),
 ) -> StepDistillTrainer:
     """The configured Trainer `fit` runs (exposed for tests and custom loops). `teacher_from`:
-    a checkpoint's teacher folder to resume a co-distillation from."""
+    a checkpoint's teacher folder to resume a co-distillation from. `report_to`, `run_name` and
+    `extra_callbacks`: the experiment trackers (training/tracking.py)."""
     if not train_records:
         raise StepDistillError("no training records: the method kept none of the examples (see its summary)")
     method = get_method(method_cfg)
@@ -120,7 +125,8 @@ def build_trainer(
         use_cpu=not torch.cuda.is_available() and not torch.backends.mps.is_available(),
         activation_checkpointing=training.gradient_checkpointing,
         seed=training.seed,
-        report_to="none",
+        report_to=report_to,
+        run_name=run_name,
         remove_unused_columns=False,  # our batches carry rat_* keys the model's forward lacks
         disable_tqdm=not progress,
         dataloader_num_workers=0,
@@ -130,6 +136,7 @@ def build_trainer(
     if has_val and training.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.patience))
     callbacks += method.callbacks(teacher)
+    callbacks += extra_callbacks
     callbacks.append(SealCheckpoint())  # last: after every file of the checkpoint is written
     return StepDistillTrainer(
         model=student.model,
@@ -155,6 +162,27 @@ def build_trainer(
     )
 
 
+def _train(trainer: StepDistillTrainer, student: Student, method, resume: bool, last: Path | None, ckpt_root: Path
+           ) -> None:
+    """The Trainer's loop, with the checks before it and the errors after it made clear."""
+    # a clear error now rather than an out-of-memory kill minutes in (activations not counted)
+    check_training(student.model, device=trainer.args.device)
+    if method.trains_teacher:
+        check_training(trainer.teacher.model, device=trainer.args.device, what="co-distillation's teacher")
+    try:
+        trainer.train(resume_from_checkpoint=str(last) if resume and last else None)
+    except Exception as e:
+        if resume and last and refused_pickle(e):
+            raise StepDistillError(
+                f"--resume refused: a file in {last} holds more than tensors (torch's weights-only loader refused "
+                f"it, and nothing in it ran); move {last.name} aside to resume from an earlier checkpoint, "
+                "or start a new run with another --out") from e
+        err = failed_write(e, ckpt_root, trainer.state.global_step)
+        if err is None:
+            raise
+        raise err from e
+
+
 def fit(
     student: Student,
     method_cfg: MethodConfig,
@@ -166,9 +194,12 @@ def fit(
     *,
     resume: bool = False,
     progress: bool = True,
+    tags: dict[str, str] | None = None,
+    tracking_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train `student` on `train_records`, keep the model with the best validation accuracy,
-    save it to out_dir/model, return the metrics.
+    save it to out_dir/model, return the metrics. `tags` and `tracking_dir` (default out_dir):
+    how the trackers of `training.report_to` name and group the run; tags["run"] is its name.
 
     Returns {"train_loss": [(step, loss), ...], "best_val_accuracy", "best_step", "steps",
     "seconds", "trainable_params", "total_params", "train_records", "rationale_records"}.
@@ -201,26 +232,15 @@ def fit(
         log.info("resuming from %s (step %d)", last, start_step)
     method = get_method(method_cfg)
     teacher_from = method.resume_teacher_from(last) if resume else None
-    trainer = build_trainer(student, method_cfg, training, train_records, val_examples, task, out_dir,
-                            progress=progress, teacher_from=teacher_from)
-    # a clear error now rather than an out-of-memory kill minutes in (activations not counted)
-    check_training(student.model, device=trainer.args.device)
-    if method.trains_teacher:
-        check_training(trainer.teacher.model, device=trainer.args.device, what="co-distillation's teacher")
-    trainable, total = count_parameters(student.model)
-    start = time.time()
-    try:
-        trainer.train(resume_from_checkpoint=str(last) if resume and last else None)
-    except Exception as e:
-        if resume and last and refused_pickle(e):
-            raise StepDistillError(
-                f"--resume refused: a file in {last} holds more than tensors (torch's weights-only loader refused "
-                f"it, and nothing in it ran); move {last.name} aside to resume from an earlier checkpoint, "
-                "or start a new run with another --out") from e
-        err = failed_write(e, ckpt_root, trainer.state.global_step)
-        if err is None:
-            raise
-        raise err from e
+    tags = dict(tags or {})
+    run_name = tags.pop("run", None) or out_dir.name
+    with tracking(training.report_to, Path(tracking_dir or out_dir), run_name=run_name, tags=tags) as (report_to, cbs):
+        trainer = build_trainer(student, method_cfg, training, train_records, val_examples, task, out_dir,
+                                progress=progress, teacher_from=teacher_from, report_to=report_to,
+                                run_name=run_name, extra_callbacks=tuple(cbs))
+        trainable, total = count_parameters(student.model)
+        start = time.time()
+        _train(trainer, student, method, resume, last, ckpt_root)
     seconds = time.time() - start
     state = trainer.state
 
