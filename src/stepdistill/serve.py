@@ -6,9 +6,10 @@
     {"predictions": [{"label": "(3 + 4)", "rationale": "3 plus 4 is 7."}], "model": "svamp-student", "ms": 41.2}
 
 POST /predict takes `input` (one string) or `inputs` (a list of at most 256); `rationale: true`
-also runs the rationale task. GET /health says which model is loaded. Replies name the model
-by its folder's name (or --model-name), never by its path. Needs the `serve` extra:
-pip install "stepdistill[serve]".
+also runs the rationale task. GET /health says which model is loaded. The OpenAI API (/v1/models,
+/v1/chat/completions, /v1/completions, streaming too) is openai_api.py's, on the same worker and
+limits. Replies name the model by its folder's name (or --model-name), never by its path. Needs
+the `serve` extra: pip install "stepdistill[serve]".
 
 Limits (each refusal is one line saying what to change; the server goes on serving):
 - body over --max-body-bytes (default 1 MiB) -> 413, read no further. 256 inputs at a student's
@@ -299,6 +300,7 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
     # by_length is how predict() groups inputs into batches: micro-batches made with it are those batches
     from stepdistill.evaluation import by_length, decoding_vocab, explain, label_token_limit, load_trained, predict
     from stepdistill.methods.formatting import Format, encode_source
+    from stepdistill.openai_api import add_openai_routes, openai_error
 
     problems = [f"{flag} must be at least {low}, not {value}" for flag, value, low in (
         ("--batch-size", batch_size, 1), ("--max-body-bytes", max_body_bytes, 1024),
@@ -345,23 +347,25 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):  # OpenAI clients read {"error": {"message": ...}}
+            return openai_error(422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                               for e in short_errors(list(exc.errors()))))
         return JSONResponse(status_code=422, content={"detail": short_errors(list(exc.errors()))})
 
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "model": name, "method": info.get("method"), "queued_inputs": sched.pending}
 
-    @app.post("/predict")
-    async def predict_route(q: Query) -> dict[str, Any]:
-        texts = [q.input] if q.input is not None else list(q.inputs or [])
+    async def answer(texts: list[str], rationale: bool) -> tuple[list[str], list[str] | None, list[int]]:
+        """Labels (and rationales) of `texts` through the worker, and their input token counts;
+        an HTTPException where the request is refused or fails."""
         if not texts:
             raise HTTPException(status_code=422, detail="`inputs` is empty: send at least one input")
-        t0 = time.perf_counter()
         lengths = await run_in_threadpool(token_counts, texts)
-        work = sum(lengths) * (2 if q.rationale else 1)
+        work = sum(lengths) * (2 if rationale else 1)
         if work > max_request_tokens:
             raise HTTPException(status_code=413, detail=(
-                f"this request is {work} input tokens after truncation{' (x2: rationale)' if q.rationale else ''}, "
+                f"this request is {work} input tokens after truncation{' (x2: rationale)' if rationale else ''}, "
                 f"over this server's {max_request_tokens} (--max-request-tokens): split it into smaller requests, "
                 "or label a file with `stepdistill predict`"))
         loop = asyncio.get_running_loop()
@@ -370,7 +374,7 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
         def settle() -> None:  # the worker thread's signal, handed to this request's event loop
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
 
-        job = Job(texts, deque(by_length(lengths, batch_size)), q.rationale, on_done=settle)
+        job = Job(texts, deque(by_length(lengths, batch_size)), rationale, on_done=settle)
         try:
             sched.submit(job)
         except QueueFull as e:
@@ -385,11 +389,21 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
             # the type only: an exception's text can carry file paths
             raise HTTPException(status_code=500, detail=f"prediction failed ({type(job.error).__name__}): "
                                                         "see the server's log")
-        why = job.rationales
+        return job.labels, job.rationales, lengths
+
+    @app.post("/predict")
+    async def predict_route(q: Query) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        labels, why, _ = await answer([q.input] if q.input is not None else list(q.inputs or []), q.rationale)
         preds = [{"label": label, **({"rationale": why[i]} if why is not None else {})}
-                 for i, label in enumerate(job.labels)]
+                 for i, label in enumerate(labels)]
         return {"predictions": preds, "model": name, "ms": round(1000 * (time.perf_counter() - t0), 1)}
 
+    def text_tokens(texts: list[str]) -> list[int]:
+        with tok_lock:
+            return [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+    add_openai_routes(app, name, answer, text_tokens)
     return app
 
 
