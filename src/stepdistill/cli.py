@@ -158,9 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep directory (stepdistill sweep --out)")
     p.add_argument("--teacher", help="annotation run of the evaluation split: the teacher's accuracy, latency and cost")
     p.add_argument("--out", required=True, help="folder to write report.html, report.md and figures/ to")
-    p = sub.add_parser("export", help="ship a trained student: safetensors, tokenizer and a model card")
+    p = sub.add_parser("export", help="ship a trained student: safetensors, tokenizer and a model card (and GGUF)")
     p.add_argument("--model", required=True, help="training run directory or its model/ folder")
     p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors",
+                   help="gguf: also a GGUF file per --quant (llama.cpp's converter) and an Ollama Modelfile")
+    p.add_argument("--quant", action="append", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="GGUF quantisation, repeatable (default q8_0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p = sub.add_parser("predict", help="label every record of a JSONL/CSV file with a trained student")
     p.add_argument("--model", required=True, help="training run, model folder or exported folder")
@@ -196,6 +200,9 @@ def _add_prediction_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="longest label generated (default: from the trained labels)")
     p.add_argument("--label-decoding", choices=["generate", "vocab"], default="generate",
                    help="vocab: greedy within the tokens of the trained labels (faster: a cut output layer)")
+    p.add_argument("--engine", choices=["transformers", "llamacpp"], default="transformers",
+                   help="llamacpp: the export's GGUF on llama.cpp (stepdistill export --format gguf)")
+    p.add_argument("--quant", help="llamacpp: which GGUF, where the export holds several (e.g. q8_0)")
 
 
 def _config_dict(args: argparse.Namespace) -> dict[str, Any]:
@@ -307,7 +314,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from stepdistill.deploy import export
 
-    print(f"wrote {export(args.model, args.out, overwrite=args.overwrite)} (model card: README.md)")
+    gguf = tuple(args.quant or ["q8_0"]) if args.format == "gguf" else ()
+    if args.quant and args.format != "gguf":
+        raise StepDistillError("--quant is for GGUF: add --format gguf")
+    print(f"wrote {export(args.model, args.out, overwrite=args.overwrite, gguf=gguf)} (model card: README.md"
+          + (f"; GGUF: {', '.join(gguf)}; Ollama: Modelfile" if gguf else "") + ")")
     return 0
 
 
@@ -318,7 +329,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise StepDistillError(f"{args.out} exists: choose a new --out (predictions never overwrite a file)")
     n = predict_file(args.model, args.input, args.out, field=args.field, batch_size=args.batch_size,
                      rationales=args.rationales, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                     label_decoding=args.label_decoding)
+                     label_decoding=args.label_decoding, engine=args.engine, quant=args.quant)
     print(f"wrote {n} predictions to {args.out}")
     return 0
 
@@ -329,7 +340,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
           label_decoding=args.label_decoding, batch_size=args.batch_size, model_name=args.model_name,
           max_body_bytes=args.max_body_bytes, max_request_tokens=args.max_request_tokens,
-          max_queue=args.max_queue, scheduler=args.scheduler)
+          max_queue=args.max_queue, scheduler=args.scheduler, engine=args.engine, quant=args.quant)
     return 0
 
 

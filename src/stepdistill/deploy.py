@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import yaml
 
 from stepdistill.errors import StepDistillError
+from stepdistill.gguf_student import CONVERTER_VERSION, QUANTS, check_engine, convert, modelfile
 from stepdistill.evaluation import decoding_vocab, explain, label_token_limit, load_trained, predict
 from stepdistill.runs import MARKER, claim_output, fsync_tree, output_kind, write_error, write_jsonl, write_marker
 from stepdistill.students import MODEL_INFO, model_folder
@@ -29,8 +30,10 @@ CARD = "README.md"
 STAGING_SUFFIX = ".partial"  # an export being written: .<name>.<random>.partial beside --out
 
 
-def export(run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Copy a trained student (a run directory or its model/ folder) to `out` with a model card.
+def export(run: str | Path, out: str | Path, *, overwrite: bool = False, gguf: tuple[str, ...] = ()) -> Path:
+    """Copy a trained student (a run directory or its model/ folder) to `out` with a model card;
+    with `gguf` quantisations (e.g. ("q8_0", "f16")), also a GGUF file of each, converted by
+    llama.cpp's converter, and an Ollama Modelfile (gguf_student.py).
 
     Only safetensors weights are exported: a pickle checkpoint is refused, as untrusted code.
     """
@@ -40,6 +43,15 @@ def export(run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path
         raise StepDistillError(f"{run} holds no trained stepdistill model: pass a training run directory or its model/ folder")
     if not any(src.glob("*.safetensors")):
         raise StepDistillError(f"{src} has no .safetensors weights: export ships safetensors only; retrain with stepdistill")
+    info = _read(src / MODEL_INFO, "json") or {}
+    fmt = info.get("format") or {}
+    if gguf:
+        bad = [q for q in gguf if q not in QUANTS]
+        if bad:
+            raise StepDistillError(f"unknown GGUF quantisation {bad[0]!r}: choose from {', '.join(QUANTS)}")
+        if fmt.get("kind") != "causal":
+            raise StepDistillError(f"{src} is a {fmt.get('kind', 'unknown')} student: GGUF export converts causal "
+                                   "students (Llama, Qwen, Mistral, SmolLM families); export it without --format gguf")
     # The folder is checked, and never touched, before the copy: an existing export is swapped
     # out only once the new one is complete, and nothing but an export stepdistill made is replaced.
     claim_output(out, "export", overwrite=overwrite, inputs=(run, src), create=False)
@@ -50,7 +62,11 @@ def export(run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path
         write_marker(tmp, "export")  # first: a staging folder a killed export left is known as ours
         shutil.copytree(src, tmp, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "*.pkl", "training_args*", MARKER))
-        (tmp / CARD).write_text(model_card(run))
+        files = [convert(tmp, tmp / f"{out.name}.{q}.gguf", q).name for q in dict.fromkeys(gguf)]
+        if files:
+            (tmp / "Modelfile").write_text(modelfile(files[0], info.get("label_prefix", ""), fmt.get("separator", ""),
+                                                     label_token_limit(info)))
+        (tmp / CARD).write_text(model_card(run, gguf_files=files))
         fsync_tree(tmp)
         old = None
         if out.exists():  # an empty folder, or (--overwrite) an export: set aside, then removed
@@ -62,6 +78,9 @@ def export(run: str | Path, out: str | Path, *, overwrite: bool = False) -> Path
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(out, e) from e
+    except BaseException:  # a failed conversion leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -97,7 +116,7 @@ def _read(path: Path, kind: str) -> Any:
         return None
 
 
-def model_card(run: str | Path) -> str:
+def model_card(run: str | Path, gguf_files: list[str] | tuple[str, ...] = ()) -> str:
     """The model card of a trained student, from the files its run left: config, training
     metrics, evaluations, the annotation run's summary. What is not known is said to be unknown."""
     run = Path(run)
@@ -158,18 +177,37 @@ def model_card(run: str | Path) -> str:
         "student, info = load_trained(\"path/to/this/folder\")",
         "predict(student, [\"your input\"], prefix=info[\"label_prefix\"])", "```", "",
     ]
+    if gguf_files:
+        prompt = f"{info.get('label_prefix', '')}<input>{(info.get('format') or {}).get('separator', '')}"
+        lines += [
+            "## GGUF: llama.cpp, Ollama, LM Studio", "",
+            f"{', '.join(f'`{f}`' for f in gguf_files)}: converted by llama.cpp's `convert_hf_to_gguf.py` "
+            f"(llama-cpp-python {CONVERTER_VERSION}). The student reads the raw prompt it was trained on, "
+            f"`{json.dumps(prompt)}` (no chat template), and answers greedily.", "",
+            "```bash",
+            "stepdistill predict --model . --engine llamacpp --input problems.jsonl --out answers.jsonl",
+            "stepdistill serve --model . --engine llamacpp   # also the OpenAI API under /v1",
+            f"llama-cli -m {gguf_files[0]} --temp 0 -n {label_token_limit(info)} -no-cnv -p {json.dumps(prompt)}",
+            "ollama create my-student -f Modelfile && ollama run my-student \"<input>\"",
+            "```", "",
+            "`stepdistill predict --engine llamacpp` passes the student's own token ids to llama.cpp, so its prompt "
+            "is exactly the one the transformers student reads; other front ends tokenize the prompt text "
+            "themselves, and may differ in the first token.", "",
+        ]
     return "\n".join(lines)
 
 
 def predict_file(model: str | Path, inputs: str | Path, out: str | Path, *, field: str = "input",
                  batch_size: int = 32, rationales: bool = False, max_new_tokens: int | None = None,
-                 dtype: str = "float32", label_decoding: str = "generate") -> int:
+                 dtype: str = "float32", label_decoding: str = "generate", engine: str = "transformers",
+                 quant: str | None = None) -> int:
     """Predict a label for every record of a JSONL/CSV file (its `field`), streaming, in batches,
     with a progress bar; writes `out` (each input record + `prediction`, and `rationale` when
     asked) atomically. Returns the number of predictions."""
     from tqdm import tqdm
 
-    student, info = load_trained(model, dtype=dtype)
+    check_engine(engine, label_decoding)
+    student, info = load_trained(model, dtype=dtype, engine=engine, quant=quant)
     limit = max_new_tokens or label_token_limit(info)
     vocab = decoding_vocab(info, label_decoding, model)
     total = sum(1 for _ in iter_records(inputs, (field,)))  # checks every record first: a bad line costs nothing

@@ -27,17 +27,23 @@ from stepdistill.tasks import get_task, load_examples
 from stepdistill.methods.formatting import Format, decoder_marker, encode_source, extract_answer
 from stepdistill.students import MODEL_INFO, Student, count_parameters, load_pretrained, model_folder
 
-def load_trained(path: str | Path, *, trust_remote_code: bool = False, dtype: str = "float32"
-                 ) -> tuple[Student, dict[str, Any]]:
+def load_trained(path: str | Path, *, trust_remote_code: bool = False, dtype: str = "float32",
+                 engine: str = "transformers", quant: str | None = None) -> tuple[Student, dict[str, Any]]:
     """Load a model trained by `training.fit` and its stepdistill.json (method, prefixes, format).
 
     `path` is the model folder or a run folder holding `model/`. The returned student carries
     the saved Format in `student.fmt`. A run folder may come from anyone: its weights are read
     as safetensors (or tensor-only pickles) and code saved with the model runs only with
     `trust_remote_code=True`, which is never read from the folder itself.
+
+    `engine="llamacpp"`: the folder's GGUF (of `quant`, where it holds several; `path` may name
+    the .gguf itself) on llama.cpp, with the folder's tokenizer (gguf_student.py).
     """
     p = Path(path).expanduser()
-    model_dir = model_folder(p)
+    if engine not in ("transformers", "llamacpp"):
+        raise StepDistillError(f"unknown engine {engine!r}: choose transformers or llamacpp")
+    gguf = p if p.suffix == ".gguf" else None
+    model_dir = p.parent if gguf else model_folder(p)
     info_file = model_dir / MODEL_INFO
     if not info_file.is_file():
         raise StepDistillError(
@@ -50,11 +56,26 @@ def load_trained(path: str | Path, *, trust_remote_code: bool = False, dtype: st
     except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
         raise StepDistillError(f"{info_file} cannot be used as a {MODEL_INFO} ({type(e).__name__}: {str(e)[:120]}): "
                                "the model folder is damaged; retrain, or restore it from the training run") from None
+    if engine == "llamacpp" or gguf:
+        return _on_llamacpp(model_dir, gguf, quant, fmt), info
     student = load_pretrained(str(model_dir), kind=fmt.kind, trust_remote_code=trust_remote_code)
     student.fmt = fmt
     if inference_dtype(dtype) is torch.bfloat16:
         student.model.to(torch.bfloat16)
     return student, info
+
+
+def _on_llamacpp(model_dir: Path, gguf: Path | None, quant: str | None, fmt: Format) -> Student:
+    from transformers import AutoTokenizer
+
+    from stepdistill.gguf_student import LlamaCppModel, gguf_file
+
+    if fmt.kind != "causal":
+        raise StepDistillError(f"{model_dir} is a {fmt.kind} student: the llama.cpp engine runs causal students; "
+                               "use --engine transformers")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = LlamaCppModel(gguf or gguf_file(model_dir, quant), n_ctx=fmt.max_input_length + 1024)
+    return Student(model, tokenizer, False, fmt)
 
 
 def inference_dtype(dtype: str) -> torch.dtype:

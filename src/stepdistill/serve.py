@@ -286,9 +286,10 @@ def served_name(model: str | Path) -> str:
 def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_size: int = 32, dtype: str = "float32",
                label_decoding: str = "generate", model_name: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_request_tokens: int = MAX_REQUEST_TOKENS,
-               max_queue: int = MAX_QUEUE, scheduler: str = "fair"):
-    """The FastAPI app serving one trained student (loaded once, here). `app.state.scheduler`
-    is its model worker."""
+               max_queue: int = MAX_QUEUE, scheduler: str = "fair", engine: str = "transformers",
+               quant: str | None = None):
+    """The FastAPI app serving one trained student (loaded once, here), on transformers or
+    (a GGUF export) llama.cpp. `app.state.scheduler` is its model worker."""
     try:
         from fastapi import FastAPI, HTTPException, Request
         from fastapi.exceptions import RequestValidationError
@@ -310,7 +311,10 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
         problems.append(f"unknown --scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
     if problems:  # --max-queue: a smaller queue could never take a full request
         raise StepDistillError("; ".join(problems))
-    student, info = load_trained(model, dtype=dtype)
+    from stepdistill.gguf_student import check_engine
+
+    check_engine(engine, label_decoding)
+    student, info = load_trained(model, dtype=dtype, engine=engine, quant=quant)
     limit = max_new_tokens or label_token_limit(info)
     vocab = decoding_vocab(info, label_decoding, model)
     name = model_name or served_name(model)
@@ -410,7 +414,8 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_new_tokens: int | None = None,
           dtype: str = "auto", label_decoding: str = "generate", batch_size: int = 32, model_name: str | None = None,
           max_body_bytes: int = MAX_BODY_BYTES, max_request_tokens: int = MAX_REQUEST_TOKENS,
-          max_queue: int = MAX_QUEUE, scheduler: str = "fair") -> None:
+          max_queue: int = MAX_QUEUE, scheduler: str = "fair", engine: str = "transformers",
+          quant: str | None = None) -> None:
     """Run the server until interrupted; the limits are create_app's (see the module docstring)."""
     try:
         import uvicorn
@@ -418,5 +423,6 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_n
         raise StepDistillError('stepdistill serve needs uvicorn: pip install "stepdistill[serve]"') from e
     app = create_app(model, max_new_tokens=max_new_tokens, dtype=dtype, label_decoding=label_decoding,
                      batch_size=batch_size, model_name=model_name, max_body_bytes=max_body_bytes,
-                     max_request_tokens=max_request_tokens, max_queue=max_queue, scheduler=scheduler)
+                     max_request_tokens=max_request_tokens, max_queue=max_queue, scheduler=scheduler,
+                     engine=engine, quant=quant)
     uvicorn.run(app, host=host, port=port, log_level="info")
