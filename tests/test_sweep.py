@@ -110,8 +110,12 @@ def test_sweep_refuses_a_changed_config_in_the_same_directory(setup):
 def test_a_resumed_sweep_may_add_seeds_and_methods_and_reuses_only_identical_cells(setup, monkeypatch):
     d, cfg = setup
     out = d / "run3"
-    small = {**cfg, "methods": ["standard", "step-by-step"], "fractions": [1.0], "seeds": [0]}
+    small = {**cfg, "methods": ["standard", "step-by-step"], "fractions": [1.0], "seeds": [0],
+             "training": {**cfg["training"], "eval_steps": 1}}
     first = sweep(small, out, echo=lambda _: None)
+    for r in first["cells"]:  # where each cell's time went, from its calls' wall times and the training log
+        parts = r["steps_s"] + r["validation_s"] + r["test_eval_s"] + r["other_s"]
+        assert r["wall_s"] > 0 and r["steps_s"] > 0 and r["validation_s"] >= 0 and abs(parts - r["wall_s"]) < 0.3
     calls = []
     real_train = api.train
     monkeypatch.setattr(api, "train", lambda c, o, **k: (calls.append(Path(o).parent.name), real_train(c, o, **k))[1])
@@ -130,6 +134,18 @@ def test_a_resumed_sweep_may_add_seeds_and_methods_and_reuses_only_identical_cel
           out, echo=lambda _: None)
     with pytest.raises(RunExistsError, match="differs in training.max_steps"):  # not a grid axis
         sweep({**small, "training": {**small["training"], "max_steps": 3}}, out, echo=lambda _: None)
+
+
+def test_a_cells_time_splits_into_steps_validation_test_evaluation_and_the_rest(tmp_path):
+    from stepdistill.sweep import cell_timing
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "metrics.json").write_text(json.dumps({"seconds": 100.0}))
+    (tmp_path / "train" / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in [
+        {"step": 10, "loss": 1.0}, {"step": 60, "eval_accuracy": 0.5, "eval_runtime": 6.0},
+        {"step": 120, "eval_accuracy": 0.6, "eval_runtime": 4.0}]))
+    t = cell_timing(tmp_path, train_call=110.0, eval_call=30.0)
+    assert t == {"wall_s": 140.0, "steps_s": 90.0, "validation_s": 10.0, "test_eval_s": 30.0, "other_s": 10.0}
 
 
 def test_summary_mean_and_standard_error():

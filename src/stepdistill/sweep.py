@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import re
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -125,19 +126,26 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print) -> di
             echo(f"[{i}/{len(grid)}] {c['name']}")
             try:
                 train_cfg = _train_config(cfg, c)
-                if not (d / "train" / "metrics.json").is_file():
+                t0 = time.perf_counter()
+                trained_now = not (d / "train" / "metrics.json").is_file()
+                if trained_now:
                     started = (d / "train").is_dir() and any((d / "train").iterdir())
                     api.train(train_cfg, d / "train", resume=started, echo=lambda _: None,
                               tags={"run": c["name"], "sweep": run.dir.name, "method": c["method_tag"],
                                     "student": c["student_tag"], "fraction": str(c["fraction"]),
                                     "seed": str(c["seed"])}, tracking_dir=run.dir)
+                t1 = time.perf_counter()
                 api.evaluate({"task": cfg.task.model_dump(), "model": str(d / "train"), "split": cfg.eval.split,
                               "limit": cfg.eval.limit, "batch_size": cfg.eval.batch_size,
                               "dtype": cfg.eval.dtype, "label_decoding": cfg.eval.label_decoding}, d / "eval",
                              overwrite=(d / "eval").exists(), echo=lambda _: None)
+                t2 = time.perf_counter()
+                if trained_now:  # a cell resumed part-way has no whole-cell timing
+                    write_json(d / "timing.json", cell_timing(d, train_call=t1 - t0, eval_call=t2 - t1))
                 row.update(_metrics(d), status="done")
                 (d / "error.txt").unlink(missing_ok=True)
-                echo(f"    accuracy {row['accuracy']:.2%}" if row["accuracy"] is not None else "    accuracy n/a")
+                echo((f"    accuracy {row['accuracy']:.2%}" if row["accuracy"] is not None else "    accuracy n/a")
+                     + (f" ({_shares(row)})" if row.get("wall_s") else ""))
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # a failed cell is recorded; the sweep goes on
@@ -149,10 +157,15 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print) -> di
         results = {"task": cfg.task.name, "split": cfg.eval.split, "cells": rows, "summary": summarise(rows)}
         write_json(run.path("results.json"), results)
         write_text(run.path("cells.csv"), _csv(rows, ["cell", "method", "student", "fraction", "seed", "status",
-                                                      "accuracy", "n", "ms_per_example", "parameters", "error"]))
+                                                      "accuracy", "n", "ms_per_example", "parameters", *TIMING,
+                                                      "error"]))
         write_text(run.path("summary.csv"), _csv(results["summary"], ["method", "student", "fraction", "seeds",
                                                                       "mean", "sem", "min", "max", "failed"]))
         echo(table(results["summary"]))
+        timed = [r for r in rows if r.get("wall_s")]
+        if timed:
+            total = {k: sum(r[k] for r in timed) for k in TIMING}
+            echo(f"time in {len(timed)} cells timed by this run: {_shares(total)}")
         failed = sum(r["status"] == "failed" for r in rows)
         echo(f"wrote {run.path('results.json')}, cells.csv, summary.csv" + (f"; {failed} cells failed" if failed else ""))
     return results
@@ -160,8 +173,34 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print) -> di
 
 def _metrics(d: Path) -> dict[str, Any]:
     m = json.loads((d / "eval" / "metrics.json").read_text())
+    timing = json.loads((d / "timing.json").read_text()) if (d / "timing.json").is_file() else {}
     return {"accuracy": m.get("accuracy"), "n": m.get("n"), "ms_per_example": m.get("ms_per_example"),
-            "parameters": m.get("parameters")}
+            "parameters": m.get("parameters"), **{k: timing.get(k) for k in TIMING}}
+
+
+# where a cell's wall time goes (seconds): training steps, validation passes inside training, the
+# test evaluation (model load included), and the rest (student load, tokenisation, checkpoints, saving)
+TIMING = ("wall_s", "steps_s", "validation_s", "test_eval_s", "other_s")
+
+
+def cell_timing(d: Path, *, train_call: float, eval_call: float) -> dict[str, float]:
+    """A cell's time breakdown, from the wall times of its two calls and what training logged:
+    the Trainer's loop time (metrics.json `seconds`) and each validation pass (`eval_runtime`)."""
+    loop = json.loads((d / "train" / "metrics.json").read_text()).get("seconds") or 0.0
+    log = d / "train" / "train_log.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    validation = sum(json.loads(x).get("eval_runtime", 0.0) for x in lines if "eval_runtime" in x)
+    steps = max(loop - validation, 0.0)
+    wall = train_call + eval_call
+    return {k: round(v, 1) for k, v in {"wall_s": wall, "steps_s": steps, "validation_s": validation,
+                                        "test_eval_s": eval_call, "other_s": max(wall - steps - validation - eval_call, 0.0)
+                                        }.items()}
+
+
+def _shares(t: dict[str, Any]) -> str:
+    wall = t["wall_s"] or 1.0
+    return (f"{t['wall_s']:.0f} s: training steps {t['steps_s'] / wall:.0%}, validation {t['validation_s'] / wall:.0%}, "
+            f"test evaluation {t['test_eval_s'] / wall:.0%}, other {t['other_s'] / wall:.0%}")
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
