@@ -37,6 +37,18 @@ def test_distill_uses_teacher_labels_and_drops_unparsed():
         get_method(MethodConfig(name="distill")).records(exs, None)
 
 
+def test_answers_the_teachers_verification_dropped_are_counted_apart_from_unparsed_ones():
+    exs = examples(4)
+    ann = annotations(exs, bad={"ex1"})
+    ann["ex2"] = Parsed(None, None, "disagrees with gold: teacher said 'plant', gold is 'animal'")
+    ann["ex3"] = Parsed(None, None, "teacher failed: timeout")
+    for name in ("distill", "label-rationale"):
+        rs = get_method(MethodConfig(name=name, label_source="teacher")).records(exs, ann)
+        assert [r.id for r in rs.records] == ["ex0"]
+        assert (rs.counts["dropped_unparsed"], rs.counts["dropped_unverified"], rs.counts["dropped_teacher_failed"]) == (1, 1, 1)
+        assert "1 dropped unverified" in rs.summary()
+
+
 def test_step_by_step_gold_keeps_unparsed_for_label_task_only():
     exs = examples(4)
     ann = annotations(exs, bad={"ex1"})

@@ -41,13 +41,28 @@ class RecordSet:
     """The records a method built, and what it left out and why (shown to the user)."""
 
     records: list[TrainRecord]
-    counts: dict[str, int] = field(default_factory=dict)  # e.g. {"examples": 100, "dropped_unparsed": 3}
+    counts: dict[str, int] = field(default_factory=dict)  # e.g. {"examples": 100, "dropped_unverified": 3}
 
     def summary(self) -> str:
         """`"95 of 100 examples kept (3 unparsed teacher outputs dropped, ...)"`."""
         n = self.counts.get("examples", len(self.records))
         notes = [f"{v} {k.replace('_', ' ')}" for k, v in self.counts.items() if k != "examples" and v]
         return f"{len(self.records)} of {n} examples kept" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def dropped_because(p: Parsed | None) -> str:
+    """The records count an unusable annotation goes to: never annotated, dropped by the teacher's
+    verification (its answer disagreed with gold, or no clear majority), the teacher failed, or
+    its output did not parse."""
+    from stepdistill.verify import FAILED, NO_MAJORITY, WRONG
+
+    if p is None:
+        return "dropped_not_annotated"
+    if (p.error or "").startswith((WRONG, NO_MAJORITY)):
+        return "dropped_unverified"
+    if (p.error or "").startswith(FAILED):
+        return "dropped_teacher_failed"
+    return "dropped_unparsed"
 
 
 class Method:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from stepdistill.errors import StepDistillError
-from stepdistill.methods.base import METHODS, Method, RecordSet, TrainRecord
+from stepdistill.methods.base import METHODS, Method, RecordSet, TrainRecord, dropped_because
 from stepdistill.tasks.base import Example, Parsed
 
 
@@ -38,16 +38,12 @@ class DistillMethod(Method):
 
     def records(self, examples: list[Example], annotations: Mapping[str, Parsed] | None) -> RecordSet:
         ann = self._require_annotations(annotations)
-        recs, unparsed, unannotated = [], 0, 0
+        recs, counts = [], {"examples": len(examples)}
         for e in examples:
             p = ann.get(e.id)
-            if p is None:
-                unannotated += 1
-            elif not p.ok:  # never train on a completion we could not parse
-                unparsed += 1
+            if p is None or not p.ok:  # never train on a completion we could not parse or did not keep
+                why = dropped_because(p)
+                counts[why] = counts.get(why, 0) + 1
             else:
                 recs.append(TrainRecord(e.id, e.input, p.label))  # type: ignore[arg-type]
-        return RecordSet(
-            recs,
-            {"examples": len(examples), "dropped_unparsed": unparsed, "dropped_not_annotated": unannotated},
-        )
+        return RecordSet(recs, counts)

@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 
 from stepdistill.errors import StepDistillError
-from stepdistill.methods.base import METHODS, Method, RecordSet, TrainRecord
+from stepdistill.methods.base import METHODS, Method, RecordSet, TrainRecord, dropped_because
 from stepdistill.methods.batches import RATIONALE, stack_padded
 from stepdistill.methods.formatting import Format, encode_example
 from stepdistill.methods.fused import WeightGradHandoff
@@ -45,7 +45,7 @@ class StepByStepMethod(Method):
                     "method.label_source=teacher, or use a split with labels"
                 )
         recs: list[TrainRecord] = []
-        counts = {"examples": len(examples), "dropped_unparsed": 0, "dropped_not_annotated": 0, "label_only": 0}
+        counts = {"examples": len(examples), "label_only": 0}
         more = self.cfg.rationales_per_input - 1  # further rationales per input (several teacher samples)
         if more:
             counts["extra_rationales"] = 0
@@ -58,7 +58,8 @@ class StepByStepMethod(Method):
             elif usable:
                 label = p.label
             else:
-                counts["dropped_unparsed" if p is not None else "dropped_not_annotated"] += 1
+                why = dropped_because(p)
+                counts[why] = counts.get(why, 0) + 1
                 continue
             if rationale is None:
                 counts["label_only"] += 1
