@@ -144,3 +144,11 @@ def test_cli_report(tmp_path, capsys):
     sweep = _fake_sweep(tmp_path / "sweep")
     cli.run(["report", str(sweep), "--out", str(tmp_path / "r")])
     assert "report.html" in capsys.readouterr().out and (tmp_path / "r" / "report.html").is_file()
+
+
+def test_a_verdict_is_significant_only_after_holms_adjustment():
+    from stepdistill.report import verdict_of
+
+    assert verdict_of({"diff": 0.03, "significant": True, "within_noise": False}) == "A better"
+    assert verdict_of({"diff": -0.02, "significant": False, "within_noise": False}) == "B ahead, not after Holm"
+    assert verdict_of({"diff": 0.01, "significant": False, "within_noise": True}) == "within noise"

@@ -111,9 +111,18 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
                         "p_per_seed": [mcnemar(x, y)["p"] for x, y in zip(a, b)]})
     for c, adjusted in zip(out, holm([c["p"] for c in out])):
         c["p_holm"] = adjusted
-        c["significant"] = c["p"] < 0.05
-        c["within_noise"] = not c["significant"]
+        # significant across the whole table (Holm): a sweep of m methods makes m(m-1)/2 comparisons
+        c["significant"] = adjusted < 0.05
+        c["within_noise"] = c["p"] >= 0.05
     return out
+
+
+def verdict_of(c: dict[str, Any]) -> str:
+    """A comparison's verdict: significant only after Holm's adjustment over the table."""
+    better = "A" if c["diff"] > 0 else "B"
+    if c["significant"]:
+        return f"{better} better"
+    return "within noise" if c["within_noise"] else f"{better} ahead, not after Holm"
 
 
 # ---------------------------------------------------------------- plots
@@ -315,11 +324,12 @@ def build(sweep_dir: str | Path, teacher_run: str | Path | None = None
            "as independent, as a pooled McNemar test does, counts one item once per seed and makes p too small. "
            "Holm's p adjusts for every comparison in this table. For reference: items only A or only B got right "
            "by majority vote over seeds, with McNemar's exact p on those votes, and McNemar's p on each seed "
-           "alone. A difference is called significant when p < 0.05; the verdict says so plainly.", "",
+           "alone. The verdict calls a difference significant when Holm's p < 0.05 (the table's comparisons "
+           "together); a p below 0.05 that Holm's adjustment lifts above it reads 'ahead, not after Holm'.", "",
            "| student | data | A | B | seeds x items | A - B (95% interval) | p (items) | Holm p | only A / only B (majority) | McNemar p (majority) | McNemar p per seed | verdict |",
            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for c in comps:
-        verdict = "within noise" if not c["significant"] else ("A better" if c["diff"] > 0 else "B better")
+        verdict = verdict_of(c)
         per_seed = ", ".join(f"{p:.2g}" for p in c["p_per_seed"])
         md.append(f"| {c['student']} | {100 * c['fraction']:g}% | {c['a']} | {c['b']} | {c['seeds']} x {c['items']} | "
                   f"{100 * c['diff']:+.1f} ({100 * c['low']:+.1f}, {100 * c['high']:+.1f}) | {c['p']:.3g} | "
