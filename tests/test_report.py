@@ -122,6 +122,21 @@ def test_report_writes_html_and_markdown(tmp_path):
     verdicts = [line for line in md.splitlines() if "| standard | step-by-step |" in line]
     assert len(verdicts) == 2
     assert "B better" in next(v for v in verdicts if "| 100% |" in v)  # 0.6 vs 0.9 skill on 2 x 40 items
+    assert "## The paper's comparisons" not in md  # a config without its methods: no pairs claimed
+
+
+def test_the_report_opens_with_the_papers_like_for_like_comparisons(tmp_path):
+    sweep = _fake_sweep(tmp_path / "sweep")
+    (sweep / "config.yaml").write_text("task: {name: esnli}\nmethods: [standard, step-by-step, distill]\n"
+                                       "fractions: [0.5, 1.0]\nstudents: [s]\nseeds: [0, 1]\n")
+    md = (report(sweep, tmp_path / "out") / "report.md").read_text()
+    rows = [line for line in md.split("## The paper's comparisons, like for like")[1].split("## Are")[0].splitlines()
+            if line.startswith("| s |")]
+    # step-by-step (gold labels) against standard, oriented rationales - baseline; distill has no cells here
+    assert len(rows) == 2 and all("| step-by-step | standard | gold |" in r for r in rows)
+    full = next(r for r in rows if "| 100% |" in r)
+    diff = float(full.split("|")[8].split("(")[0])
+    assert diff > 0 and "rationales better" in full
 
 
 def test_identical_methods_are_within_noise(tmp_path):
