@@ -466,3 +466,31 @@ def test_asking_for_several_rationales_from_one_sample_per_input_is_a_clear_erro
     ann = read_annotations(tmp_path / "a", TASK, "train", EXAMPLES[:3])
     with pytest.raises(StepDistillError, match="one rationale per input.*verify.samples"):
         get_method(MethodConfig(name="step-by-step", rationales_per_input=2)).records(EXAMPLES[:3], ann)
+
+
+# --- chat endpoints: few-shot exemplars as turns ----------------------------------------------
+
+
+def test_a_chat_teacher_gets_the_exemplars_as_user_and_assistant_turns(server, tmp_path):
+    run(server, tmp_path, n=1)
+    (body,) = [r["body"] for r in server.log]
+    roles = [m["role"] for m in body["messages"]]
+    assert roles[-1] == "user" and roles[:-1] == ["user", "assistant"] * (len(roles) // 2)
+    prompt = TASK.teacher_prompt(EXAMPLES[0])
+    # the turns hold the prompt's text: each exemplar's question, its answer, then the input
+    m = body["messages"]
+    shots = [m[i]["content"] + " " + m[i + 1]["content"] for i in range(0, len(m) - 1, 2)]
+    assert "\n\n".join([*shots, m[-1]["content"]]) == prompt
+    assert body["messages"][-1]["content"] == prompt.rsplit("\n\n", 1)[1]
+
+
+def test_one_message_chat_format_sends_the_prompt_as_before_under_another_store_key(server, tmp_path):
+    from stepdistill.config import TeacherConfig
+    from stepdistill.teachers import make_teacher
+
+    run(server, tmp_path, n=1, chat_format="one-message")
+    (body,) = [r["body"] for r in server.log]
+    assert body["messages"] == [{"role": "user", "content": TASK.teacher_prompt(EXAMPLES[0])}]
+    turns = make_teacher(TeacherConfig(**cfg(server, 1)["teacher"]), TASK, "train", None).identity()
+    one = make_teacher(TeacherConfig(**cfg(server, 1, chat_format="one-message")["teacher"]), TASK, "train", None).identity()
+    assert turns != one and turns["chat_format"] == "turns"  # a stored one-message answer is not reused for turns

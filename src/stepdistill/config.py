@@ -126,7 +126,11 @@ class TeacherConfig(_Section):
     # --- openai: any OpenAI-compatible HTTP server (hosted API, vLLM, TGI, llama.cpp, Ollama)
     base_url: Optional[str] = Field(None, description="openai: the server's API root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1.")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: the environment variable holding the API key (the key itself is never read from a config).")
-    endpoint: Literal["chat", "completions"] = Field("chat", description="openai: /chat/completions (the prompt as one user message) or /completions (raw continuation).")
+    endpoint: Literal["chat", "completions"] = Field("chat", description="openai: /chat/completions or /completions (raw continuation of the prompt).")
+    chat_format: Literal["turns", "one-message"] = Field(
+        "turns", description="openai chat endpoint: turns: the instruction as the system turn and each few-shot "
+        "exemplar as a user turn and the assistant's answer, as chat models are trained; one-message: the whole "
+        "few-shot prompt as one user message (what stepdistill sent before).")
     replicas: list[str] = Field(
         default_factory=list, description="openai: more API roots serving the same model. Requests are spread over "
         "base_url and these (each with `concurrency` in flight); a replica that fails 3 times in a row is taken out "

@@ -71,6 +71,32 @@ class Task:
         0: a zero-shot prompt)."""
         raise NotImplementedError
 
+    def teacher_messages(self, example: Example, n_shots: int | None = None) -> list[dict[str, str]]:
+        """The few-shot prompt as chat turns: the instruction as the system turn, each exemplar a
+        user turn (its question) and an assistant turn (its rationale and answer), the input a
+        last user turn. Built from teacher_prompt's own blocks ("\n\n" apart): a block whose
+        question part is not the next block's prefix stays in the user turn, as one message."""
+        system, pairs, last = self._prompt_blocks(example, n_shots)
+        messages = [{"role": "system", "content": system}] if system else []
+        for question, answer in pairs:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return messages + [{"role": "user", "content": last}]
+
+    def _prompt_blocks(self, example: Example, n_shots: int | None) -> tuple[str, list[tuple[str, str]], str]:
+        """(instruction, [(question, answer)], last question) of teacher_prompt, split where each
+        exemplar's answer begins (after the task's answer cue, e.g. "A:")."""
+        blocks = self.teacher_prompt(example, n_shots).split("\n\n")
+        last = blocks[-1]
+        cue = last.rstrip().rsplit("\n", 1)[-1].strip()  # e.g. "A:": where an exemplar's answer starts
+        system, pairs = [], []
+        for block in blocks[:-1]:
+            head, sep, tail = block.partition("\n" + cue) if cue else (block, "", "")
+            if sep and tail.strip():
+                pairs.append((head + sep, tail.strip()))
+            else:
+                system.append(block)  # not an exemplar: an instruction
+        return "\n\n".join(system), pairs, last
+
     def parse(self, completion: str, example: Example | None = None) -> Parsed:
         """Parse a teacher completion (our prompts' or the paper's recorded PaLM outputs)."""
         raise NotImplementedError

@@ -169,7 +169,8 @@ class OpenAITeacher(Teacher):
 
     def identity(self) -> dict[str, Any]:
         # Not the URL: replicas or a moved server serving the same model share the store.
-        return self.generation_identity(model=self.cfg.model, endpoint=self.cfg.endpoint)
+        chat = {"chat_format": self.cfg.chat_format} if self.cfg.endpoint == "chat" and self.cfg.chat_format != "one-message" else {}
+        return self.generation_identity(model=self.cfg.model, endpoint=self.cfg.endpoint, **chat)
 
     def failure_hint(self) -> str:
         """What to check when every request failed."""
@@ -331,7 +332,9 @@ class OpenAITeacher(Teacher):
         if self.task.stop:
             body["stop"] = list(self.task.stop)[:4]  # the API takes at most 4; the rest are cut here
         if self.cfg.endpoint == "chat":
-            return "/chat/completions", {**body, "messages": [{"role": "user", "content": req.prompt}]}
+            messages = (self.task.teacher_messages(req.example, self.cfg.n_shots) if self.cfg.chat_format == "turns"
+                        else [{"role": "user", "content": req.prompt}])
+            return "/chat/completions", {**body, "messages": messages}
         return "/completions", {**body, "prompt": req.prompt}
 
     async def _pick(self) -> str:
