@@ -167,3 +167,26 @@ def test_a_verdict_is_significant_only_after_holms_adjustment():
     assert verdict_of({"diff": 0.03, "significant": True, "within_noise": False}) == "A better"
     assert verdict_of({"diff": -0.02, "significant": False, "within_noise": False}) == "B ahead, not after Holm"
     assert verdict_of({"diff": 0.01, "significant": False, "within_noise": True}) == "within noise"
+
+
+def test_the_cost_table_measures_cpu_seconds_and_prices_them(tmp_path):
+    sweep = _fake_sweep(tmp_path / "sweep")
+    res = json.loads((sweep / "results.json").read_text())
+    for r in res["cells"]:
+        r["threads"] = 2
+    (sweep / "results.json").write_text(json.dumps(res))
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "summary.json").write_text(json.dumps({"teacher": {"kind": "llamacpp", "model": "t.gguf"},
+                                                      "teacher_accuracy": 0.7, "ms_per_example": 600.0, "n": 40,
+                                                      "threads": 2}))
+    (teacher / "annotations.jsonl").write_text("")
+    md = (report(sweep, tmp_path / "out", teacher_run=teacher, cpu_hour_usd=0.036) / "report.md").read_text()
+    t_row = next(line for line in md.splitlines() if line.startswith("| teacher: llamacpp"))
+    s_row = next(line for line in md.splitlines() if line.startswith("| student: "))
+    # teacher: 600 ms x 2 threads = 1,200 CPU-s per 1,000 predictions = 1/3 CPU-hour = $0.012
+    assert "| 600.0 | 1200 |" in t_row and t_row.endswith("| 0.012 |")
+    # student: 2.5 ms x 2 threads = 5 CPU-s per 1,000 = $0.00005
+    assert "| 2.5 | 5 |" in s_row and s_row.endswith("| 0.00005 |")
+    plain = (report(sweep, tmp_path / "out2", teacher_run=teacher) / "report.md").read_text()
+    assert next(line for line in plain.splitlines() if line.startswith("| student: ")).endswith("| - |")

@@ -284,6 +284,8 @@ def _summarise(task: Task, teacher, n_examples: int, samples: Iterable[tuple[Exa
         "completion_tokens": n["tokens"], "truncated": n["truncated"],
         # the teacher's latency per prediction (its CoT generation), as measured when generated
         "ms_per_example": round(1000 * sum(secs) / len(secs), 1) if secs else None,
+        # a local teacher's CPU threads: its CPU-seconds are its wall time x these
+        "threads": getattr(teacher, "threads", None) if secs else None,
     }
     ref = teacher.reference_accuracy(firsts, scored) if scored and n["gold"] and None not in firsts else None
     if ref is not None:

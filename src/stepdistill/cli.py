@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep directory (stepdistill sweep --out)")
     p.add_argument("--teacher", help="annotation run of the evaluation split: the teacher's accuracy, latency and cost")
     p.add_argument("--out", required=True, help="folder to write report.html, report.md and figures/ to")
+    p.add_argument("--cpu-hour-usd", type=float, help="price of one CPU-hour, for the cost of what ran on a CPU")
     p = sub.add_parser("export", help="ship a trained student: safetensors, tokenizer and a model card (and GGUF)")
     p.add_argument("--model", required=True, help="training run directory or its model/ folder")
     p.add_argument("--out", required=True, help="folder to write")
@@ -306,7 +307,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from stepdistill.report import report
 
-    out = report(args.sweep, args.out, teacher_run=args.teacher)
+    out = report(args.sweep, args.out, teacher_run=args.teacher, cpu_hour_usd=args.cpu_hour_usd)
     print(f"wrote {out / 'report.html'} and {out / 'report.md'}")
     return 0
 

@@ -110,6 +110,10 @@ def _eval_mode(model):
         model.train(was_training)
 
 
+def _device(student: Student) -> torch.device:
+    return next(student.model.parameters()).device
+
+
 def by_length(lengths: list[int], batch_size: int) -> Iterator[list[int]]:
     """Indices in batches of similar length (little padding), shortest first."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
@@ -387,6 +391,8 @@ def evaluate(cfg: EvalRun | dict, out: str | Path | None = None, *, overwrite: b
             "accuracy": task.accuracy(preds, examples), "n": len(examples),
             "parameters": count_parameters(student.model)[1],
             "ms_per_example": round(1000 * seconds / len(examples), 2),
+            # on a CPU, CPU-seconds = wall seconds x threads (the report's cost); none on a GPU
+            "threads": torch.get_num_threads() if _device(student).type == "cpu" else None,
             "method": info.get("method"),
             "label_decoding": decoding,
         }

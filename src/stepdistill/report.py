@@ -331,7 +331,7 @@ def _teacher(path: str | Path | None) -> dict[str, Any] | None:
     usage = s.get("usage") or {}
     cost = usage.get("cost_usd")
     return {"name": f"{t.get('kind', '?')} {t.get('model', '')}".strip(), "accuracy": s.get("teacher_accuracy"),
-            "ms": s.get("ms_per_example"), "n": s.get("n"),
+            "ms": s.get("ms_per_example"), "n": s.get("n"), "threads": s.get("threads"),
             "usd_per_1000": 1000 * cost / s["n"] if cost is not None and s.get("n") else None,
             "rows": {r["id"]: r for r in _jsonl(Path(path) / "annotations.jsonl")}}
 
@@ -348,7 +348,7 @@ def _pct(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
-def build(sweep_dir: str | Path, teacher_run: str | Path | None = None
+def build(sweep_dir: str | Path, teacher_run: str | Path | None = None, cpu_hour_usd: float | None = None
           ) -> tuple[str, str, dict[str, bytes], dict[str, Any]]:
     """(markdown, html, figures, table) of one sweep; the table is the summary, the paired tests and
     every cell's row."""
@@ -382,7 +382,7 @@ def build(sweep_dir: str | Path, teacher_run: str | Path | None = None
                   f"{100 * c['diff']:+.1f} ({100 * c['low']:+.1f}, {100 * c['high']:+.1f}) | {c['p']:.3g} | "
                   f"{c['p_holm']:.3g} | {c['only_a']} / {c['only_b']} | {c['p_majority']:.3g} | {per_seed} | {verdict} |")
     md += ["", "## Teacher against student", ""]
-    md += _deploy_table(results, teacher)
+    md += _deploy_table(results, teacher, cpu_hour_usd)
     if "training_curves" in figs:
         md += ["## Training", "", "Each loss term separately (first seed, largest data share).", "",
                "![training curves](figures/training_curves.png)", ""]
@@ -407,22 +407,42 @@ def build(sweep_dir: str | Path, teacher_run: str | Path | None = None
     return text, to_html(text, figs, results["task"]), figs, table_
 
 
-def _deploy_table(results: dict[str, Any], teacher: dict[str, Any] | None) -> list[str]:
+def _deploy_table(results: dict[str, Any], teacher: dict[str, Any] | None, cpu_hour_usd: float | None = None
+                  ) -> list[str]:
+    """The teacher against the best student: accuracy, latency, compute and cost, all measured:
+    CPU-seconds are wall time x the threads the run used; dollars come from the API's token
+    prices (the teacher's annotation run) or from `cpu_hour_usd` for what ran on a CPU."""
+    def cpu_s(ms: float | None, threads: int | None) -> float | None:  # per 1,000 predictions
+        return None if not ms or not threads else ms * threads
+
+    def dollars(x: float) -> str:
+        return f"{x:.6f}".rstrip("0").rstrip(".") if x else "0"
+
+    def usd(cpu: float | None) -> str:
+        return "-" if cpu is None or cpu_hour_usd is None else dollars(cpu / 3600 * cpu_hour_usd)
+
     rows = ["| model | accuracy | ms/prediction | CPU-s per 1,000 predictions | parameters | size on disk (MB) | "
             "$ per 1,000 predictions |", "|---|---:|---:|---:|---:|---:|---:|"]
     if teacher:
-        usd = "-" if teacher["usd_per_1000"] is None else f"{teacher['usd_per_1000']:.4f}"
-        ms = teacher["ms"] or "-"
-        rows.append(f"| teacher: {teacher['name']} | {_pct(teacher['accuracy'])} | {ms} | {ms} | - | - | {usd} |")
+        t_cpu = cpu_s(teacher["ms"], teacher.get("threads"))
+        t_usd = dollars(teacher["usd_per_1000"]) if teacher["usd_per_1000"] is not None else usd(t_cpu)
+        rows.append(f"| teacher: {teacher['name']} | {_pct(teacher['accuracy'])} | {teacher['ms'] or '-'} | "
+                    f"{'-' if t_cpu is None else f'{t_cpu:.0f}'} | - | - | {t_usd} |")
     best = _best_cell(results)
     if best:
         ms = best.get("ms_per_example")
+        s_cpu = cpu_s(ms, best.get("threads"))
         rows.append(f"| student: {best['method']} ({best['student']}, {100 * best['fraction']:g}% data, seed "
-                    f"{best['seed']}) | {_pct(best['accuracy'])} | {ms or '-'} | {ms or '-'} | "
-                    f"{_count(best.get('parameters'))} | {best.get('size_mb') or '-'} | - |")
-    return rows + ["", "ms/prediction as measured by each stage on this machine (the teacher: its chain-of-thought "
-                       "generation; the student: the label only). CPU-seconds per 1,000 predictions equal "
-                       "ms/prediction at one process per machine.", ""]
+                    f"{best['seed']}) | {_pct(best['accuracy'])} | {ms or '-'} | "
+                    f"{'-' if s_cpu is None else f'{s_cpu:.0f}'} | {_count(best.get('parameters'))} | "
+                    f"{best.get('size_mb') or '-'} | {usd(s_cpu)} |")
+    price = (f"${cpu_hour_usd:g} per CPU-hour (`--cpu-hour-usd`)" if cpu_hour_usd is not None
+             else "no CPU-hour price given (`--cpu-hour-usd`)")
+    return rows + ["", "ms/prediction: wall time per prediction as each stage measured it on its machine (the "
+                       "teacher: its chain-of-thought generation; the student: the label only). CPU-s per 1,000 "
+                       "predictions: that wall time x the threads the stage ran on. Dollars: the API's token prices "
+                       f"where the teacher is an API, else CPU-seconds at {price}. '-': not measured (the paper's "
+                       "recorded teacher outputs carry no latency or cost).", ""]
 
 
 def _examples(results: dict[str, Any], teacher: dict[str, Any] | None, n: int = 5) -> list[str]:
@@ -494,9 +514,10 @@ def to_html(markdown: str, figs: dict[str, bytes], title: str) -> str:
             f"<style>{css}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-def report(sweep_dir: str | Path, out: str | Path, *, teacher_run: str | Path | None = None) -> Path:
+def report(sweep_dir: str | Path, out: str | Path, *, teacher_run: str | Path | None = None,
+           cpu_hour_usd: float | None = None) -> Path:
     """Write out/report.md, out/report.html, out/results.json (the table) and out/figures/*.png."""
-    md, page, figs, table_ = build(sweep_dir, teacher_run)
+    md, page, figs, table_ = build(sweep_dir, teacher_run, cpu_hour_usd)
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for name, png in figs.items():

@@ -175,7 +175,7 @@ def _metrics(d: Path) -> dict[str, Any]:
     m = json.loads((d / "eval" / "metrics.json").read_text())
     timing = json.loads((d / "timing.json").read_text()) if (d / "timing.json").is_file() else {}
     return {"accuracy": m.get("accuracy"), "n": m.get("n"), "ms_per_example": m.get("ms_per_example"),
-            "parameters": m.get("parameters"), **{k: timing.get(k) for k in TIMING}}
+            "threads": m.get("threads"), "parameters": m.get("parameters"), **{k: timing.get(k) for k in TIMING}}
 
 
 # where a cell's wall time goes (seconds): training steps, validation passes inside training, the

@@ -26,6 +26,13 @@ class HFTeacher(Teacher):
     def identity(self) -> dict[str, Any]:
         return self.generation_identity(model=portable_name(self.cfg.model), gguf_file=self.cfg.gguf_file)
 
+    @property
+    def threads(self) -> int | None:
+        """CPU threads the generation runs on (the report's CPU-seconds); None on a GPU."""
+        import torch
+
+        return None if torch.cuda.is_available() else torch.get_num_threads()
+
     def _load(self):
         if self._student is None:
             from stepdistill.students import load_pretrained

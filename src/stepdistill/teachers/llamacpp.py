@@ -59,6 +59,11 @@ class LlamaCppTeacher(Teacher):
     def usage(self) -> dict[str, Any]:
         return dict(self._usage)
 
+    @property
+    def threads(self) -> int:
+        """CPU threads the generation runs on (the report's CPU-seconds)."""
+        return int(self.cfg.engine_args.get("n_threads") or _default_threads())
+
     def _load(self):
         if self._llm is None:
             try:
