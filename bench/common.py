@@ -6,8 +6,35 @@ import json
 from pathlib import Path
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu() -> dict:
+    """The CPU a figure was measured on: its model name, cores, and the flags that decide which
+    kernels run fast (bf16 is emulated without avx512_bf16 or AMX)."""
+    import os
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"model": name, "cores": os.cpu_count(), "flags": {f: f in flags for f in CPU_FLAGS},
+            "python": platform.python_version()}
+
+
 def write_results(result: dict, out: Path, lines: list[str]) -> None:
-    """out.json (every figure) and out.md (the table, `lines`), and the table printed."""
+    """out.json (every figure, with the CPU it was measured on) and out.md (the table, `lines`, and
+    the CPU), and the table printed."""
+    result.setdefault("cpu", cpu())
+    c = result["cpu"]
+    lines = [*lines, "", f"CPU: {c['model']}, {c['cores']} cores; "
+             + ", ".join(f"{f} {'yes' if on else 'no'}" for f, on in c["flags"].items()) + "."]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
