@@ -128,8 +128,8 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print) -> di
                 train_cfg = _train_config(cfg, c)
                 t0 = time.perf_counter()
                 trained_now = not (d / "train" / "metrics.json").is_file()
+                started = (d / "train").is_dir() and any((d / "train").iterdir())
                 if trained_now:
-                    started = (d / "train").is_dir() and any((d / "train").iterdir())
                     api.train(train_cfg, d / "train", resume=started, echo=lambda _: None,
                               tags={"run": c["name"], "sweep": run.dir.name, "method": c["method_tag"],
                                     "student": c["student_tag"], "fraction": str(c["fraction"]),
@@ -140,7 +140,7 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print) -> di
                               "dtype": cfg.eval.dtype, "label_decoding": cfg.eval.label_decoding}, d / "eval",
                              overwrite=(d / "eval").exists(), echo=lambda _: None)
                 t2 = time.perf_counter()
-                if trained_now:  # a cell resumed part-way has no whole-cell timing
+                if trained_now and not started:  # a cell resumed part-way has no whole-cell timing
                     write_json(d / "timing.json", cell_timing(d, train_call=t1 - t0, eval_call=t2 - t1))
                 row.update(_metrics(d), status="done")
                 (d / "error.txt").unlink(missing_ok=True)
