@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -61,7 +62,7 @@ def main() -> None:
                          "file_mb": round(size / 2**20, 1)})
             if hasattr(student.model, "close"):
                 student.model.close()
-    cmd = "python " + " ".join(a if " " not in a else repr(a) for a in sys.argv)
+    cmd = "python " + shlex.join(sys.argv)
     lines = ["# A causal student as GGUF on llama.cpp against transformers", "",
              f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, Python "
              f"{platform.python_version()}. Command: `{cmd}`", "",
