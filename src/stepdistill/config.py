@@ -193,6 +193,11 @@ class StudentConfig(_Section):
         "auto", description="auto: read config.is_encoder_decoder; causal/seq2seq: assert it (GGUF files load as causal unless seq2seq)."
     )
     lora: Optional[LoraConfig] = Field(None, description="Train LoRA adapters instead of all weights.")
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "off", description="Causal students: train and query through the tokenizer's chat template (the task "
+        "prefix and input as the user turn, the answer as the assistant's). auto: where the tokenizer has one; on: "
+        "required; off: the plain prompt (prefix + input + newline).")
+    chat_system: Optional[str] = Field(None, description="With the chat template: a system turn before the user turn.")
     trust_remote_code: bool = Field(
         False,
         description="Run Python code shipped with the model (auto_map in its config.json). Off: such a model is "

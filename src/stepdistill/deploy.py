@@ -64,8 +64,8 @@ def export(run: str | Path, out: str | Path, *, overwrite: bool = False, gguf: t
                         ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.pth", "*.pkl", "training_args*", MARKER))
         files = [convert(tmp, tmp / f"{out.name}.{q}.gguf", q).name for q in dict.fromkeys(gguf)]
         if files:
-            (tmp / "Modelfile").write_text(modelfile(files[0], info.get("label_prefix", ""), fmt.get("separator", ""),
-                                                     label_token_limit(info)))
+            head, tail = _prompt_parts(info)
+            (tmp / "Modelfile").write_text(modelfile(files[0], head, tail, label_token_limit(info)))
         (tmp / CARD).write_text(model_card(run, gguf_files=files))
         fsync_tree(tmp)
         old = None
@@ -82,6 +82,15 @@ def export(run: str | Path, out: str | Path, *, overwrite: bool = False, gguf: t
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _prompt_parts(info: dict[str, Any]) -> tuple[str, str]:
+    """The text a causal student's prompt has before and after the input (its chat template's
+    wrapping, when it was trained through one)."""
+    fmt = info.get("format") or {}
+    if fmt.get("chat_head") or fmt.get("chat_tail"):
+        return fmt.get("chat_head", "") + info.get("label_prefix", ""), fmt.get("chat_tail", "")
+    return info.get("label_prefix", ""), fmt.get("separator", "")
 
 
 def _remove_stale_staging(out: Path) -> None:
@@ -178,12 +187,14 @@ def model_card(run: str | Path, gguf_files: list[str] | tuple[str, ...] = ()) ->
         "predict(student, [\"your input\"], prefix=info[\"label_prefix\"])", "```", "",
     ]
     if gguf_files:
-        prompt = f"{info.get('label_prefix', '')}<input>{(info.get('format') or {}).get('separator', '')}"
+        head, tail = _prompt_parts(info)
+        prompt = f"{head}<input>{tail}"
         lines += [
             "## GGUF: llama.cpp, Ollama, LM Studio", "",
             f"{', '.join(f'`{f}`' for f in gguf_files)}: converted by llama.cpp's `convert_hf_to_gguf.py` "
             f"(llama-cpp-python {CONVERTER_VERSION}). The student reads the raw prompt it was trained on, "
-            f"`{json.dumps(prompt)}` (no chat template), and answers greedily.", "",
+            f"`{json.dumps(prompt)}`" + (" (its chat template's turn)" if (info.get("format") or {}).get("chat_head")
+                                          else " (no chat template)") + ", and answers greedily.", "",
             "```bash",
             "stepdistill predict --model . --engine llamacpp --input problems.jsonl --out answers.jsonl",
             "stepdistill serve --model . --engine llamacpp   # also the OpenAI API under /v1",

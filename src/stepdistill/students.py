@@ -57,6 +57,8 @@ class Student:
     tokenizer: Any
     is_seq2seq: bool
     fmt: Any = None  # methods.formatting.Format once trained/loaded; None = defaults for the kind
+    chat_template: str = "off"  # student.chat_template: how training formats this student's prompts
+    chat_system: str | None = None
 
     @property
     def kind(self) -> Literal["seq2seq", "causal"]:
@@ -312,7 +314,9 @@ def load_student(cfg: StudentConfig) -> Student:
     """Load the student a config describes, with LoRA adapters when `cfg.lora` is set."""
     student = load_pretrained(cfg.model, cfg.gguf_file, kind=cfg.kind, tokenizer=cfg.tokenizer,
                               trust_remote_code=cfg.trust_remote_code)
-    return apply_lora(student, cfg.lora) if cfg.lora is not None else student
+    student = apply_lora(student, cfg.lora) if cfg.lora is not None else student
+    student.chat_template, student.chat_system = cfg.chat_template, cfg.chat_system
+    return student
 
 
 def count_parameters(model) -> tuple[int, int]:

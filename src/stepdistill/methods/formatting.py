@@ -3,7 +3,10 @@ prediction both read, so the two can never format differently.
 
 seq2seq: encoder source = prefix + input; decoder target = answer + eos.
 causal:  prompt = prefix + input + separator; the model reads prompt + answer + eos and the
-         labels mask the prompt with -100, so only the answer is learned.
+         labels mask the prompt with -100, so only the answer is learned. Through the student's
+         chat template (student.chat_template): prompt = chat_head + prefix + input + chat_tail,
+         the template rendered around one user turn (the task prefix stays the task's switch)
+         and ending where the assistant's answer begins.
 
 Long inputs are truncated on the *left* of the input text: the task prefix and the end of the
 input (where the question usually sits) survive. Targets are truncated on the right.
@@ -35,6 +38,10 @@ class Format:
     # `answer_after` (rationale, then label); neither: the whole generation is the label
     answer_end: Optional[str] = None
     answer_after: Optional[str] = None
+    # causal only: the student's chat template around the user turn (empty: no template); the
+    # template's own special tokens are in this text, so the prompt adds no others
+    chat_head: str = ""
+    chat_tail: str = ""
     version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,8 +77,10 @@ def encode_source(tokenizer, fmt: Format, prefix: str, text: str) -> list[int]:
 
     Special tokens (T5's </s>, Llama's <s>) are added the way the tokenizer always adds them.
     """
-    tail = fmt.separator if fmt.kind == "causal" else ""
-    ids = token_ids(tokenizer, prefix + text + tail, True)
+    head, tail, special = "", fmt.separator if fmt.kind == "causal" else "", True
+    if fmt.chat_head or fmt.chat_tail:
+        head, tail, special = fmt.chat_head, fmt.chat_tail, False
+    ids = token_ids(tokenizer, head + prefix + text + tail, special)
     if len(ids) <= fmt.max_input_length:
         return ids
     # Too long: cut the front of `text` (never the prefix or separator) and retokenise, so the
@@ -83,7 +92,7 @@ def encode_source(tokenizer, fmt: Format, prefix: str, text: str) -> list[int]:
             text = ""
         else:
             text = text[cut:]
-        ids = token_ids(tokenizer, prefix + text + tail, True)
+        ids = token_ids(tokenizer, head + prefix + text + tail, special)
         if len(ids) <= fmt.max_input_length or not text:
             break
     # Last resort (prefix alone too long, or a tokenizer that merges across the cut): hard cut
@@ -103,6 +112,19 @@ def _char_cut(tokenizer, text: str, n_tokens: int) -> int:
         # slow tokenizers have no offsets: drop a proportional share of characters
         n = max(len(token_ids(tokenizer, text, False)), 1)
         return max(1, int(len(text) * min(1.0, (n_tokens + 1) / n)))
+
+
+CHAT_SLOT = "\u241eSTEPDISTILL-INPUT\u241e"  # stands in for the user turn while the template is rendered
+
+
+def chat_wrapper(tokenizer, system: str | None = None) -> tuple[str, str]:
+    """(head, tail) of the tokenizer's chat template around one user turn, with the generation
+    prompt: the text before and after the user's words when the assistant's answer comes next."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": CHAT_SLOT}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    head, found, tail = text.partition(CHAT_SLOT)
+    assert found, "the chat template dropped the user turn"
+    return head, tail
 
 
 def encode_target(tokenizer, fmt: Format, target: str) -> list[int]:

@@ -25,7 +25,7 @@ from stepdistill.memory import check_training, resolve_bf16
 from stepdistill.methods import get_method
 from stepdistill.methods.base import TrainRecord
 from stepdistill.methods.batches import Collator, feature_length
-from stepdistill.methods.formatting import Format
+from stepdistill.methods.formatting import Format, chat_wrapper
 from stepdistill.methods.kd import attach_topk_cache, load_kd_teacher
 from stepdistill.runs import is_main_process, write_error, write_json
 from stepdistill.students import Student, count_parameters
@@ -44,11 +44,20 @@ def make_format(student: Student, training: TrainingConfig, task_marker: str = "
     if task_marker == "decoder" and not student.is_seq2seq:
         raise StepDistillError("method.task_marker=decoder needs an encoder-decoder student (T5, BART): "
                                "use task_marker=encoder with a causal LM")
+    head = tail = ""
+    has_template = bool(getattr(student.tokenizer, "chat_template", None))
+    if student.chat_template == "on" and (student.is_seq2seq or not has_template):
+        raise StepDistillError("student.chat_template=on needs a causal student whose tokenizer has a chat template, "
+                               "and this one has none: set student.chat_template=off (or auto)")
+    if student.chat_template in ("on", "auto") and has_template and not student.is_seq2seq:
+        head, tail = chat_wrapper(student.tokenizer, student.chat_system)
     return Format(
         kind=student.kind,
         max_input_length=training.max_input_length,
         max_target_length=training.max_target_length,
         task_marker=task_marker,
+        chat_head=head,
+        chat_tail=tail,
     )
 
 
