@@ -13,11 +13,9 @@ from stepdistill.config import SweepRun
 from stepdistill.errors import RunExistsError
 from stepdistill.sweep import cells, summarise, sweep
 from stepdistill.tasks import get_task
-from stepdistill.testing.openai_server import FakeOpenAIServer
-from tiny_models import llama_student
+from tiny_models import annotated_svamp
 
 QUESTIONS = get_task("quickstart").load("train")[:24]
-GOLD = {e.input: e.label for e in QUESTIONS}
 
 
 def test_nested_subsets_are_nested_and_fixed():
@@ -32,21 +30,8 @@ def test_nested_subsets_are_nested_and_fixed():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sweep")
+    d = annotated_svamp(tmp_path_factory.mktemp("sweep"), QUESTIONS)
     data = d / "data.jsonl"
-    data.write_text("".join(json.dumps({"input": e.input, "label": e.label}) + "\n" for e in QUESTIONS))
-    s = llama_student(0)
-    s.model.save_pretrained(d / "student")
-    s.tokenizer.save_pretrained(d / "student")
-
-    def answer(prompt, body):
-        q = prompt.rsplit("Q: ", 1)[1].split("\nA:")[0].strip()
-        return f"Work it out. The answer is {GOLD[q]}."
-
-    with FakeOpenAIServer(answer) as srv:
-        api.annotate({"task": {"name": "svamp", "path": str(data)}, "split": "train",
-                      "teacher": {"kind": "openai", "base_url": srv.url, "model": "m"}},
-                     d / "ann", store_path=d / "s.sqlite", echo=lambda _: None)
     cfg = {"task": {"name": "svamp", "path": str(data)}, "annotations": str(d / "ann"),
            "methods": ["standard", "step-by-step", {"name": "step-by-step", "task_marker": "decoder"}],
            "fractions": [0.5, 1.0], "students": [str(d / "student")], "seeds": [0, 1],

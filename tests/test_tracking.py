@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from stepdistill import api
 from stepdistill.errors import ConfigError
 from stepdistill.tasks import get_task
-from stepdistill.testing.openai_server import FakeOpenAIServer
-from tiny_models import llama_student
+from tiny_models import annotated_svamp
 
 QUESTIONS = get_task("quickstart").load("train")[:24]
-GOLD = {e.input: e.label for e in QUESTIONS}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tracking")
-    data = d / "data.jsonl"
-    data.write_text("".join(json.dumps({"input": e.input, "label": e.label}) + "\n" for e in QUESTIONS))
-    s = llama_student(0)
-    s.model.save_pretrained(d / "student")
-    s.tokenizer.save_pretrained(d / "student")
-
-    def answer(prompt, body):
-        q = prompt.rsplit("Q: ", 1)[1].split("\nA:")[0].strip()
-        return f"Work it out. The answer is {GOLD[q]}."
-
-    with FakeOpenAIServer(answer) as srv:
-        api.annotate({"task": {"name": "svamp", "path": str(data)}, "split": "train",
-                      "teacher": {"kind": "openai", "base_url": srv.url, "model": "m"}},
-                     d / "ann", store_path=d / "s.sqlite", echo=lambda _: None)
-    return d
+    return annotated_svamp(tmp_path_factory.mktemp("tracking"), QUESTIONS)
 
 
 def config(d, **training):

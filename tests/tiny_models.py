@@ -95,3 +95,30 @@ def trained_run(out, max_steps: int):
     fit(t5_student(), method, TrainingConfig(max_steps=max_steps, learning_rate=1e-2, batch_size=8, bf16=False),
         records, exs[:8], FakeTask(), out, progress=False)
     return out
+
+
+def annotated_svamp(d, questions: list[Example]):
+    """`questions` as an svamp data file (d/data.jsonl), a tiny Llama student (d/student) and a
+    teacher's annotations of them (d/ann, a fake OpenAI server that is always right): what a
+    training or sweep test starts from. Returns `d`."""
+    import json
+
+    from stepdistill import api
+    from stepdistill.testing.openai_server import FakeOpenAIServer
+
+    gold = {e.input: e.label for e in questions}
+    data = d / "data.jsonl"
+    data.write_text("".join(json.dumps({"input": e.input, "label": e.label}) + "\n" for e in questions))
+    s = llama_student(0)
+    s.model.save_pretrained(d / "student")
+    s.tokenizer.save_pretrained(d / "student")
+
+    def answer(prompt, body):
+        q = prompt.rsplit("Q: ", 1)[1].split("\nA:")[0].strip()
+        return f"Work it out. The answer is {gold[q]}."
+
+    with FakeOpenAIServer(answer) as srv:
+        api.annotate({"task": {"name": "svamp", "path": str(data)}, "split": "train",
+                      "teacher": {"kind": "openai", "base_url": srv.url, "model": "m"}},
+                     d / "ann", store_path=d / "s.sqlite", echo=lambda _: None)
+    return d
