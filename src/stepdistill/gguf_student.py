@@ -37,9 +37,7 @@ _NEEDED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 
 
 def check_engine(engine: str, label_decoding: str) -> None:
-    """Refuse what llama.cpp cannot do before anything loads."""
-    if engine not in ("transformers", "llamacpp"):
-        raise StepDistillError(f"unknown engine {engine!r}: choose transformers or llamacpp")
+    """Refuse what llama.cpp cannot do before anything loads (an unknown engine: load_trained)."""
     if engine == "llamacpp" and label_decoding != "generate":
         raise StepDistillError(f"--label-decoding {label_decoding} needs the transformers engine (it cuts the output "
                                "layer): use --label-decoding generate with --engine llamacpp")

@@ -41,8 +41,6 @@ from pydantic import BaseModel, ConfigDict, Field
 # the served student's work: labels, rationales (or None) and the input token counts of `texts`
 Answer = Callable[[list[str], bool], Awaitable[tuple[list[str], list[str] | None, list[int]]]]
 RATIONALE_SUFFIX = ":rationale"
-MAX_PROMPTS = 256  # as /predict's inputs per request
-MAX_CHARS = 100_000  # as /predict's characters per input
 
 
 def openai_error(status: int, message: str, headers: dict[str, str] | None = None):
@@ -93,8 +91,10 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
     return "".join(p.get("text", "") for p in content or [] if p.get("type") == "text")
 
 
-def add_openai_routes(app, name: str, answer: Answer, text_tokens: Callable[[list[str]], list[int]]) -> None:
-    """Add the /v1 routes to the student server `app` (serve.create_app)."""
+def add_openai_routes(app, name: str, answer: Answer, text_tokens: Callable[[list[str]], list[int]], *,
+                      max_inputs: int, max_chars: int) -> None:
+    """Add the /v1 routes to the student server `app` (serve.create_app), with /predict's limits
+    on inputs per request and characters per input."""
     from fastapi import HTTPException
     from fastapi.responses import StreamingResponse
     from starlette.concurrency import run_in_threadpool
@@ -116,8 +116,8 @@ def add_openai_routes(app, name: str, answer: Answer, text_tokens: Callable[[lis
 
     async def run(body: _Body, texts: list[str], kind: str, make: Callable[..., dict[str, Any]], chunk: Callable):
         as_content, rationale = task_of(body)
-        if any(len(t) > MAX_CHARS for t in texts):
-            raise _Refused(422, f"an input is over {MAX_CHARS} characters: send shorter inputs")
+        if any(len(t) > max_chars for t in texts):
+            raise _Refused(422, f"an input is over {max_chars} characters: send shorter inputs")
         labels, why, prompt_lengths = await answer(texts, rationale)
         contents = [why[i] if as_content and why is not None else label for i, label in enumerate(labels)]
         extras = [{"label": label, **({"rationale": why[i]} if why is not None else {})} for i, label in enumerate(labels)]
@@ -159,8 +159,8 @@ def add_openai_routes(app, name: str, answer: Answer, text_tokens: Callable[[lis
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        if not prompts or len(prompts) > MAX_PROMPTS:
-            return openai_error(400, f"`prompt` holds {len(prompts)} inputs: send 1 to {MAX_PROMPTS}")
+        if not prompts or len(prompts) > max_inputs:
+            return openai_error(400, f"`prompt` holds {len(prompts)} inputs: send 1 to {max_inputs}")
         return await guarded(run(body, prompts, "cmpl", _completion_reply, _completion_chunk))
 
 

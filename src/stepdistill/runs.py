@@ -297,7 +297,7 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
         return Run(d, main=False)
     state = claim_output(d, command, overwrite=overwrite, resume=resume, inputs=inputs)
     if state == "resume":
-        check_same_config(d, config, may_change)
+        _check_same_config(d, config, may_change)
         for p in remove_stale_temp_files(d):
             log.info("removed %s: a write the interrupted run never finished", p)
     write_text(d / "config.yaml", f"# written by: stepdistill {command}\n" + to_yaml(config))
@@ -327,11 +327,20 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
 NEVER_CHANGES_RESULTS = ("training.report_to",)
 
 
-def check_same_config(d: Path, config: BaseModel, may_change: tuple[str, ...] = ()) -> None:
+def _check_same_config(d: Path, config: BaseModel, may_change: tuple[str, ...] = ()) -> None:
     """--resume continues the same run: a changed config would mix two experiments in one."""
+    changed = config_changes(d, config, may_change)
+    if changed:
+        raise RunExistsError(f"--resume refused: the config of {d} differs in {', '.join(changed)}; "
+                             f"resume with the same config, or start a new run with another --out")
+
+
+def config_changes(d: Path, config: BaseModel, may_change: tuple[str, ...] = ()) -> list[str]:
+    """The dotted fields in which `config` differs from the one run `d` saved (none where it saved
+    none), leaving out `may_change` and the fields that change no result."""
     saved = _saved_config(d)
     if saved is None:
-        return
+        return []
     saved = _with_added_fields(type(config), saved)
     now = config.model_dump(mode="json")
 
@@ -341,10 +350,7 @@ def check_same_config(d: Path, config: BaseModel, may_change: tuple[str, ...] = 
         return [] if a == b else [prefix.rstrip(".")]
 
     free = (*may_change, *NEVER_CHANGES_RESULTS)
-    changed = [k for k in diff(saved, now) if not any(k == f or k.startswith(f + ".") for f in free)]
-    if changed:
-        raise RunExistsError(f"--resume refused: the config of {d} differs in {', '.join(changed)}; "
-                             f"resume with the same config, or start a new run with another --out")
+    return [k for k in diff(saved, now) if not any(k == f or k.startswith(f + ".") for f in free)]
 
 
 M = TypeVar("M", bound=BaseModel)

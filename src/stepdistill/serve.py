@@ -301,6 +301,7 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
     # by_length is how predict() groups inputs into batches: micro-batches made with it are those batches
     from stepdistill.evaluation import by_length, decoding_vocab, explain, label_token_limit, load_trained, predict
     from stepdistill.methods.formatting import Format, encode_source
+    from stepdistill.gguf_student import check_engine
     from stepdistill.openai_api import add_openai_routes, openai_error
 
     problems = [f"{flag} must be at least {low}, not {value}" for flag, value, low in (
@@ -311,8 +312,6 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
         problems.append(f"unknown --scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
     if problems:  # --max-queue: a smaller queue could never take a full request
         raise StepDistillError("; ".join(problems))
-    from stepdistill.gguf_student import check_engine
-
     check_engine(engine, label_decoding)
     student, info = load_trained(model, dtype=dtype, engine=engine, quant=quant)
     limit = max_new_tokens or label_token_limit(info)
@@ -407,7 +406,7 @@ def create_app(model: str | Path, *, max_new_tokens: int | None = None, batch_si
         with tok_lock:
             return [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
-    add_openai_routes(app, name, answer, text_tokens)
+    add_openai_routes(app, name, answer, text_tokens, max_inputs=MAX_INPUTS, max_chars=MAX_INPUT_CHARS)
     return app
 
 

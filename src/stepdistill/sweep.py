@@ -82,18 +82,14 @@ def _check_cells_on_disk(cfg: SweepRun, grid: list[dict[str, Any]], folder: Path
     cells on disk that the grid no longer holds are named, since the results will not show them."""
     from stepdistill.config import TrainRun
     from stepdistill.errors import RunExistsError
-    from stepdistill.runs import check_same_config
+    from stepdistill.runs import config_changes
 
     names = {c["name"] for c in grid}
     for c in grid:
-        d = folder / c["name"] / "train"
-        if (d / "config.yaml").is_file():
-            try:
-                check_same_config(d, coerce(TrainRun, _train_config(cfg, c)))
-            except RunExistsError as e:
-                raise RunExistsError(f"cell {c['name']} on disk trained another config than this sweep's cell of that "
-                                     f"name ({str(e).split('differs in ')[-1].split(';')[0]}): give the method a new "
-                                     "tag, or sweep into another --out") from None
+        changed = config_changes(folder / c["name"] / "train", coerce(TrainRun, _train_config(cfg, c)))
+        if changed:
+            raise RunExistsError(f"cell {c['name']} on disk trained another config than this sweep's cell of that "
+                                 f"name ({', '.join(changed)}): give the method a new tag, or sweep into another --out")
     outside = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in names) if folder.is_dir() else []
     if outside:
         echo(f"note: {len(outside)} cell(s) on disk are outside this grid and not in its results: {', '.join(outside)}")
