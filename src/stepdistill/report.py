@@ -126,7 +126,7 @@ def paper_pairs(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     from stepdistill.sweep import cells
 
     try:
-        grid = cells(coerce(SweepRun, {k: v for k, v in results["config"].items()}))
+        grid = cells(coerce(SweepRun, results["config"]))
     except Exception:  # noqa: BLE001 - a sweep written by another version: no pairs, the full table stays
         return []
     tags = {c["method_tag"]: c["method"] for c in grid}
@@ -153,7 +153,7 @@ def _paper_comparisons(results: dict[str, Any], comps: list[dict[str, Any]]) -> 
             sign = 1 if c["a"] == mine else -1
             lo, hi = sorted((sign * c["low"], sign * c["high"]))
             flipped = {**c, "diff": sign * c["diff"]}
-            verdict = verdict_of(flipped).replace("A ", "rationales ").replace("B ", "baseline ")
+            verdict = verdict_of(flipped, ("rationales", "baseline"))
             acc = [stats.get((m, c["student"], c["fraction"])) for m in (mine, other)]
             shown = [f"{100 * a['mean']:.1f}% ± {100 * a['sem']:.1f}" if a and a.get("mean") is not None else "-"
                      for a in acc]
@@ -163,9 +163,10 @@ def _paper_comparisons(results: dict[str, Any], comps: list[dict[str, Any]]) -> 
     return md + [""]
 
 
-def verdict_of(c: dict[str, Any]) -> str:
-    """A comparison's verdict: significant only after Holm's adjustment over the table."""
-    better = "A" if c["diff"] > 0 else "B"
+def verdict_of(c: dict[str, Any], names: tuple[str, str] = ("A", "B")) -> str:
+    """A comparison's verdict, naming the side ahead: significant only after Holm's adjustment
+    over the table."""
+    better = names[0] if c["diff"] > 0 else names[1]
     if c["significant"]:
         return f"{better} better"
     return "within noise" if c["within_noise"] else f"{better} ahead, not after Holm"
