@@ -56,7 +56,7 @@ def tracking(report_to: list[str], folder: Path, *, run_name: str, tags: dict[st
         tb.logging_dir = str(folder / "tensorboard" / run_name)
         callbacks += [tb, _TensorBoardTags(tb, tags)]
     if "mlflow" in report_to:
-        env.setdefault("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI") or (folder / "mlruns").resolve().as_uri())
+        env["MLFLOW_TRACKING_URI"] = os.environ.get("MLFLOW_TRACKING_URI") or (folder / "mlruns").resolve().as_uri()
         env["MLFLOW_TAGS"] = json.dumps(tags)
     if "wandb" in report_to:
         env["WANDB_MODE"] = os.environ.get("WANDB_MODE", "offline")
