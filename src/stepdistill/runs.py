@@ -289,15 +289,17 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
 
     >>> run = create_run("runs/x", cfg, command="train")  # RunExistsError if runs/x holds a run
 
-    `may_change`: top-level config fields a resume may change (a sweep's grid axes, whose cells
-    the sweep checks one by one).
+    `may_change`: config fields a resume may change (a sweep's grid axes; it checks its cells).
     """
     d = Path(out)
     if not is_main_process():  # torchrun / accelerate launch: rank 0 owns the run directory
         return Run(d, main=False)
     state = claim_output(d, command, overwrite=overwrite, resume=resume, inputs=inputs)
-    if state == "resume":
-        _check_same_config(d, config, may_change)
+    if state == "resume":  # --resume continues the same run: a changed config would mix two experiments
+        changed = config_changes(d, config, may_change)
+        if changed:
+            raise RunExistsError(f"--resume refused: the config of {d} differs in {', '.join(changed)}; "
+                                 f"resume with the same config, or start a new run with another --out")
         for p in remove_stale_temp_files(d):
             log.info("removed %s: a write the interrupted run never finished", p)
     write_text(d / "config.yaml", f"# written by: stepdistill {command}\n" + to_yaml(config))
@@ -325,14 +327,6 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
 
 # fields a resume may change in any run: where a run reports its curves changes nothing it computes
 NEVER_CHANGES_RESULTS = ("training.report_to",)
-
-
-def _check_same_config(d: Path, config: BaseModel, may_change: tuple[str, ...] = ()) -> None:
-    """--resume continues the same run: a changed config would mix two experiments in one."""
-    changed = config_changes(d, config, may_change)
-    if changed:
-        raise RunExistsError(f"--resume refused: the config of {d} differs in {', '.join(changed)}; "
-                             f"resume with the same config, or start a new run with another --out")
 
 
 def config_changes(d: Path, config: BaseModel, may_change: tuple[str, ...] = ()) -> list[str]:
