@@ -121,6 +121,40 @@ def test_a_resumed_sweep_may_add_seeds_and_methods_and_reuses_only_identical_cel
         sweep({**small, "training": {**small["training"], "max_steps": 3}}, out, echo=lambda _: None)
 
 
+def test_a_grid_run_in_parts_is_collected_into_one_table_without_training(setup, monkeypatch):
+    """Several sweeps side by side (one seed each, as on one GPU), their cells copied into the
+    folder of a `--collect` sweep, then `--collect` again: every copied cell is in the table, the
+    grid's other cells are marked "not run", and nothing trains."""
+    import shutil
+
+    d, cfg = setup
+    small = {**cfg, "methods": ["standard"], "fractions": [1.0]}
+    for seed in (0, 1):
+        sweep({**small, "seeds": [seed]}, d / f"part{seed}", echo=lambda _: None)
+    merged = d / "merged"
+    with pytest.raises(RunExistsError, match="not a stepdistill sweep output"):  # a folder it did not make
+        (merged / "cells").mkdir(parents=True)
+        sweep({**small, "seeds": [0, 1, 2]}, merged, echo=lambda _: None, collect=True)
+    shutil.rmtree(merged)
+    empty = sweep({**small, "seeds": [0, 1, 2]}, merged, echo=lambda _: None, collect=True)  # makes the folder
+    assert [r["status"] for r in empty["cells"]] == ["not run"] * 3
+    for seed in (0, 1):
+        for c in (d / f"part{seed}" / "cells").iterdir():
+            shutil.copytree(c, merged / "cells" / c.name)
+    monkeypatch.setattr(api, "train", lambda *a, **k: pytest.fail("--collect trained a cell"))
+    monkeypatch.setattr(api, "evaluate", lambda *a, **k: pytest.fail("--collect evaluated a cell"))
+    lines = []
+    results = sweep({**small, "seeds": [0, 1, 2]}, merged, echo=lines.append, collect=True)
+    assert [(r["seed"], r["status"]) for r in results["cells"]] == [(0, "done"), (1, "done"), (2, "not run")]
+    assert results["summary"][0]["seeds"] == 2 and results["summary"][0]["not_run"] == 1
+    assert any("1 cells not run (--collect)" in line for line in lines)
+    assert any("2 (1 not run)" in line for line in lines)  # the printed table says so too
+    from stepdistill.report import report
+
+    md = (report(merged, d / "merged-report") / "report.md").read_text()
+    assert "## Cells not run" in md and "`standard__student__f1__s2`" in md
+
+
 def test_a_cells_time_splits_into_steps_validation_test_evaluation_and_the_rest(tmp_path):
     from stepdistill.sweep import cell_timing
 

@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set seeds=[0,1,2]")
     p.add_argument("--out", required=True, help="sweep directory (rerun with the same --out to resume)")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: tabulate the cells already in --out, the rest marked 'not run'")
     p = sub.add_parser("report", help="a sweep as report.html (self-contained) and report.md, with plots and paired tests")
     p.add_argument("sweep", help="sweep directory (stepdistill sweep --out)")
     p.add_argument("--teacher", help="annotation run of the evaluation split: the teacher's accuracy, latency and cost")
@@ -260,7 +262,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from stepdistill.sweep import sweep
 
-    sweep(_config_dict(args), args.out)
+    sweep(_config_dict(args), args.out, collect=args.collect)
     return 0
 
 

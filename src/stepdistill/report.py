@@ -401,6 +401,10 @@ def build(sweep_dir: str | Path, teacher_run: str | Path | None = None, cpu_hour
     failed = [r for r in results["cells"] if r["status"] == "failed"]
     if failed:
         md += ["## Failed cells", ""] + [f"- `{r['cell']}`: {r.get('error')}" for r in failed] + [""]
+    missing = [r["cell"] for r in results["cells"] if r["status"] == "not run"]
+    if missing:
+        md += ["## Cells not run", "", "In the grid but not on disk when the sweep was collected (`--collect`): "
+               + ", ".join(f"`{c}`" for c in missing) + ".", ""]
     text = "\n".join(md) + "\n"
     table_ = {"task": results["task"], "split": results["split"], "summary": results["summary"], "comparisons": comps,
               "teacher": {k: v for k, v in teacher.items() if k != "rows"} if teacher else None,

@@ -11,6 +11,9 @@ evaluated on the same test items:
 - **Resumable.** A cell whose evaluation is written is never run again; a cell stopped while
   training resumes from its last checkpoint. A failed cell is recorded (cells/<cell>/error.txt)
   and the sweep goes on.
+- **Collectable.** `--collect` trains nothing: it gathers the cells already on disk into the
+  table and marks the rest "not run", for a grid run in parts (several sweeps side by side on
+  one GPU, or on several machines) whose cells were copied into one folder.
 - **One table.** results.json and cells.csv (one row per cell) and summary.csv (per method,
   student and fraction: mean, standard error and spread over seeds).
 """
@@ -95,8 +98,9 @@ def _check_cells_on_disk(cfg: SweepRun, grid: list[dict[str, Any]], folder: Path
         echo(f"note: {len(outside)} cell(s) on disk are outside this grid and not in its results: {', '.join(outside)}")
 
 
-def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print) -> dict[str, Any]:
-    """Run (or resume) every cell of the grid; write and return the collected results."""
+def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, collect: bool = False) -> dict[str, Any]:
+    """Run (or resume) every cell of the grid; write and return the collected results. With
+    `collect`, train nothing: cells not evaluated on disk are recorded as "not run"."""
     from stepdistill import api
 
     cfg = coerce(SweepRun, cfg)
@@ -118,6 +122,9 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print) -> di
             if done.is_file():
                 row.update(_metrics(d), status="done")
                 rows.append(row)
+                continue
+            if collect:
+                rows.append({**row, "status": "not run"})
                 continue
             echo(f"[{i}/{len(grid)}] {c['name']}")
             try:
@@ -156,14 +163,16 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print) -> di
                                                       "accuracy", "n", "ms_per_example", "parameters", *TIMING,
                                                       "error"]))
         write_text(run.path("summary.csv"), _csv(results["summary"], ["method", "student", "fraction", "seeds",
-                                                                      "mean", "sem", "min", "max", "failed"]))
+                                                                      "mean", "sem", "min", "max", "failed", "not_run"]))
         echo(table(results["summary"]))
         timed = [r for r in rows if r.get("wall_s")]
         if timed:
             total = {k: sum(r[k] for r in timed) for k in TIMING}
             echo(f"time in {len(timed)} cells timed by this run: {_shares(total)}")
         failed = sum(r["status"] == "failed" for r in rows)
-        echo(f"wrote {run.path('results.json')}, cells.csv, summary.csv" + (f"; {failed} cells failed" if failed else ""))
+        missing = sum(r["status"] == "not run" for r in rows)
+        echo(f"wrote {run.path('results.json')}, cells.csv, summary.csv" + (f"; {failed} cells failed" if failed else "")
+             + (f"; {missing} cells not run (--collect)" if missing else ""))
     return results
 
 
@@ -213,7 +222,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         sem = math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1) / n) if n > 1 else None
         out.append({"method": method, "student": student, "fraction": fraction, "seeds": n,
                     "mean": mean, "sem": sem, "min": min(accs) if accs else None, "max": max(accs) if accs else None,
-                    "failed": sum(r["status"] == "failed" for r in rs)})
+                    "failed": sum(r["status"] == "failed" for r in rs),
+                    "not_run": sum(r["status"] == "not run" for r in rs)})
     return out
 
 
@@ -224,7 +234,8 @@ def table(summary: list[dict[str, Any]]) -> str:
         acc = "-" if s["mean"] is None else f"{100 * s['mean']:.1f}%" + (
             f" ± {100 * s['sem']:.1f}" if s["sem"] is not None else "")
         rng = "-" if s["min"] is None else f"{100 * s['min']:.1f}-{100 * s['max']:.1f}%"
-        seeds = f"{s['seeds']}" + (f" ({s['failed']} failed)" if s["failed"] else "")
+        seeds = (f"{s['seeds']}" + (f" ({s['failed']} failed)" if s["failed"] else "")
+                 + (f" ({s['not_run']} not run)" if s.get("not_run") else ""))
         lines.append(f"| {s['method']} | {s['student']} | {100 * s['fraction']:g}% | {acc} | {seeds} | {rng} |")
     return "\n".join(lines)
 
