@@ -253,6 +253,31 @@ def test_co_distillation_killed_resumes_both_models_to_the_uninterrupted_result(
     assert [v for _, v in _losses(tmp_path / "run")] == pytest.approx([v for _, v in _losses(tmp_path / "ref")], abs=1e-5)
 
 
+def test_on_policy_distillation_killed_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """On-policy KD samples the student's own targets: kill -9 after the step-3 checkpoint,
+    --resume, and the run ends bit for bit where an uninterrupted one ends (the coin and the
+    samples are seeded by step, not by a random stream the kill would lose)."""
+    teacher = tmp_path / "teacher"
+    t = llama_student(seed=1)
+    t.model.save_pretrained(teacher)
+    t.tokenizer.save_pretrained(teacher)
+
+    def argv(out):
+        return [*_train_argv(tmp_path, out), "--method", "on-policy", "--set", "method.kd.teacher=teacher",
+                "--set", "method.kd.kind=jsd", "--set", "method.kd.lmbda=0.5"]
+
+    _kill_when_paused(_spawn(tmp_path, argv("run"), "step:5"), tmp_path)
+    assert _checkpoint_names(tmp_path / "run" / "checkpoints") == ["checkpoint-3"]
+    _finish(_spawn(tmp_path, argv("run") + ["--resume"]), tmp_path)
+    monkeypatch.chdir(tmp_path)  # uninterrupted, in this process (one thread, as the child)
+    assert cli.run(argv("ref")) == 0
+    ours, theirs = _weights(tmp_path / "run"), _weights(tmp_path / "ref")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert [v for _, v in _losses(tmp_path / "run")] == pytest.approx([v for _, v in _losses(tmp_path / "ref")], abs=1e-5)
+    logged = [json.loads(x) for x in (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines()]
+    assert any(x.get("onpolicy_share", 0) > 0 for x in logged)  # it did sample
+
+
 def _sweep_config(tmp_path: Path) -> Path:
     """A sweep of 2 seeds x 1 method on the tiny llama: 6 steps per cell, a checkpoint every 3."""
     import yaml

@@ -11,8 +11,8 @@ from tiny_models import annotations, examples, tokenizer
 
 
 def test_registry_lists_methods_and_rejects_unknown():
-    assert METHODS.names() == ["co-distill", "distill", "label-rationale", "rationale-label", "standard", "step-by-step"]
-    with pytest.raises(StepDistillError, match="choose one of co-distill, distill, label-rationale, rationale-label, standard, step-by-step"):
+    assert METHODS.names() == ["co-distill", "distill", "label-rationale", "on-policy", "rationale-label", "standard", "step-by-step"]
+    with pytest.raises(StepDistillError, match="choose one of co-distill, distill, label-rationale, on-policy, rationale-label, standard, step-by-step"):
         METHODS.get("kd")
 
 

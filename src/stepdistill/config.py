@@ -224,12 +224,22 @@ class KDConfig(_Section):
     warmup_steps: int = Field(
         0, ge=0, description="co-distill: steps before the distillation term counts (early predictions are unreliable)."
     )
+    lmbda: Optional[float] = Field(
+        None, ge=0, le=1,
+        description="On-policy distillation (GKD): the probability that a micro-batch's targets are the student's own "
+        "samples, scored token by token by the teacher (the rationale task's too). Default: 0.5 under method on-policy, "
+        "0 (teacher-forced KD only) under any other.",
+    )
+    sample_temperature: float = Field(1.0, gt=0, description="on-policy: the temperature the student samples its targets at.")
 
     @model_validator(mode="after")
     def _cache_is_forward_kl(self) -> "KDConfig":
         if self.cache and self.kind != "forward_kl":
             raise ValueError(f"kd.cache holds the teacher's top-k tokens only, which supports kind forward_kl, not {self.kind}: "
                              "drop kd.cache to run the teacher on the fly")
+        if self.cache and self.lmbda:
+            raise ValueError("kd.cache holds the teacher's distributions on the data's targets only, not on the student's "
+                             "own samples: drop kd.cache to run the teacher on the fly, or set kd.lmbda to 0")
         return self
 
 
@@ -240,7 +250,8 @@ class MethodConfig(_Section):
         "distill: teacher labels (sequence-level KD; no gold needed); step-by-step: label + rationale multi-task; "
         "co-distill: kd.teacher and the student trained together, each also learning from the other's distribution; "
         "label-rationale: the label, then the rationale, in one sequence (inference stops after the label); "
-        "rationale-label: the rationale, then the label (a chain-of-thought student).",
+        "rationale-label: the rationale, then the label (a chain-of-thought student); "
+        "on-policy: KD on the student's own samples too (GKD; kd.lmbda, kd.kind jsd and kd.beta).",
     )
     alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha * label loss + (1 - alpha) * rationale loss.")
     label_source: Literal["gold", "teacher"] = Field("gold", description="step-by-step: which labels to train on.")

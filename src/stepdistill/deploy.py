@@ -144,6 +144,8 @@ def model_card(run: str | Path, gguf_files: list[str] | tuple[str, ...] = ()) ->
         acc = summary.get("teacher_accuracy")
         if acc is not None:
             teacher += f" (its accuracy on the annotated split: {acc:.1%})"
+    elif ((cfg.get("method") or {}).get("kd") or {}).get("teacher"):
+        teacher = f"white-box (soft labels): {cfg['method']['kd']['teacher']}"
     elif not kind.needs_annotations and not kind.trains_teacher:
         teacher = "none (trained on gold labels only)"
     evals = []

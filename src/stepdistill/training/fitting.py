@@ -30,6 +30,7 @@ from stepdistill.methods.kd import attach_topk_cache, load_kd_teacher
 from stepdistill.runs import is_main_process, write_error, write_json
 from stepdistill.students import Student, count_parameters
 from stepdistill.tasks.base import Example, Task
+from stepdistill.methods.on_policy import check_on_policy
 from stepdistill.training.checkpoints import (
     SEALS, JsonlLog, SealCheckpoint, checkpoint_step, failed_write, find_checkpoints, refused_pickle, trim_log,
 )
@@ -215,6 +216,8 @@ def fit(
     After fit, `student.model` is the saved model (LoRA adapters merged into the weights).
     """
     out_dir = Path(out_dir)
+    method = get_method(method_cfg)
+    check_on_policy(method, student)  # before anything is written (a kd cache among it)
     ckpt_root = out_dir / "checkpoints"
     last, incomplete = find_checkpoints(ckpt_root)
     if last and not resume:
@@ -239,7 +242,6 @@ def fit(
         trim_log(out_dir / "train_log.jsonl", start_step)
     if start_step:
         log.info("resuming from %s (step %d)", last, start_step)
-    method = get_method(method_cfg)
     teacher_from = method.resume_teacher_from(last) if resume else None
     tags = dict(tags or {})
     run_name = tags.pop("run", None) or out_dir.name

@@ -29,6 +29,7 @@ from stepdistill.methods.batches import LABEL_KEYS, decoder_inputs
 from stepdistill.methods.fused import WeightGradHandoff, linear_cross_entropy, tied_embedding
 from stepdistill.methods.kd import soft_label_loss, vocab_size
 from stepdistill.methods.losses import IGNORE_INDEX, count_targets, normalise, row_cross_entropy
+from stepdistill.methods.on_policy import on_policy_loss, on_policy_now
 from stepdistill.methods.targets import fused_head, logits_at, output_layer_inputs, target_positions
 from stepdistill.students import Student
 from stepdistill.tasks.base import Example, Task
@@ -125,6 +126,10 @@ class StepDistillTrainer(Trainer):
     def task_loss(self, model, inputs: dict, pre: str, n_items) -> torch.Tensor:
         """One task's loss (`pre`: "" the label task, RATIONALE the rationale task): its token
         cross-entropy normalised by `n_items`, mixed with the KD divergence when the method has `kd`."""
+        if self.kd is not None:
+            generator = on_policy_now(self, pre)
+            if generator is not None:  # this micro-batch learns on the student's own samples
+                return on_policy_loss(self, model, inputs, pre, n_items, generator)
         labels = inputs[pre + "labels"]
         kw = self.model_inputs(inputs, pre)
         if self.kd is None:
