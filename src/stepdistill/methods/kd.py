@@ -21,6 +21,7 @@ import torch
 from stepdistill.config import KDConfig
 from stepdistill.errors import StepDistillError
 from stepdistill.methods.batches import RATIONALE, Collator, decoder_inputs
+from stepdistill.methods.cross_tokenizer import uld_task_loss
 from stepdistill.methods.losses import kd_loss, kd_loss_topk, token_cross_entropy, topk_logprobs
 from stepdistill.runs import fsync_dir, fsync_tree, write_error, write_json
 from stepdistill.students import Student, load_pretrained, model_folder
@@ -44,7 +45,8 @@ def load_kd_teacher(kd: KDConfig, student: Student, *, trainable: bool = False,
         source = Path(weights_from)
     kind = "seq2seq" if student.is_seq2seq else "causal"
     teacher = load_pretrained(str(source) if source.exists() else kd.teacher, kind=kind)
-    check_same_vocabulary(teacher, student, kd.teacher)
+    if kd.cross_tokenizer is None:
+        check_same_vocabulary(teacher, student, kd.teacher)
     teacher.model.train(trainable)
     teacher.model.requires_grad_(trainable)
     return teacher
@@ -56,8 +58,8 @@ def check_same_vocabulary(teacher: Student, student: Student, name: str) -> None
         raise StepDistillError(
             f"the teacher {name} and the student have different vocabularies ({len(t)} vs {len(s)} tokens), "
             "so their token distributions cannot be compared: use a student that shares the teacher's tokenizer "
-            "(e.g. `stepdistill make-student --from <teacher>`), or distil its generated text instead "
-            "(method distill or step-by-step on `stepdistill annotate` outputs)"
+            "(e.g. `stepdistill make-student --from <teacher>`), set kd.cross_tokenizer: uld, or distil its generated "
+            "text instead (method distill or step-by-step on `stepdistill annotate` outputs)"
         )
 
 
@@ -100,6 +102,8 @@ def soft_label_loss(trainer, logits: torch.Tensor, kw: dict[str, torch.Tensor], 
                     n_items) -> torch.Tensor:
     """One task's soft-label KD loss: (1 - w) * CE + w * the divergence to the teacher, whose
     distributions come from the batch (kd.cache: top-k) or from running the frozen teacher now."""
+    if trainer.kd.cross_tokenizer == "uld":
+        return uld_task_loss(trainer, logits, inputs, pre, n_items)
     labels = inputs[pre + "labels"]
     if pre + "kd_vals" not in inputs:
         return mixed_loss(trainer, logits, run_teacher(trainer, kw, labels), labels, n_items, pre + "kd_loss")

@@ -30,6 +30,7 @@ from stepdistill.methods.kd import attach_topk_cache, load_kd_teacher
 from stepdistill.runs import is_main_process, write_error, write_json
 from stepdistill.students import Student, count_parameters
 from stepdistill.tasks.base import Example, Task
+from stepdistill.methods.cross_tokenizer import check_cross_tokenizer, teacher_rows
 from stepdistill.methods.on_policy import check_on_policy
 from stepdistill.training.checkpoints import (
     SEALS, JsonlLog, SealCheckpoint, checkpoint_step, failed_write, find_checkpoints, refused_pickle, trim_log,
@@ -92,6 +93,8 @@ def build_trainer(
     elif kd is not None:
         teacher = load_kd_teacher(kd, student, trainable=method.trains_teacher, weights_from=teacher_from)
         teacher.fmt = student.fmt
+        if kd.cross_tokenizer:  # the teacher's own rows of the same text, and the positions they share
+            feats = teacher_rows(student.tokenizer, teacher.tokenizer, feats)
     has_val = bool(val_examples)
     if has_val and task is None:
         raise StepDistillError("validation examples given without their task: pass task= to score them")
@@ -218,6 +221,7 @@ def fit(
     out_dir = Path(out_dir)
     method = get_method(method_cfg)
     check_on_policy(method, student)  # before anything is written (a kd cache among it)
+    check_cross_tokenizer(method, student)
     ckpt_root = out_dir / "checkpoints"
     last, incomplete = find_checkpoints(ckpt_root)
     if last and not resume:
