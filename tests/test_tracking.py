@@ -69,3 +69,38 @@ def test_an_unknown_tracker_is_refused_by_the_config():
         TrainingConfig(report_to=["tensorbord"])
     assert TrainingConfig(report_to="none").report_to == [] and TrainingConfig(report_to="tensorboard,mlflow").report_to == [
         "tensorboard", "mlflow"]
+
+
+def test_mlflow_logs_every_curve_and_the_tags_to_a_local_file_store(setup, monkeypatch):
+    pytest.importorskip("mlflow")  # mlflow-skinny, in the dev extra
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = setup / "mlf"
+    api.train(config(setup, report_to="mlflow"), out, echo=lambda _: None,
+              tags={"run": "cell-m", "method": "step-by-step", "seed": "1"})
+    (run,) = [p.parent for p in (out / "mlruns").rglob("meta.yaml") if (p.parent / "metrics").is_dir()]
+    metrics = {p.name for p in (run / "metrics").iterdir()}
+    for name in ("loss", "label_loss", "rationale_loss", "eval_accuracy"):
+        assert name in metrics, sorted(metrics)
+    tags = {p.name: p.read_text() for p in (run / "tags").iterdir()}
+    assert tags.get("method") == "step-by-step" and tags.get("seed") == "1" and tags.get("mlflow.runName") == "cell-m"
+    assert "MLFLOW_TRACKING_URI" not in __import__("os").environ  # set for the run only
+
+
+def test_wandb_runs_offline_into_the_run_folder(setup, monkeypatch):
+    pytest.importorskip("wandb")
+    for k in ("WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    out = setup / "wb"
+    api.train(config(setup, report_to="wandb"), out, echo=lambda _: None,
+              tags={"run": "cell-w", "method": "step-by-step", "sweep": "sw"})
+    (run_dir,) = list((out / "wandb").glob("offline-run-*"))  # offline: nothing was sent
+    (data,) = list(run_dir.glob("*.wandb"))
+    # the run's records, protobuf in a LevelDB-style log: its keys and names are stored as plain UTF-8
+    raw = data.read_bytes()
+    for key in (b"train/loss", b"train/label_loss", b"train/rationale_loss", b"eval/accuracy",
+                b"cell-w", b"method=step-by-step", b"sw"):
+        assert key in raw, key
+    # the next cell is a run of its own, not more steps of this one (the Trainer leaves wandb's run open)
+    api.train(config(setup, report_to="wandb"), setup / "wb2", echo=lambda _: None, tags={"run": "cell-w2"})
+    (second,) = list((setup / "wb2" / "wandb").glob("offline-run-*/*.wandb"))
+    assert b"cell-w2" in second.read_bytes() and b"cell-w2" not in data.read_bytes()

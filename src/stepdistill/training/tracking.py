@@ -8,7 +8,8 @@ trainer's `note`), and validation accuracy. Nothing leaves the machine unless th
 environment says so:
   - tensorboard writes event files to `<folder>/tensorboard/<run_name>` (one folder per sweep cell,
     so `tensorboard --logdir <sweep>/tensorboard` shows them side by side);
-  - mlflow logs to a file store, `<folder>/mlruns`, unless MLFLOW_TRACKING_URI is set;
+  - mlflow logs to a file store, `<folder>/mlruns`, unless MLFLOW_TRACKING_URI is set (e.g. to
+    `sqlite:///mlflow.db`, mlflow 3's preferred local store, which needs sqlalchemy);
   - wandb runs offline (WANDB_MODE=offline, files under `<folder>`) unless WANDB_MODE is set;
   - trackio keeps its local database.
 `tags` (a sweep cell's method, student, fraction and seed) go where each tracker groups runs.
@@ -56,12 +57,17 @@ def tracking(report_to: list[str], folder: Path, *, run_name: str, tags: dict[st
         tb.logging_dir = str(folder / "tensorboard" / run_name)
         callbacks += [tb, _TensorBoardTags(tb, tags)]
     if "mlflow" in report_to:
-        env["MLFLOW_TRACKING_URI"] = os.environ.get("MLFLOW_TRACKING_URI") or (folder / "mlruns").resolve().as_uri()
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+        else:  # a plain local file store: no database package needed (mlflow 3 asks to be told it is wanted)
+            env["MLFLOW_TRACKING_URI"] = (folder / "mlruns").resolve().as_uri()
+            env["MLFLOW_ALLOW_FILE_STORE"] = "true"
         env["MLFLOW_TAGS"] = json.dumps(tags)
     if "wandb" in report_to:
         env["WANDB_MODE"] = os.environ.get("WANDB_MODE", "offline")
         env["WANDB_DIR"] = os.environ.get("WANDB_DIR", str(folder))
-        env["WANDB_TAGS"] = ",".join(f"{k}={v}" for k, v in tags.items())
+        if tags:  # an empty WANDB_TAGS is one empty tag, which wandb refuses
+            env["WANDB_TAGS"] = ",".join(f"{k}={v}" for k, v in tags.items())
         if "sweep" in tags:
             env["WANDB_RUN_GROUP"] = tags["sweep"]
     before = {k: os.environ.get(k) for k in env}
@@ -69,6 +75,12 @@ def tracking(report_to: list[str], folder: Path, *, run_name: str, tags: dict[st
     try:
         yield (integrations or "none"), callbacks
     finally:
+        if "wandb" in report_to:  # the Trainer leaves its wandb run open: close it, or the next sweep cell logs into it
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+            wandb.teardown()  # its settings (WANDB_DIR among them) are read once per setup: the next run reads its own
         for k, v in before.items():
             if v is None:
                 os.environ.pop(k, None)
