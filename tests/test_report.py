@@ -133,10 +133,20 @@ def test_the_report_opens_with_the_papers_like_for_like_comparisons(tmp_path):
     rows = [line for line in md.split("## The paper's comparisons, like for like")[1].split("## Are")[0].splitlines()
             if line.startswith("| s |")]
     # step-by-step (gold labels) against standard, oriented rationales - baseline; distill has no cells here
-    assert len(rows) == 2 and all("| step-by-step | standard | gold |" in r for r in rows)
+    assert len(rows) == 3 and all("| step-by-step | standard | gold |" in r for r in rows)
     full = next(r for r in rows if "| 100% |" in r)
     diff = float(full.split("|")[8].split("(")[0])
     assert diff > 0 and "rationales better" in full
+    # the data-efficiency row: step-by-step on half the data against standard on all of it
+    (half,) = [r for r in rows if "| 50% vs 100% |" in r]
+    summary = {(x["method"], x["fraction"]): x["mean"] for x in json.loads((sweep / "results.json").read_text())["summary"]}
+    cells = half.split("|")
+    assert cells[6].strip().startswith(f"{100 * summary[('step-by-step', 0.5)]:.1f}%")
+    assert cells[7].strip().startswith(f"{100 * summary[('standard', 1.0)]:.1f}%")
+    comps = comparisons(load_sweep(sweep))
+    (cross,) = [c for c in comps if c["fraction"] != c["fraction_b"]]
+    assert (cross["a"], cross["fraction"], cross["b"], cross["fraction_b"]) == ("step-by-step", 0.5, "standard", 1.0)
+    assert len(comps) == 3 and all(c["p_holm"] >= c["p"] for c in comps)  # Holm over all three
 
 
 def test_identical_methods_are_within_noise(tmp_path):

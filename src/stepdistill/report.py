@@ -93,28 +93,46 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
     for student, fraction in keys:
         methods = sorted(m for s, f, m in by if (s, f) == (student, fraction))
         for ma, mb in itertools.combinations(methods, 2):
-            A, B = by[(student, fraction, ma)], by[(student, fraction, mb)]
-            seeds = sorted(set(A) & set(B))
-            if not seeds:
-                continue
-            items = sorted(set.intersection(*(set(A[s]) & set(B[s]) for s in seeds)))
-            if not items:
-                continue
-            a = [[A[s][i] for i in items] for s in seeds]
-            b = [[B[s][i] for i in items] for s in seeds]
-            majority = mcnemar([2 * sum(col) > len(seeds) for col in zip(*a)], [2 * sum(col) > len(seeds) for col in zip(*b)])
-            boot = paired_bootstrap(a, b)
-            out.append({"student": student, "fraction": fraction, "a": ma, "b": mb, "seeds": len(seeds),
-                        "items": len(items), **boot, "p": sign_flip_test(a, b),
-                        "test": "sign-flip permutation over items (seeds averaged within each item)",
-                        "only_a": majority["only_a"], "only_b": majority["only_b"], "p_majority": majority["p"],
-                        "p_per_seed": [mcnemar(x, y)["p"] for x, y in zip(a, b)]})
+            c = _compare(by[(student, fraction, ma)], by[(student, fraction, mb)])
+            if c:
+                out.append({"student": student, "fraction": fraction, "fraction_b": fraction, "a": ma, "b": mb, **c})
+    # the paper's data-efficiency claim: rationales on less data against the baseline on its most
+    for mine, other, _ in paper_pairs(results):
+        for student, fraction, m in sorted(by):
+            most = max((f for s, f, b in by if s == student and b == other), default=None)
+            if m == mine and most is not None and fraction < most:
+                c = _compare(by[(student, fraction, mine)], by[(student, most, other)])
+                if c:
+                    out.append({"student": student, "fraction": fraction, "fraction_b": most, "a": mine, "b": other, **c})
     for c, adjusted in zip(out, holm([c["p"] for c in out])):
         c["p_holm"] = adjusted
         # significant across the whole table (Holm): a sweep of m methods makes m(m-1)/2 comparisons
         c["significant"] = adjusted < 0.05
         c["within_noise"] = c["p"] >= 0.05
     return out
+
+
+def _compare(A: dict[int, dict[str, bool]], B: dict[int, dict[str, bool]]) -> dict[str, Any] | None:
+    """One comparison over the seeds and test items both sides have (None: none shared)."""
+    seeds = sorted(set(A) & set(B))
+    if not seeds:
+        return None
+    items = sorted(set.intersection(*(set(A[s]) & set(B[s]) for s in seeds)))
+    if not items:
+        return None
+    a = [[A[s][i] for i in items] for s in seeds]
+    b = [[B[s][i] for i in items] for s in seeds]
+    majority = mcnemar([2 * sum(col) > len(seeds) for col in zip(*a)], [2 * sum(col) > len(seeds) for col in zip(*b)])
+    return {"seeds": len(seeds), "items": len(items), **paired_bootstrap(a, b), "p": sign_flip_test(a, b),
+            "test": "sign-flip permutation over items (seeds averaged within each item)",
+            "only_a": majority["only_a"], "only_b": majority["only_b"], "p_majority": majority["p"],
+            "p_per_seed": [mcnemar(x, y)["p"] for x, y in zip(a, b)]}
+
+
+def _data(c: dict[str, Any]) -> str:
+    """A comparison's data share: `50%`, or `50% vs 100%` where the two sides trained on different shares."""
+    f, fb = c["fraction"], c.get("fraction_b", c["fraction"])
+    return f"{100 * f:g}%" if f == fb else f"{100 * f:g}% vs {100 * fb:g}%"
 
 
 def paper_pairs(results: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -143,7 +161,9 @@ def _paper_comparisons(results: dict[str, Any], comps: list[dict[str, Any]]) -> 
     stats = {(s["method"], s["student"], s["fraction"]): s for s in results["summary"]}
     md = ["## The paper's comparisons, like for like", "",
           "Rationales added to gold labels against standard fine-tuning, and to the teacher's labels against "
-          "distillation on those labels: equal steps, the same test items; the test as in the next section.", "",
+          "distillation on those labels: equal steps, the same test items; the test as in the next section. A row "
+          "`50% vs 100%` is the paper's data-efficiency claim: the rationale student on half the data against the "
+          "baseline on all of it.", "",
           "| student | data | rationales | baseline | labels | rationales acc. | baseline acc. | difference (95% interval) "
           "| p (items) | Holm p | verdict |", "|---|---:|---|---|---|---:|---:|---:|---:|---:|---|"]
     for c in comps:
@@ -154,10 +174,11 @@ def _paper_comparisons(results: dict[str, Any], comps: list[dict[str, Any]]) -> 
             lo, hi = sorted((sign * c["low"], sign * c["high"]))
             flipped = {**c, "diff": sign * c["diff"]}
             verdict = verdict_of(flipped, ("rationales", "baseline"))
-            acc = [stats.get((m, c["student"], c["fraction"])) for m in (mine, other)]
+            f_mine, f_other = (c["fraction"], c["fraction_b"]) if c["a"] == mine else (c["fraction_b"], c["fraction"])
+            acc = [stats.get((mine, c["student"], f_mine)), stats.get((other, c["student"], f_other))]
             shown = [f"{100 * a['mean']:.1f}% ± {100 * a['sem']:.1f}" if a and a.get("mean") is not None else "-"
                      for a in acc]
-            md.append(f"| {c['student']} | {100 * c['fraction']:g}% | {mine} | {other} | {labels} | {shown[0]} | "
+            md.append(f"| {c['student']} | {_data(c)} | {mine} | {other} | {labels} | {shown[0]} | "
                       f"{shown[1]} | {100 * sign * c['diff']:+.1f} ({100 * lo:+.1f}, {100 * hi:+.1f}) | {c['p']:.3g} | "
                       f"{c['p_holm']:.3g} | {verdict} |")
     return md + [""]
@@ -379,7 +400,7 @@ def build(sweep_dir: str | Path, teacher_run: str | Path | None = None, cpu_hour
     for c in comps:
         verdict = verdict_of(c)
         per_seed = ", ".join(f"{p:.2g}" for p in c["p_per_seed"])
-        md.append(f"| {c['student']} | {100 * c['fraction']:g}% | {c['a']} | {c['b']} | {c['seeds']} x {c['items']} | "
+        md.append(f"| {c['student']} | {_data(c)} | {c['a']} | {c['b']} | {c['seeds']} x {c['items']} | "
                   f"{100 * c['diff']:+.1f} ({100 * c['low']:+.1f}, {100 * c['high']:+.1f}) | {c['p']:.3g} | "
                   f"{c['p_holm']:.3g} | {c['only_a']} / {c['only_b']} | {c['p_majority']:.3g} | {per_seed} | {verdict} |")
     md += ["", "## Teacher against student", ""]
