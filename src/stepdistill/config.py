@@ -231,6 +231,13 @@ class KDConfig(_Section):
         "0 (teacher-forced KD only) under any other.",
     )
     sample_temperature: float = Field(1.0, gt=0, description="on-policy: the temperature the student samples its targets at.")
+    base_url: Optional[str] = Field(
+        None,
+        description="A teacher behind an OpenAI-compatible server (llama.cpp's): its top-k log-probs on every training "
+        "sequence come from /completions (echo + logprobs) into kd.cache, once; `teacher` is the server's model name.",
+    )
+    api_key_env: str = Field("OPENAI_API_KEY", description="kd.base_url: the environment variable holding the server's key, if it needs one.")
+    concurrency: int = Field(4, ge=1, description="kd.base_url: requests in flight.")
     cross_tokenizer: Optional[Literal["uld"]] = Field(
         None,
         description="A teacher with another tokenizer: uld compares the sorted probability vectors of teacher and "
@@ -242,6 +249,11 @@ class KDConfig(_Section):
         if self.cache and self.kind != "forward_kl":
             raise ValueError(f"kd.cache holds the teacher's top-k tokens only, which supports kind forward_kl, not {self.kind}: "
                              "drop kd.cache to run the teacher on the fly")
+        if self.base_url and not self.cache:
+            raise ValueError("kd.base_url: the server's log-probs are written to a top-k cache once: set kd.cache to a folder")
+        if self.base_url and (self.cross_tokenizer or self.lmbda):
+            raise ValueError("kd.base_url serves cached log-probs on the data's own tokens: it does not combine with "
+                             "kd.cross_tokenizer or kd.lmbda")
         if self.cache and self.cross_tokenizer:
             raise ValueError("kd.cache stores the teacher's top-k at the student's token positions, which another tokenizer "
                              "does not have: drop kd.cache to run the teacher on the fly")

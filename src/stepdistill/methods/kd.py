@@ -23,6 +23,7 @@ from stepdistill.errors import StepDistillError
 from stepdistill.methods.batches import RATIONALE, Collator, decoder_inputs
 from stepdistill.methods.cross_tokenizer import uld_task_loss
 from stepdistill.methods.losses import kd_loss, kd_loss_topk, token_cross_entropy, topk_logprobs
+from stepdistill.methods.server_topk import server_topk
 from stepdistill.runs import fsync_dir, fsync_tree, write_error, write_json
 from stepdistill.students import Student, load_pretrained, model_folder
 
@@ -130,7 +131,8 @@ def _fingerprint(teacher: str) -> list:
 
 def _digest(kd: KDConfig, feats: list[dict]) -> str:
     """What the cache was computed from: teacher weights, temperature, k and every token it saw."""
-    h = hashlib.sha256(json.dumps({"teacher": _fingerprint(kd.teacher), "T": kd.temperature, "k": kd.top_k}).encode())
+    source = {"server": kd.base_url, "model": kd.teacher} if kd.base_url else _fingerprint(kd.teacher)
+    h = hashlib.sha256(json.dumps({"teacher": source, "T": kd.temperature, "k": kd.top_k}).encode())
     for f in feats:
         for pre in ("", RATIONALE):
             if pre + "input_ids" in f:
@@ -153,11 +155,16 @@ def attach_topk_cache(kd: KDConfig, student: Student, feats: list[dict], *, batc
         raise StepDistillError(f"{cache} exists but is not a complete top-k cache (no meta.json/topk.safetensors): "
                                "delete it, or point kd.cache to a new folder")
     else:
-        teacher = load_kd_teacher(kd, student)
-        teacher.model.to("cuda" if torch.cuda.is_available() else "cpu")
         log.info("kd: writing the teacher's top-%d distributions to %s (once)", kd.top_k, cache)
-        tensors = _compute_topk(kd, teacher, student.is_seq2seq, feats, batch_size)
-        del teacher
+        if kd.base_url:  # a teacher behind a server: it never loads here
+            if student.is_seq2seq:
+                raise StepDistillError("kd.base_url gives log-probs of one causal sequence: use a causal student")
+            tensors = server_topk(kd, student, feats)
+        else:
+            teacher = load_kd_teacher(kd, student)
+            teacher.model.to("cuda" if torch.cuda.is_available() else "cpu")
+            tensors = _compute_topk(kd, teacher, student.is_seq2seq, feats, batch_size)
+            del teacher
         tmp = cache.with_name(cache.name + ".tmp")  # a crash leaves only this, rewritten by the next run
         try:
             shutil.rmtree(tmp, ignore_errors=True)
