@@ -168,7 +168,7 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
         timed = [r for r in rows if r.get("wall_s")]
         if timed:
             total = {k: sum(r[k] for r in timed) for k in TIMING}
-            echo(f"time in {len(timed)} cells timed by this run: {_shares(total)}")
+            echo(f"time in the {len(timed)} cells with a whole-cell timing: {_shares(total)}")
         failed = sum(r["status"] == "failed" for r in rows)
         missing = sum(r["status"] == "not run" for r in rows)
         echo(f"wrote {run.path('results.json')}, cells.csv, summary.csv" + (f"; {failed} cells failed" if failed else "")
