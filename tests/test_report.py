@@ -147,6 +147,14 @@ def test_the_report_opens_with_the_papers_like_for_like_comparisons(tmp_path):
     (cross,) = [c for c in comps if c["fraction"] != c["fraction_b"]]
     assert (cross["a"], cross["fraction"], cross["b"], cross["fraction_b"]) == ("step-by-step", 0.5, "standard", 1.0)
     assert len(comps) == 3 and all(c["p_holm"] >= c["p"] for c in comps)  # Holm over all three
+    # one seed on the smaller share (a cell not run for the other): no standard error, said so
+    results = json.loads((sweep / "results.json").read_text())
+    results["cells"] = [c for c in results["cells"] if c["cell"] != "step-by-step__s__f0.5__s1"]
+    results["summary"] = summarise(results["cells"])
+    (sweep / "results.json").write_text(json.dumps(results))
+    md = (report(sweep, tmp_path / "out1") / "report.md").read_text()
+    (half,) = [r for r in md.splitlines() if "| 50% vs 100% |" in r and r.startswith("| s |")][:1]
+    assert "(1 seed)" in half.split("|")[6]
 
 
 def test_identical_methods_are_within_noise(tmp_path):

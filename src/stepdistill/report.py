@@ -163,7 +163,8 @@ def _paper_comparisons(results: dict[str, Any], comps: list[dict[str, Any]]) -> 
           "Rationales added to gold labels against standard fine-tuning, and to the teacher's labels against "
           "distillation on those labels: equal steps, the same test items; the test as in the next section. A row "
           "`50% vs 100%` is the paper's data-efficiency claim: the rationale student on half the data against the "
-          "baseline on all of it.", "",
+          "baseline on all of it. The accuracies are each side's mean over its seeds; the difference and its test use "
+          "only the seeds both sides have (the next section gives their count).", "",
           "| student | data | rationales | baseline | labels | rationales acc. | baseline acc. | difference (95% interval) "
           "| p (items) | Holm p | verdict |", "|---|---:|---|---|---|---:|---:|---:|---:|---:|---|"]
     for c in comps:
@@ -176,8 +177,8 @@ def _paper_comparisons(results: dict[str, Any], comps: list[dict[str, Any]]) -> 
             verdict = verdict_of(flipped, ("rationales", "baseline"))
             f_mine, f_other = (c["fraction"], c["fraction_b"]) if c["a"] == mine else (c["fraction_b"], c["fraction"])
             acc = [stats.get((mine, c["student"], f_mine)), stats.get((other, c["student"], f_other))]
-            shown = [f"{100 * a['mean']:.1f}% ± {100 * a['sem']:.1f}" if a and a.get("mean") is not None else "-"
-                     for a in acc]
+            shown = [("-" if not a or a.get("mean") is None else f"{100 * a['mean']:.1f}%"
+                      + (f" ± {100 * a['sem']:.1f}" if a.get("sem") is not None else " (1 seed)")) for a in acc]
             md.append(f"| {c['student']} | {_data(c)} | {mine} | {other} | {labels} | {shown[0]} | "
                       f"{shown[1]} | {100 * sign * c['diff']:+.1f} ({100 * lo:+.1f}, {100 * hi:+.1f}) | {c['p']:.3g} | "
                       f"{c['p_holm']:.3g} | {verdict} |")
