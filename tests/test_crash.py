@@ -39,6 +39,7 @@ from stepdistill.testing.openai_server import FakeOpenAIServer
 from stepdistill.methods.co_distill import TEACHER_DIR
 from stepdistill.training import SEAL, find_checkpoints, fit
 from stepdistill.training.checkpoints import is_sealed, save_folder
+from test_kd_training import save_teacher
 from tiny_models import FakeTask, examples, llama_student
 
 # ---------------------------------------------------------------- the child and its kill points
@@ -232,10 +233,7 @@ def test_co_distillation_killed_resumes_both_models_to_the_uninterrupted_result(
     """Co-distillation trains two models: kill -9 after its step-3 checkpoint, --resume, and both
     the student and the teacher end bit for bit where an uninterrupted run ends (the teacher's
     weights and Adam moments come back from the checkpoint with the student's)."""
-    teacher = tmp_path / "teacher"
-    t = llama_student(seed=1)
-    t.model.save_pretrained(teacher)
-    t.tokenizer.save_pretrained(teacher)
+    save_teacher("llama", tmp_path / "teacher", seed=1)
 
     def argv(out):
         return [*_train_argv(tmp_path, out), "--method", "co-distill", "--set", "method.kd.teacher=teacher",
@@ -257,10 +255,7 @@ def test_on_policy_distillation_killed_resumes_to_the_uninterrupted_result(tmp_p
     """On-policy KD samples the student's own targets: kill -9 after the step-3 checkpoint,
     --resume, and the run ends bit for bit where an uninterrupted one ends (the coin and the
     samples are seeded by step, not by a random stream the kill would lose)."""
-    teacher = tmp_path / "teacher"
-    t = llama_student(seed=1)
-    t.model.save_pretrained(teacher)
-    t.tokenizer.save_pretrained(teacher)
+    save_teacher("llama", tmp_path / "teacher", seed=1)
 
     def argv(out):
         return [*_train_argv(tmp_path, out), "--method", "on-policy", "--set", "method.kd.teacher=teacher",
