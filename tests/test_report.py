@@ -157,6 +157,30 @@ def test_the_report_opens_with_the_papers_like_for_like_comparisons(tmp_path):
     assert "(1 seed)" in half.split("|")[6]
 
 
+def test_the_data_efficiency_rows_hold_a_teacher_label_rationale_student_against_standard_on_gold(tmp_path):
+    """The paper's data-efficiency claim is against standard fine-tuning on all the gold labels,
+    whatever labels the rationale student used; at equal shares only like-for-like pairs are in the
+    paper table (teacher-label rationales against standard is in the full table only)."""
+    sweep = _fake_sweep(tmp_path / "sweep")
+    results = json.loads((sweep / "results.json").read_text())
+    for r in results["cells"]:
+        r["method"] = {"step-by-step": "sbs-teacher"}.get(r["method"], r["method"])
+    results["summary"] = summarise(results["cells"])
+    (sweep / "results.json").write_text(json.dumps(results))
+    (sweep / "config.yaml").write_text("task: {name: esnli}\nmethods: [standard, distill, {name: step-by-step, "
+                                       "label_source: teacher, tag: sbs-teacher}]\nfractions: [0.5, 1.0]\n"
+                                       "students: [s]\nseeds: [0, 1]\n")
+    md = (report(sweep, tmp_path / "out") / "report.md").read_text()
+    rows = [line for line in md.split("## The paper's comparisons, like for like")[1].split("## Are")[0].splitlines()
+            if line.startswith("| s |")]
+    (half,) = rows  # distill has no finished cell: no like-for-like row
+    assert "| 50% vs 100% | sbs-teacher | standard | teacher vs gold |" in half
+    comps = comparisons(load_sweep(sweep))
+    assert {(c["a"], c["fraction"], c["b"], c["fraction_b"]) for c in comps} == {
+        ("sbs-teacher", 0.5, "standard", 0.5), ("sbs-teacher", 1.0, "standard", 1.0),
+        ("sbs-teacher", 0.5, "standard", 1.0)}
+
+
 def test_identical_methods_are_within_noise(tmp_path):
     sweep = _fake_sweep(tmp_path / "sweep")
     res = load_sweep(sweep)
