@@ -104,3 +104,29 @@ def test_wandb_runs_offline_into_the_run_folder(setup, monkeypatch):
     api.train(config(setup, report_to="wandb"), setup / "wb2", echo=lambda _: None, tags={"run": "cell-w2"})
     (second,) = list((setup / "wb2" / "wandb").glob("offline-run-*/*.wandb"))
     assert b"cell-w2" in second.read_bytes() and b"cell-w2" not in data.read_bytes()
+
+
+def test_trackio_logs_every_curve_and_the_tags_into_a_local_database(setup, monkeypatch):
+    import importlib.util
+    import sqlite3
+    import sys
+
+    if importlib.util.find_spec("trackio") is None:  # in the dev extra
+        pytest.skip("trackio is not installed")
+
+    monkeypatch.delenv("TRACKIO_DIR", raising=False)
+    monkeypatch.delenv("TRACKIO_SPACE_ID", raising=False)
+    if "trackio" in sys.modules:  # trackio reads TRACKIO_DIR once, at import: this run's folder must be the first
+        pytest.skip("trackio was imported before this test")
+    out = setup / "tio"
+    api.train(config(setup, report_to="trackio"), out, echo=lambda _: None,
+              tags={"run": "cell-t", "method": "step-by-step", "seed": "1", "sweep": "sw"})
+    (db,) = list((out / "trackio").glob("*.db"))
+    assert db.stem == "sw"  # the sweep's name is the project
+    con = sqlite3.connect(db)
+    tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    text = "\n".join(str(row) for t in tables for row in con.execute(f"SELECT * FROM {t}"))
+    for key in ("train/loss", "train/label_loss", "train/rationale_loss", "eval/accuracy", "cell-t",
+                "stepdistill/method", "step-by-step"):
+        assert key in text, (key, tables)
+    assert "TRACKIO_DIR" not in __import__("os").environ  # set for the run only

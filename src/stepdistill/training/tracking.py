@@ -11,7 +11,10 @@ environment says so:
   - mlflow logs to a file store, `<folder>/mlruns`, unless MLFLOW_TRACKING_URI is set (e.g. to
     `sqlite:///mlflow.db`, mlflow 3's preferred local store, which needs sqlalchemy);
   - wandb runs offline (WANDB_MODE=offline, files under `<folder>`) unless WANDB_MODE is set;
-  - trackio keeps its local database.
+  - trackio writes its local database under `<folder>/trackio` (TRACKIO_DIR, which trackio reads
+    once, when first imported: a process's later runs log where its first did) unless TRACKIO_DIR
+    is set; the project is the sweep's name (or `stepdistill`) and the tags go into the run's
+    config. Nothing goes to a Space unless TRACKIO_SPACE_ID says so.
 `tags` (a sweep cell's method, student, fraction and seed) go where each tracker groups runs.
 """
 
@@ -70,6 +73,9 @@ def tracking(report_to: list[str], folder: Path, *, run_name: str, tags: dict[st
             env["WANDB_TAGS"] = ",".join(f"{k}={v}" for k, v in tags.items())
         if "sweep" in tags:
             env["WANDB_RUN_GROUP"] = tags["sweep"]
+    if "trackio" in report_to:
+        env["TRACKIO_DIR"] = os.environ.get("TRACKIO_DIR", str(folder / "trackio"))
+        callbacks.append(_TrackioRun(tags.get("sweep") or "stepdistill", tags))
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -97,3 +103,21 @@ class _TensorBoardTags(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self.tags and state.is_world_process_zero and self.tb.tb_writer is not None:
             self.tb.tb_writer.add_text("stepdistill/tags", json.dumps(self.tags))
+
+
+class _TrackioRun(TrainerCallback):
+    """The Trainer's trackio callback logs into `args.project` (the Trainer's default: `huggingface`)
+    with no tags: name the project, and put the tags in the run's config once trackio has started
+    it (the integrations' callbacks run before the ones passed in)."""
+
+    def __init__(self, project: str, tags: dict[str, str]):
+        self.project, self.tags = project, tags
+
+    def on_init_end(self, args, state, control, **kwargs):
+        args.project = self.project
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.tags and state.is_world_process_zero:
+            import trackio
+
+            trackio.config.update({f"stepdistill/{k}": v for k, v in self.tags.items()})
