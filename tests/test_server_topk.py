@@ -39,16 +39,54 @@ def llama_cpp_like_server(teacher: Student, *, shift: int = 0, tokenizer=None):
 
         def do_POST(self):
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            ids = tok(req["prompt"], add_special_tokens=False)["input_ids"]
+            prompt = req["prompt"]  # text, or token ids (llama.cpp's server takes both)
+            ids = prompt if isinstance(prompt, list) else tok(prompt, add_special_tokens=False)["input_ids"]
             with torch.no_grad():
                 logp = torch.log_softmax(teacher.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
             top = [None]
             for i in range(1, len(ids)):
                 j = min(max(i + shift, 0), len(ids) - 1)
-                v, k = logp[j].topk(req["logprobs"])
+                v, k = logp[j].topk(req.get("logprobs") or 1)  # a request without it: ignored, as servers do
                 top.append({tok.decode([int(t)], skip_special_tokens=True): float(x) for x, t in zip(v, k)})
-            body = json.dumps({"choices": [{"text": req["prompt"], "logprobs": {  # special tokens as '', like llama.cpp
+            body = json.dumps({"choices": [{"text": tok.decode(ids), "logprobs": {  # special tokens as '', like llama.cpp
                 "tokens": [tok.decode([t], skip_special_tokens=True) for t in ids], "top_logprobs": top}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+def vllm_like_server(teacher: Student, *, drop_own=False):
+    """/v1/completions with vLLM's `prompt_logprobs`, as its docs give it: the prompt as token ids,
+    entry i the distribution that predicted token i (None for the first), keyed by token id, each
+    value {logprob, rank, decoded_token}, the prompt's own token always among them."""
+    tok = teacher.tokenizer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert "echo" not in req and isinstance(req["prompt"], list)
+            ids = req["prompt"]
+            with torch.no_grad():
+                logp = torch.log_softmax(teacher.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            entries = [None]
+            for i in range(1, len(ids)):
+                v, k = logp[i - 1].topk(req["prompt_logprobs"])
+                keep = {int(t): float(x) for x, t in zip(v, k)}
+                if not drop_own:
+                    keep[ids[i]] = float(logp[i - 1, ids[i]])
+                rank = {t: 1 + int((logp[i - 1] > x).sum()) for t, x in keep.items()}
+                entries.append({str(t): {"logprob": x, "rank": rank[t], "decoded_token": tok.decode([t])}
+                                for t, x in keep.items()})
+            body = json.dumps({"choices": [{"text": "x", "logprobs": None, "prompt_logprobs": entries}]}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -92,6 +130,47 @@ def test_the_servers_log_probs_are_the_local_teachers_at_the_same_positions(tmp_
             # log-prob differences: free of each side's normaliser (T = 1 over the vocabulary vs T over it)
             a, b = common[0], common[-1]
             assert mine[a] - mine[b] == pytest.approx(theirs[a] - theirs[b], abs=5e-3), (key, pos)
+
+
+def test_vllms_prompt_logprobs_land_where_the_local_teachers_top_k_does_at_every_position(tmp_path):
+    """Token ids both ways, and the other convention (entry i predicted token i): the cache equals
+    the local teacher's top k at every position, specials included, where echo loses the first."""
+    student, teacher = llama_student(0), llama_student(7)
+    feats = _feats(student)
+    server, url = vllm_like_server(teacher)
+    try:
+        kd = KDConfig(teacher="tiny", base_url=url, cache=str(tmp_path / "c"), top_k=5, temperature=2.0,
+                      server_logprobs="prompt_logprobs")
+        remote = server_topk(kd, student, feats)
+    finally:
+        server.shutdown()
+    local = _compute_topk(kd, teacher, False, feats, batch_size=4)
+    assert remote.keys() == local.keys() and any(k.startswith("rat_") for k in remote)
+    for key in (k for k in local if k.endswith(".vals")):
+        ids = key.replace(".vals", ".ids")
+        n = remote[key].shape[0]
+        assert torch.equal(remote[ids][: n - 1], local[ids][: n - 1].to(remote[ids].dtype)), key
+        # log-prob differences: free of each side's normaliser (T = 1 over the vocabulary vs T over it)
+        mine, theirs = remote[key][: n - 1].float(), local[key][: n - 1].float()
+        assert torch.allclose(mine - mine[:, :1], theirs - theirs[:, :1], atol=5e-3), key
+
+
+def test_a_server_that_does_not_answer_as_vllm_is_one_clear_error(tmp_path):
+    student = llama_student(0)
+    feats = _feats(student, "standard", n=2)
+    kd = dict(teacher="t", cache=str(tmp_path / "c"), top_k=5, server_logprobs="prompt_logprobs")
+    server, url = vllm_like_server(llama_student(7), drop_own=True)
+    try:
+        with pytest.raises(StepDistillError, match="does not hold the token sent there"):
+            server_topk(KDConfig(base_url=url, **kd), student, feats)
+    finally:
+        server.shutdown()
+    server, url = llama_cpp_like_server(llama_student(7))  # answers echo, not prompt_logprobs
+    try:
+        with pytest.raises(StepDistillError, match="returned no prompt_logprobs"):
+            server_topk(KDConfig(base_url=url, **kd), student, feats)
+    finally:
+        server.shutdown()
 
 
 def test_training_reads_the_servers_cache_and_never_loads_a_teacher(tmp_path, monkeypatch):

@@ -238,6 +238,12 @@ class KDConfig(_Section):
     )
     api_key_env: str = Field("OPENAI_API_KEY", description="kd.base_url: the environment variable holding the server's key, if it needs one.")
     concurrency: int = Field(4, ge=1, description="kd.base_url: requests in flight.")
+    server_logprobs: Literal["echo", "prompt_logprobs"] = Field(
+        "echo",
+        description="kd.base_url: how the server gives the log-probs of a prompt's tokens. echo: the text with echo + "
+        "logprobs (llama.cpp's server; entry i follows token i); prompt_logprobs: the token ids with vLLM's "
+        "prompt_logprobs (entry i predicted token i; no re-tokenisation, tokens named by id).",
+    )
     cross_tokenizer: Optional[Literal["uld"]] = Field(
         None,
         description="A teacher with another tokenizer: uld compares the sorted probability vectors of teacher and "

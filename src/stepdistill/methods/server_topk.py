@@ -14,10 +14,14 @@ text, which maps to the student's eos, the one special token its targets hold).
 
 **Which position a server's entry belongs to.** llama.cpp's server (llama-cpp-python) returns,
 at entry i, the distribution that follows token i (what predicts token i + 1), with no entry for
-the first token; that is the student's logit position i, as the cache stores it. Servers with
-OpenAI's `prompt_logprobs` convention (vLLM), where entry i is the distribution that predicted
-token i, are not supported yet. Tested against the real llama.cpp server
-(tests/test_server_topk.py, slow).
+the first token; that is the student's logit position i, as the cache stores it
+(`kd.server_logprobs: echo`, tested against the real llama.cpp server in
+tests/test_server_topk.py, slow). vLLM's `prompt_logprobs` (`kd.server_logprobs:
+prompt_logprobs`) is the other convention: the prompt goes as the student's token ids (nothing is
+re-tokenised), entry i is the distribution that predicted token i (None for the first), keyed by
+token id and always holding the prompt's own token besides the top k; the student's position i is
+entry i + 1. Tested against a server that answers as vLLM documents it, not a real vLLM (none runs
+on a CPU here).
 
 The key, if the server needs one, is read from the environment variable `kd.api_key_env` and is
 never written anywhere.
@@ -38,9 +42,13 @@ from stepdistill.errors import StepDistillError
 from stepdistill.methods.batches import RATIONALE
 
 
-def _request(kd, text: str) -> dict:
-    body = json.dumps({"model": kd.teacher, "prompt": text, "max_tokens": 1, "echo": True, "logprobs": kd.top_k,
-                       "temperature": 0}).encode()
+def _request(kd, prompt: str | list[int]) -> dict:
+    body = {"model": kd.teacher, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    if kd.server_logprobs == "prompt_logprobs":
+        body["prompt_logprobs"] = kd.top_k
+    else:
+        body.update(echo=True, logprobs=kd.top_k)
+    body = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     key = os.environ.get(kd.api_key_env)
     if key:
@@ -74,10 +82,17 @@ def server_topk(kd, student, feats: list[dict], pieces: dict[str, int] | None = 
     pieces = pieces or piece_ids(tok)
     jobs = [(i, pre, f[pre + "input_ids"]) for i, f in enumerate(feats) for pre in ("", RATIONALE)
             if pre + "input_ids" in f]
+    by_id = kd.server_logprobs == "prompt_logprobs"
     with ThreadPoolExecutor(max_workers=kd.concurrency) as pool:
-        replies = list(pool.map(lambda job: _request(kd, tok.decode(job[2])), jobs))
+        replies = list(pool.map(lambda job: _request(kd, list(job[2]) if by_id else tok.decode(job[2])), jobs))
     tensors = {}
     for (i, pre, ids), reply in zip(jobs, replies):
+        if by_id:
+            vals, idx = _by_id(kd, reply, ids, len(tok))
+            _check_complete(feats[i][pre + "labels"], vals)
+            tensors[f"{pre}{i}.vals"] = vals.to(torch.float16).contiguous()
+            tensors[f"{pre}{i}.ids"] = idx.to(torch.int32).contiguous()
+            continue
         lp = (reply.get("choices") or [{}])[0].get("logprobs") or {}
         tokens, top = lp.get("tokens") or [], lp.get("top_logprobs") or []
         mine = [tok.decode([t], skip_special_tokens=True) for t in ids]  # servers send special tokens as ''
@@ -94,12 +109,40 @@ def server_topk(kd, student, feats: list[dict], pieces: dict[str, int] | None = 
             known = sorted(((lp_, pieces[p]) for p, lp_ in (entry or {}).items() if p in pieces), reverse=True)
             for j, (value, token) in enumerate(known[: kd.top_k]):
                 vals[pos, j], idx[pos, j] = value / kd.temperature, token
-        f_labels = feats[i][pre + "labels"]
-        missing = [pos for pos in range(len(ids) - 1) if f_labels[pos + 1] != -100 and vals[pos, 0] == -math.inf]
-        if missing:
-            raise StepDistillError(f"the KD server returned no log-probs at target position {missing[0]} of a training "
-                                   f"sequence ({len(missing)} such positions): does it support echo with logprobs "
-                                   "(llama.cpp's server needs --logits_all true)?")
+        _check_complete(feats[i][pre + "labels"], vals)
         tensors[f"{pre}{i}.vals"] = vals.to(torch.float16).contiguous()
         tensors[f"{pre}{i}.ids"] = idx.to(torch.int32).contiguous()
     return tensors
+
+
+def _by_id(kd, reply: dict, ids: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's prompt_logprobs: entry j (keyed by token id) predicted token j, so the student's
+    position j - 1 is entry j."""
+    entries = (reply.get("choices") or [{}])[0].get("prompt_logprobs")
+    if not isinstance(entries, list) or len(entries) != len(ids):
+        raise StepDistillError(f"the KD server {kd.base_url} returned no prompt_logprobs for the {len(ids)} tokens sent "
+                               "(kd.server_logprobs=prompt_logprobs is vLLM's; llama.cpp's server needs "
+                               "kd.server_logprobs=echo)")
+    vals = torch.full((len(ids), kd.top_k), -math.inf)
+    idx = torch.zeros((len(ids), kd.top_k), dtype=torch.long)
+    for pos in range(len(ids) - 1):
+        entry = entries[pos + 1] or {}
+        scored = sorted(((v["logprob"] if isinstance(v, dict) else v, int(t)) for t, v in entry.items()), reverse=True)
+        if entry and str(ids[pos + 1]) not in entry:  # vLLM always adds the prompt's own token
+            raise StepDistillError(f"the KD server's entry {pos + 1} does not hold the token sent there (id "
+                                   f"{ids[pos + 1]}): it does not follow vLLM's prompt_logprobs; try kd.server_logprobs=echo")
+        if any(t >= vocab for _, t in scored):
+            raise StepDistillError(f"the KD server named token id {max(t for _, t in scored)}, beyond the student's "
+                                   f"vocabulary of {vocab}: serve a teacher with the student's tokenizer")
+        for j, (value, token) in enumerate(scored[: kd.top_k]):
+            vals[pos, j], idx[pos, j] = value / kd.temperature, token
+    return vals, idx
+
+
+def _check_complete(labels: list[int], vals: torch.Tensor) -> None:
+    """Every position that predicts a target token has the teacher's log-probs."""
+    missing = [pos for pos in range(len(labels) - 1) if labels[pos + 1] != -100 and vals[pos, 0] == -math.inf]
+    if missing:
+        raise StepDistillError(f"the KD server returned no log-probs at target position {missing[0]} of a training "
+                               f"sequence ({len(missing)} such positions): does it support echo with logprobs "
+                               "(llama.cpp's server needs --logits_all true)?")
