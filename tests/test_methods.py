@@ -60,6 +60,23 @@ def test_step_by_step_gold_keeps_unparsed_for_label_task_only():
     assert len(rs.records) == 4
 
 
+def test_label_only_drop_leaves_out_the_items_without_a_rationale_under_gold_labels():
+    """With verified teacher labels equal to gold, gold labels + label_only: drop train exactly
+    the teacher-label records: every item carries a rationale that agrees with its label."""
+    exs = examples(4)
+    ann = annotations(exs, bad={"ex1"})
+    ann["ex2"] = Parsed(None, None, "disagrees with gold: teacher said 'plant', gold is 'animal'")
+    for name in ("step-by-step", "label-rationale", "rationale-label"):
+        rs = get_method(MethodConfig(name=name, label_source="gold", label_only="drop")).records(exs, ann)
+        assert [r.id for r in rs.records] == ["ex0", "ex3"] and all(r.rationale for r in rs.records)
+        assert rs.counts["no_rationale_left_out"] == 2 and rs.counts["label_only"] == 0
+        assert "2 no rationale left out" in rs.summary()
+        teacher = get_method(MethodConfig(name=name, label_source="teacher")).records(exs, ann)
+        assert [(r.id, r.label, r.rationale) for r in rs.records] == [(r.id, r.label, r.rationale) for r in teacher.records]
+    keep = get_method(MethodConfig(name="label-rationale", label_source="gold")).records(exs, ann)
+    assert len(keep.records) == 4 and keep.counts["label_only"] == 2  # the default: the paper's
+
+
 def test_step_by_step_teacher_labels_drop_unparsed():
     exs = examples(4)
     rs = get_method(MethodConfig(name="step-by-step", label_source="teacher")).records(exs, annotations(exs, bad={"ex1"}))

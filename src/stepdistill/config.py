@@ -286,6 +286,12 @@ class MethodConfig(_Section):
         description="step-by-step: `all` parsed teacher rationales (the paper), or only those whose "
         "teacher label is correct against gold (a weak teacher's wrong reasoning is not taught).",
     )
+    label_only: Literal["keep", "drop"] = Field(
+        "keep",
+        description="step-by-step, label-rationale, rationale-label: an item with no usable rationale (the teacher's "
+        "did not parse, or was dropped as wrong) trains its label alone (keep: the paper) or is left out (drop: "
+        "every training item then carries a rationale that agrees with its label).",
+    )
     rationales_per_input: int = Field(
         1, ge=1,
         description="step-by-step, label-rationale, rationale-label: up to this many of the teacher's rationales "

@@ -45,7 +45,7 @@ def _method_tag(m) -> str:
     """A method configuration's name in tables: its name and the options that set it apart."""
     return (m.name + ("-teacher-labels" if m.label_source == "teacher" else "") + ("-kd" if m.kd else "")
             + ("-decoder" if m.task_marker == "decoder" else "") + ("-correct" if m.rationales == "correct" else "")
-            + ("-token-weighted" if m.weighting == "token" else ""))
+            + ("-token-weighted" if m.weighting == "token" else "") + ("-rationale-items" if m.label_only == "drop" else ""))
 
 
 def cells(cfg: SweepRun) -> list[dict[str, Any]]:

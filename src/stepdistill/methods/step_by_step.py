@@ -61,6 +61,9 @@ class StepByStepMethod(Method):
                 why = dropped_because(p)
                 counts[why] = counts.get(why, 0) + 1
                 continue
+            if rationale is None and self.cfg.label_only == "drop":
+                counts["no_rationale_left_out"] = counts.get("no_rationale_left_out", 0) + 1
+                continue
             if rationale is None:
                 counts["label_only"] += 1
             recs.append(TrainRecord(e.id, e.input, label, rationale))  # type: ignore[arg-type]
