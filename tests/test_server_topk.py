@@ -39,16 +39,18 @@ def llama_cpp_like_server(teacher: Student, *, shift: int = 0, tokenizer=None):
 
         def do_POST(self):
             req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = req["prompt"]  # text, or token ids (llama.cpp's server takes both)
-            ids = prompt if isinstance(prompt, list) else tok(prompt, add_special_tokens=False)["input_ids"]
+            if not isinstance(req["prompt"], str):  # llama-cpp-python's server takes text prompts only
+                self.send_error(422, "prompt: input should be a valid string")
+                return
+            ids = tok(req["prompt"], add_special_tokens=False)["input_ids"]
             with torch.no_grad():
                 logp = torch.log_softmax(teacher.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
             top = [None]
             for i in range(1, len(ids)):
                 j = min(max(i + shift, 0), len(ids) - 1)
-                v, k = logp[j].topk(req.get("logprobs") or 1)  # a request without it: ignored, as servers do
+                v, k = logp[j].topk(req["logprobs"])
                 top.append({tok.decode([int(t)], skip_special_tokens=True): float(x) for x, t in zip(v, k)})
-            body = json.dumps({"choices": [{"text": tok.decode(ids), "logprobs": {  # special tokens as '', like llama.cpp
+            body = json.dumps({"choices": [{"text": req["prompt"], "logprobs": {  # special tokens as '', like llama.cpp
                 "tokens": [tok.decode([t], skip_special_tokens=True) for t in ids], "top_logprobs": top}}]}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -165,9 +167,9 @@ def test_a_server_that_does_not_answer_as_vllm_is_one_clear_error(tmp_path):
             server_topk(KDConfig(base_url=url, **kd), student, feats)
     finally:
         server.shutdown()
-    server, url = llama_cpp_like_server(llama_student(7))  # answers echo, not prompt_logprobs
+    server, url = llama_cpp_like_server(llama_student(7))  # takes text only, answers echo
     try:
-        with pytest.raises(StepDistillError, match="returned no prompt_logprobs"):
+        with pytest.raises(StepDistillError, match="answered 422.*llama.cpp's server needs kd.server_logprobs=echo"):
             server_topk(KDConfig(base_url=url, **kd), student, feats)
     finally:
         server.shutdown()

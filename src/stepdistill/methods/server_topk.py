@@ -58,8 +58,11 @@ def _request(kd, prompt: str | list[int]) -> dict:
         with urllib.request.urlopen(req, timeout=120) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
+        hint = ("; kd.server_logprobs=prompt_logprobs sends token ids, as vLLM takes them: llama.cpp's server needs "
+                "kd.server_logprobs=echo" if kd.server_logprobs == "prompt_logprobs" else "")
         raise StepDistillError(f"the KD server {kd.base_url} answered {e.code} to a logprobs request "
-                               f"({e.read()[:300].decode(errors='replace')}): check kd.base_url and kd.teacher") from None
+                               f"({' '.join(e.read()[:300].decode(errors='replace').split())}): check kd.base_url "
+                               f"and kd.teacher{hint}") from None  # the server's words on the same one line
     except OSError as e:
         raise StepDistillError(f"the KD server {kd.base_url} cannot be reached ({e}): start it, or fix kd.base_url") from None
 
