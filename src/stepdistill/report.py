@@ -172,14 +172,21 @@ def paper_pairs(results: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def _efficiency_pairs(results: dict[str, Any]) -> list[tuple[str, str]]:
     """(rationale method, baseline) for the data-efficiency rows: every rationale method against
-    every baseline, each baseline on the largest share it trained on."""
-    mines = sorted({mine for mine, _, _ in paper_pairs(results)})
-    return [(mine, other) for mine in mines for other in _baselines(results).values()]
+    standard fine-tuning (the paper's yardstick) and against the baseline on its own labels, each
+    baseline on the largest share it trained on."""
+    from stepdistill.methods import get_method
+
+    base = _baselines(results)
+    out = []
+    for t, m in _method_tags(results).items():
+        if get_method(m).multitask:
+            out += [(t, b) for b in dict.fromkeys(base[x] for x in ("gold", m.label_source) if x in base)]
+    return out
 
 
 def _paper_comparisons(results: dict[str, Any], comps: list[dict[str, Any]]) -> list[str]:
     pairs = paper_pairs(results)
-    if not pairs:
+    if not pairs and not _efficiency_pairs(results):
         return []
     stats = {(s["method"], s["student"], s["fraction"]): s for s in results["summary"]}
     md = ["## The paper's comparisons, like for like", "",
@@ -191,8 +198,8 @@ def _paper_comparisons(results: dict[str, Any], comps: list[dict[str, Any]]) -> 
           "only the seeds both sides have (the next section gives their count).", "",
           "| student | data | rationales | baseline | labels | rationales acc. | baseline acc. | difference (95% interval) "
           "| p (items) | Holm p | verdict |", "|---|---:|---|---|---|---:|---:|---:|---:|---:|---|"]
-    label_of = {t: labels for labels, t in _baselines(results).items()}
-    label_of.update({mine: labels for mine, _, labels in pairs})
+    label_of = {t: m.label_source for t, m in _method_tags(results).items()}  # the rationale methods'
+    label_of.update({t: labels for labels, t in _baselines(results).items()})
     rows = {(mine, other) for mine, other, _ in pairs}  # like for like: equal shares
     rows_efficiency = set(_efficiency_pairs(results))  # the rationale side on a smaller share
     for c in comps:

@@ -58,11 +58,15 @@ def _request(kd, prompt: str | list[int]) -> dict:
         with urllib.request.urlopen(req, timeout=120) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
-        hint = ("; kd.server_logprobs=prompt_logprobs sends token ids, as vLLM takes them: llama.cpp's server needs "
-                "kd.server_logprobs=echo" if kd.server_logprobs == "prompt_logprobs" else "")
-        raise StepDistillError(f"the KD server {kd.base_url} answered {e.code} to a logprobs request "
-                               f"({' '.join(e.read()[:300].decode(errors='replace').split())}): check kd.base_url "
-                               f"and kd.teacher{hint}") from None  # the server's words on the same one line
+        said = " ".join(e.read()[:300].decode(errors="replace").split())  # the server's words, on the error's one line
+        hint = ""
+        if "logprobs" in said.lower():
+            hint = "; a server caps the log-probs it gives (vLLM: --max-logprobs, 20 by default): lower kd.top_k or raise its cap"
+        elif kd.server_logprobs == "prompt_logprobs" and "prompt" in said.lower():
+            hint = ("; kd.server_logprobs=prompt_logprobs sends token ids, as vLLM takes them: llama.cpp's server "
+                    "needs kd.server_logprobs=echo")
+        raise StepDistillError(f"the KD server {kd.base_url} answered {e.code} to a logprobs request ({said}): check "
+                               f"kd.base_url and kd.teacher{hint}") from None
     except OSError as e:
         raise StepDistillError(f"the KD server {kd.base_url} cannot be reached ({e}): start it, or fix kd.base_url") from None
 
@@ -82,17 +86,17 @@ def server_topk(kd, student, feats: list[dict], pieces: dict[str, int] | None = 
     """Per feature and task, as `kd._compute_topk` writes them: (positions, k) log-probs at
     temperature T (renormalised over the k by the loss) and the student's token ids."""
     tok = student.tokenizer
-    pieces = pieces or piece_ids(tok)
+    by_id = kd.server_logprobs == "prompt_logprobs"
+    pieces = pieces or (None if by_id else piece_ids(tok))  # tokens by text: echo only
     jobs = [(i, pre, f[pre + "input_ids"]) for i, f in enumerate(feats) for pre in ("", RATIONALE)
             if pre + "input_ids" in f]
-    by_id = kd.server_logprobs == "prompt_logprobs"
     with ThreadPoolExecutor(max_workers=kd.concurrency) as pool:
         replies = list(pool.map(lambda job: _request(kd, list(job[2]) if by_id else tok.decode(job[2])), jobs))
     tensors = {}
     for (i, pre, ids), reply in zip(jobs, replies):
         if by_id:
             vals, idx = _by_id(kd, reply, ids, len(tok))
-            _check_complete(feats[i][pre + "labels"], vals)
+            _check_complete(kd, feats[i][pre + "labels"], vals)
             tensors[f"{pre}{i}.vals"] = vals.to(torch.float16).contiguous()
             tensors[f"{pre}{i}.ids"] = idx.to(torch.int32).contiguous()
             continue
@@ -105,6 +109,7 @@ def server_topk(kd, student, feats: list[dict], pieces: dict[str, int] | None = 
                 f"the KD server tokenised a training sequence differently from the student (first at token {at}: "
                 f"{tokens[at:at + 1]} vs {mine[at:at + 1]}): serve a teacher with the student's tokenizer, or use "
                 "kd.cross_tokenizer with a local teacher")
+        _check_convention(kd, tokens[: len(ids)], top)
         vals = torch.full((len(ids), kd.top_k), -math.inf)
         idx = torch.zeros((len(ids), kd.top_k), dtype=torch.long)
         for pos in range(len(ids)):  # entry pos: the distribution after token pos (llama.cpp's convention)
@@ -112,10 +117,20 @@ def server_topk(kd, student, feats: list[dict], pieces: dict[str, int] | None = 
             known = sorted(((lp_, pieces[p]) for p, lp_ in (entry or {}).items() if p in pieces), reverse=True)
             for j, (value, token) in enumerate(known[: kd.top_k]):
                 vals[pos, j], idx[pos, j] = value / kd.temperature, token
-        _check_complete(feats[i][pre + "labels"], vals)
+        _check_complete(kd, feats[i][pre + "labels"], vals)
         tensors[f"{pre}{i}.vals"] = vals.to(torch.float16).contiguous()
         tensors[f"{pre}{i}.ids"] = idx.to(torch.int32).contiguous()
     return tensors
+
+
+def _check_convention(kd, tokens: list[str], top: list) -> None:
+    """An echo reply in OpenAI's convention (vLLM's echo: entry i predicted token i, and always
+    holds token i) would pass the token check and sit one position off: refuse it. In llama.cpp's,
+    entry i follows token i and holds token i itself only by chance."""
+    own = [tokens[i] in entry for i, entry in enumerate(top[: len(tokens)]) if entry]
+    if len(own) >= 3 and all(own):
+        raise StepDistillError(f"the KD server {kd.base_url} answers echo in OpenAI's convention (entry i is the "
+                               "distribution that predicted token i, vLLM's): set kd.server_logprobs=prompt_logprobs")
 
 
 def _by_id(kd, reply: dict, ids: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,10 +157,11 @@ def _by_id(kd, reply: dict, ids: list[int], vocab: int) -> tuple[torch.Tensor, t
     return vals, idx
 
 
-def _check_complete(labels: list[int], vals: torch.Tensor) -> None:
+def _check_complete(kd, labels: list[int], vals: torch.Tensor) -> None:
     """Every position that predicts a target token has the teacher's log-probs."""
     missing = [pos for pos in range(len(labels) - 1) if labels[pos + 1] != -100 and vals[pos, 0] == -math.inf]
     if missing:
+        ask = ("does it support prompt_logprobs (vLLM)?" if kd.server_logprobs == "prompt_logprobs" else
+               "does it support echo with logprobs (llama.cpp's server needs --logits_all true)?")
         raise StepDistillError(f"the KD server returned no log-probs at target position {missing[0]} of a training "
-                               f"sequence ({len(missing)} such positions): does it support echo with logprobs "
-                               "(llama.cpp's server needs --logits_all true)?")
+                               f"sequence ({len(missing)} such positions): {ask}")

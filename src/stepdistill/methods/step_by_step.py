@@ -10,7 +10,8 @@ Records: the label comes from `label_source` (gold or teacher), the rationale fr
 Choice made here: an example whose teacher output did not parse (or gave no rationale) is
 *kept for the label task only* when its label is still known (gold source) — the label loss
 then sees every labelled example, as in `standard`, and no unparsed teacher text is ever a
-target. With label_source=teacher such an example has no label and is dropped.
+target. With label_source=teacher such an example has no label and is dropped. `label_only: drop`
+leaves it out under gold labels too: every training item then carries a rationale.
 """
 
 from __future__ import annotations
