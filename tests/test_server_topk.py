@@ -28,10 +28,9 @@ from tiny_models import FakeTask, llama_student
 TRAINING = TrainingConfig(max_steps=4, learning_rate=1e-2, batch_size=8, logging_steps=1, bf16=False)
 
 
-def llama_cpp_like_server(teacher: Student, *, shift: int = 0, tokenizer=None, own: bool = False):
+def llama_cpp_like_server(teacher: Student, *, shift: int = 0, tokenizer=None):
     """/v1/completions with echo + logprobs as llama.cpp's server answers: entry i is the
-    distribution after token i, entry 0 is None (`shift` moves them, to fake another convention;
-    `own` adds token i to entry i, as vLLM's echo does)."""
+    distribution after token i, entry 0 is None (`shift` moves them, to fake another convention)."""
     tok = tokenizer or teacher.tokenizer
 
     class Handler(BaseHTTPRequestHandler):
@@ -51,8 +50,6 @@ def llama_cpp_like_server(teacher: Student, *, shift: int = 0, tokenizer=None, o
                 j = min(max(i + shift, 0), len(ids) - 1)
                 v, k = logp[j].topk(req["logprobs"])
                 top.append({tok.decode([int(t)], skip_special_tokens=True): float(x) for x, t in zip(v, k)})
-                if own:
-                    top[-1][tok.decode([ids[i]], skip_special_tokens=True)] = float(logp[j, ids[i]])
             body = json.dumps({"choices": [{"text": req["prompt"], "logprobs": {  # special tokens as '', like llama.cpp
                 "tokens": [tok.decode([t], skip_special_tokens=True) for t in ids], "top_logprobs": top}}]}).encode()
             self.send_response(200)
@@ -158,17 +155,6 @@ def test_vllms_prompt_logprobs_land_where_the_local_teachers_top_k_does_at_every
         # log-prob differences: free of each side's normaliser (T = 1 over the vocabulary vs T over it)
         mine, theirs = remote[key][: n - 1].float(), local[key][: n - 1].float()
         assert torch.allclose(mine - mine[:, :1], theirs - theirs[:, :1], atol=5e-3), key
-
-
-def test_an_echo_reply_in_openais_convention_is_refused_not_read_one_position_off(tmp_path):
-    student = llama_student(0)
-    feats = _feats(student, "standard", n=2)
-    server, url = llama_cpp_like_server(llama_student(7), shift=-1, own=True)  # vLLM's echo
-    try:
-        with pytest.raises(StepDistillError, match="OpenAI's convention.*kd.server_logprobs=prompt_logprobs"):
-            server_topk(KDConfig(teacher="t", base_url=url, cache=str(tmp_path / "c"), top_k=5), student, feats)
-    finally:
-        server.shutdown()
 
 
 def test_a_server_that_does_not_answer_as_vllm_is_one_clear_error(tmp_path):

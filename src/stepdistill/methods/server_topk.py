@@ -109,7 +109,6 @@ def server_topk(kd, student, feats: list[dict], pieces: dict[str, int] | None = 
                 f"the KD server tokenised a training sequence differently from the student (first at token {at}: "
                 f"{tokens[at:at + 1]} vs {mine[at:at + 1]}): serve a teacher with the student's tokenizer, or use "
                 "kd.cross_tokenizer with a local teacher")
-        _check_convention(kd, tokens[: len(ids)], top)
         vals = torch.full((len(ids), kd.top_k), -math.inf)
         idx = torch.zeros((len(ids), kd.top_k), dtype=torch.long)
         for pos in range(len(ids)):  # entry pos: the distribution after token pos (llama.cpp's convention)
@@ -121,16 +120,6 @@ def server_topk(kd, student, feats: list[dict], pieces: dict[str, int] | None = 
         tensors[f"{pre}{i}.vals"] = vals.to(torch.float16).contiguous()
         tensors[f"{pre}{i}.ids"] = idx.to(torch.int32).contiguous()
     return tensors
-
-
-def _check_convention(kd, tokens: list[str], top: list) -> None:
-    """An echo reply in OpenAI's convention (vLLM's echo: entry i predicted token i, and always
-    holds token i) would pass the token check and sit one position off: refuse it. In llama.cpp's,
-    entry i follows token i and holds token i itself only by chance."""
-    own = [tokens[i] in entry for i, entry in enumerate(top[: len(tokens)]) if entry]
-    if len(own) >= 3 and all(own):
-        raise StepDistillError(f"the KD server {kd.base_url} answers echo in OpenAI's convention (entry i is the "
-                               "distribution that predicted token i, vLLM's): set kd.server_logprobs=prompt_logprobs")
 
 
 def _by_id(kd, reply: dict, ids: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
