@@ -28,30 +28,20 @@ from tiny_models import FakeTask, llama_student
 TRAINING = TrainingConfig(max_steps=4, learning_rate=1e-2, batch_size=8, logging_steps=1, bf16=False)
 
 
-def llama_cpp_like_server(teacher: Student, *, shift: int = 0, tokenizer=None):
-    """/v1/completions with echo + logprobs as llama.cpp's server answers: entry i is the
-    distribution after token i, entry 0 is None (`shift` moves them, to fake another convention)."""
-    tok = tokenizer or teacher.tokenizer
+def _serve(answer):
+    """A /v1/completions server on 127.0.0.1: `answer(request)` is the JSON reply, or an HTTP
+    error as (code, message)."""
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a):
             pass
 
         def do_POST(self):
-            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if not isinstance(req["prompt"], str):  # llama-cpp-python's server takes text prompts only
-                self.send_error(422, "prompt: input should be a valid string")
+            reply = answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            if isinstance(reply, tuple):
+                self.send_error(*reply)
                 return
-            ids = tok(req["prompt"], add_special_tokens=False)["input_ids"]
-            with torch.no_grad():
-                logp = torch.log_softmax(teacher.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
-            top = [None]
-            for i in range(1, len(ids)):
-                j = min(max(i + shift, 0), len(ids) - 1)
-                v, k = logp[j].topk(req["logprobs"])
-                top.append({tok.decode([int(t)], skip_special_tokens=True): float(x) for x, t in zip(v, k)})
-            body = json.dumps({"choices": [{"text": req["prompt"], "logprobs": {  # special tokens as '', like llama.cpp
-                "tokens": [tok.decode([t], skip_special_tokens=True) for t in ids], "top_logprobs": top}}]}).encode()
+            body = json.dumps(reply).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -61,6 +51,32 @@ def llama_cpp_like_server(teacher: Student, *, shift: int = 0, tokenizer=None):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+def _log_probs(teacher: Student, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(teacher.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+
+
+def llama_cpp_like_server(teacher: Student, *, shift: int = 0, tokenizer=None):
+    """/v1/completions with echo + logprobs as llama.cpp's server answers: entry i is the
+    distribution after token i, entry 0 is None (`shift` moves them, to fake another convention)."""
+    tok = tokenizer or teacher.tokenizer
+
+    def answer(req):
+        if not isinstance(req["prompt"], str):  # llama-cpp-python's server takes text prompts only
+            return 422, "prompt: input should be a valid string"
+        ids = tok(req["prompt"], add_special_tokens=False)["input_ids"]
+        logp = _log_probs(teacher, ids)
+        top = [None]
+        for i in range(1, len(ids)):
+            j = min(max(i + shift, 0), len(ids) - 1)
+            v, k = logp[j].topk(req["logprobs"])
+            top.append({tok.decode([int(t)], skip_special_tokens=True): float(x) for x, t in zip(v, k)})
+        return {"choices": [{"text": req["prompt"], "logprobs": {  # special tokens as '', like llama.cpp
+            "tokens": [tok.decode([t], skip_special_tokens=True) for t in ids], "top_logprobs": top}}]}
+
+    return _serve(answer)
 
 
 def vllm_like_server(teacher: Student, *, drop_own=False):
@@ -69,35 +85,22 @@ def vllm_like_server(teacher: Student, *, drop_own=False):
     value {logprob, rank, decoded_token}, the prompt's own token always among them."""
     tok = teacher.tokenizer
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
+    def answer(req):
+        assert "echo" not in req and isinstance(req["prompt"], list)
+        ids = req["prompt"]
+        logp = _log_probs(teacher, ids)
+        entries = [None]
+        for i in range(1, len(ids)):
+            v, k = logp[i - 1].topk(req["prompt_logprobs"])
+            keep = {int(t): float(x) for x, t in zip(v, k)}
+            if not drop_own:
+                keep[ids[i]] = float(logp[i - 1, ids[i]])
+            rank = {t: 1 + int((logp[i - 1] > x).sum()) for t, x in keep.items()}
+            entries.append({str(t): {"logprob": x, "rank": rank[t], "decoded_token": tok.decode([t])}
+                            for t, x in keep.items()})
+        return {"choices": [{"text": "x", "logprobs": None, "prompt_logprobs": entries}]}
 
-        def do_POST(self):
-            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            assert "echo" not in req and isinstance(req["prompt"], list)
-            ids = req["prompt"]
-            with torch.no_grad():
-                logp = torch.log_softmax(teacher.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
-            entries = [None]
-            for i in range(1, len(ids)):
-                v, k = logp[i - 1].topk(req["prompt_logprobs"])
-                keep = {int(t): float(x) for x, t in zip(v, k)}
-                if not drop_own:
-                    keep[ids[i]] = float(logp[i - 1, ids[i]])
-                rank = {t: 1 + int((logp[i - 1] > x).sum()) for t, x in keep.items()}
-                entries.append({str(t): {"logprob": x, "rank": rank[t], "decoded_token": tok.decode([t])}
-                                for t, x in keep.items()})
-            body = json.dumps({"choices": [{"text": "x", "logprobs": None, "prompt_logprobs": entries}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    return _serve(answer)
 
 
 def _feats(student, name="step-by-step", n=4):
