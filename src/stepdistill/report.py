@@ -186,7 +186,8 @@ def _efficiency_pairs(results: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _paper_comparisons(results: dict[str, Any], comps: list[dict[str, Any]]) -> list[str]:
     pairs = paper_pairs(results)
-    if not pairs and not _efficiency_pairs(results):
+    efficiency = set(_efficiency_pairs(results))  # the rationale side on a smaller share
+    if not pairs and not efficiency:
         return []
     stats = {(s["method"], s["student"], s["fraction"]): s for s in results["summary"]}
     md = ["## The paper's comparisons, like for like", "",
@@ -200,14 +201,10 @@ def _paper_comparisons(results: dict[str, Any], comps: list[dict[str, Any]]) -> 
           "| p (items) | Holm p | verdict |", "|---|---:|---|---|---|---:|---:|---:|---:|---:|---|"]
     label_of = {t: m.label_source for t, m in _method_tags(results).items()}  # the rationale methods'
     label_of.update({t: labels for labels, t in _baselines(results).items()})
-    rows = {(mine, other) for mine, other, _ in pairs}  # like for like: equal shares
-    rows_efficiency = set(_efficiency_pairs(results))  # the rationale side on a smaller share
+    like_for_like = {(mine, other) for mine, other, _ in pairs}  # equal shares
     for c in comps:
-        for mine, other in sorted(rows | rows_efficiency):
-            if {c["a"], c["b"]} != {mine, other}:
-                continue
-            if ((mine, other) not in (rows_efficiency if c["fraction"] != c["fraction_b"] else rows)):
-                continue
+        allowed = like_for_like if c["fraction"] == c["fraction_b"] else efficiency
+        for mine, other in [p for p in ((c["a"], c["b"]), (c["b"], c["a"])) if p in allowed]:
             labels = (label_of[mine] if label_of[mine] == label_of.get(other)
                       else f"{label_of[mine]} vs {label_of.get(other)}")
             sign = 1 if c["a"] == mine else -1
