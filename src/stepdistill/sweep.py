@@ -43,13 +43,12 @@ def _tag(text: str) -> str:
 
 def _method_tag(m) -> str:
     """A method configuration's name in tables: its name and the options that set it apart."""
+    from stepdistill.methods import get_method
+
     return (m.name + ("-teacher-labels" if m.label_source == "teacher" else "") + ("-kd" if m.kd else "")
             + ("-decoder" if m.task_marker == "decoder" else "") + ("-correct" if m.rationales == "correct" else "")
             + ("-token-weighted" if m.weighting == "token" else "")
-            + ("-rat-only" if m.label_only == "drop" and m.name in _RATIONALE_METHODS else ""))
-
-
-_RATIONALE_METHODS = ("step-by-step", "label-rationale", "rationale-label")  # where method.label_only acts
+            + ("-rat-only" if m.label_only == "drop" and get_method(m).multitask else ""))  # where it acts
 
 
 def cells(cfg: SweepRun) -> list[dict[str, Any]]:

@@ -94,32 +94,33 @@ def server_topk(kd, student, feats: list[dict], pieces: dict[str, int] | None = 
         replies = list(pool.map(lambda job: _request(kd, list(job[2]) if by_id else tok.decode(job[2])), jobs))
     tensors = {}
     for (i, pre, ids), reply in zip(jobs, replies):
-        if by_id:
-            vals, idx = _by_id(kd, reply, ids, len(tok))
-            _check_complete(kd, feats[i][pre + "labels"], vals)
-            tensors[f"{pre}{i}.vals"] = vals.to(torch.float16).contiguous()
-            tensors[f"{pre}{i}.ids"] = idx.to(torch.int32).contiguous()
-            continue
-        lp = (reply.get("choices") or [{}])[0].get("logprobs") or {}
-        tokens, top = lp.get("tokens") or [], lp.get("top_logprobs") or []
-        mine = [tok.decode([t], skip_special_tokens=True) for t in ids]  # servers send special tokens as ''
-        if tokens[: len(ids)] != mine:
-            at = next((j for j, (a, b) in enumerate(zip(tokens, mine)) if a != b), min(len(tokens), len(mine)))
-            raise StepDistillError(
-                f"the KD server tokenised a training sequence differently from the student (first at token {at}: "
-                f"{tokens[at:at + 1]} vs {mine[at:at + 1]}): serve a teacher with the student's tokenizer, or use "
-                "kd.cross_tokenizer with a local teacher")
-        vals = torch.full((len(ids), kd.top_k), -math.inf)
-        idx = torch.zeros((len(ids), kd.top_k), dtype=torch.long)
-        for pos in range(len(ids)):  # entry pos: the distribution after token pos (llama.cpp's convention)
-            entry = top[pos] if pos < len(top) else None
-            known = sorted(((lp_, pieces[p]) for p, lp_ in (entry or {}).items() if p in pieces), reverse=True)
-            for j, (value, token) in enumerate(known[: kd.top_k]):
-                vals[pos, j], idx[pos, j] = value / kd.temperature, token
+        vals, idx = _by_id(kd, reply, ids, len(tok)) if by_id else _by_text(kd, reply, ids, tok, pieces)
         _check_complete(kd, feats[i][pre + "labels"], vals)
         tensors[f"{pre}{i}.vals"] = vals.to(torch.float16).contiguous()
         tensors[f"{pre}{i}.ids"] = idx.to(torch.int32).contiguous()
     return tensors
+
+
+def _by_text(kd, reply: dict, ids: list[int], tok, pieces: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's echo: tokens named by text, checked against the student's; entry i follows
+    token i, the student's position i."""
+    lp = (reply.get("choices") or [{}])[0].get("logprobs") or {}
+    tokens, top = lp.get("tokens") or [], lp.get("top_logprobs") or []
+    mine = [tok.decode([t], skip_special_tokens=True) for t in ids]  # servers send special tokens as ''
+    if tokens[: len(ids)] != mine:
+        at = next((j for j, (a, b) in enumerate(zip(tokens, mine)) if a != b), min(len(tokens), len(mine)))
+        raise StepDistillError(
+            f"the KD server tokenised a training sequence differently from the student (first at token {at}: "
+            f"{tokens[at:at + 1]} vs {mine[at:at + 1]}): serve a teacher with the student's tokenizer, or use "
+            "kd.cross_tokenizer with a local teacher")
+    vals = torch.full((len(ids), kd.top_k), -math.inf)
+    idx = torch.zeros((len(ids), kd.top_k), dtype=torch.long)
+    for pos in range(len(ids)):
+        entry = top[pos] if pos < len(top) else None
+        known = sorted(((lp_, pieces[p]) for p, lp_ in (entry or {}).items() if p in pieces), reverse=True)
+        for j, (value, token) in enumerate(known[: kd.top_k]):
+            vals[pos, j], idx[pos, j] = value / kd.temperature, token
+    return vals, idx
 
 
 def _by_id(kd, reply: dict, ids: list[int], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
