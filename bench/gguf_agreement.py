@@ -5,7 +5,7 @@ The same test items for every row; each GGUF is exported by `stepdistill export 
 (llama.cpp's own converter) and run by `--engine llamacpp`, which feeds llama.cpp the student's own
 token ids. Agreement: the share of items whose label equals the transformers float32 student's.
 
-    python bench/gguf.py --model runs/sweep-esnli-cpu/cells/standard__smollm2-135m-instruct__f1__s0/train \\
+    python bench/gguf_agreement.py --model runs/sweep-esnli-cpu/cells/standard__smollm2-135m-instruct__f1__s0/train \\
         --task esnli --split "valid[-1000:]" --n 200      # about 5 minutes on 2 CPU cores
 """
 
