@@ -2,7 +2,6 @@
 server started on 127.0.0.1 and queried. A tiny model trained in the test."""
 
 import json
-import socket
 import threading
 import time
 
@@ -91,18 +90,14 @@ def test_cli_export_and_predict(run, tmp_path, capsys):
         cli.run(["predict", "--model", str(tmp_path / "exp"), "--input", str(src), "--out", str(tmp_path / "o.jsonl")])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_answers_over_http(run):
     import uvicorn
 
     from stepdistill.serve import create_app
 
-    port = _free_port()
+    from stepdistill.testing.llama_server import free_port
+
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(run), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

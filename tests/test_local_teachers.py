@@ -8,12 +8,9 @@ errors), not vLLM itself, which needs a GPU this suite does not have.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import sys
 import time
 import types
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -196,40 +193,20 @@ def test_llamacpp_prompt_too_long_fails_that_request_only():
     assert out[short.prompt].finish_reason in ("stop", "length")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_openai_teacher_against_llama_cpp_server(tmp_path):
     """The openai teacher end to end against a real OpenAI-compatible server: llama.cpp's."""
     pytest.importorskip("llama_cpp.server", reason="needs llama-cpp-python[server]")
     pytest.importorskip("stepdistill.teachers.openai")  # registers the openai teacher
-    gguf, port = _smollm2(), _free_port()
-    with open(tmp_path / "server.log", "w") as log:
-        _annotate_via_server(tmp_path, gguf, port, log)
+    _annotate_via_server(tmp_path, _smollm2())
 
 
-def _annotate_via_server(tmp_path: Path, gguf: Path, port: int, log) -> None:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-         "--n_ctx", "2048"], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, f"llama_cpp.server exited: {(tmp_path / 'server.log').read_text()[-2000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "llama_cpp.server did not answer within 120 s"
-            time.sleep(0.5)
+def _annotate_via_server(tmp_path: Path, gguf: Path) -> None:
+    from stepdistill.testing.llama_server import llama_server
+
+    with llama_server(gguf, tmp_path / "server.log", "--n_ctx", "2048", timeout=120) as url:
         cfg = {"task": {"name": "quickstart"}, "split": "test", "limit": 3, "verify": {"against": "none"},
-               "teacher": {"kind": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "model": "smollm2",
+               "teacher": {"kind": "openai", "base_url": url, "model": "smollm2",
                            "endpoint": "completions", "concurrency": 2, "sampling": {"max_new_tokens": 48}}}
         t0 = time.perf_counter()
         summary = api.annotate(cfg, out=tmp_path / "ann", store_path=tmp_path / "s.sqlite")
@@ -237,10 +214,3 @@ def _annotate_via_server(tmp_path: Path, gguf: Path, port: int, log) -> None:
         rows = [json.loads(line) for line in (tmp_path / "ann" / "annotations.jsonl").read_text().splitlines()]
         assert len(rows) == 3 and all(r["completion"].strip() for r in rows)
         assert summary["usage"]["completion_tokens"] > 0
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()

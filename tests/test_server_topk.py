@@ -4,11 +4,7 @@ ways it can go wrong are one clear error each. The real llama.cpp server: the sl
 
 import json
 import math
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -224,31 +220,13 @@ def test_the_real_llama_cpp_server_teaches_like_the_local_copy_of_its_model(tmp_
     the server's top-1 token at the student's target positions agrees with the local model's."""
     pytest.importorskip("llama_cpp.server", reason="needs llama-cpp-python[server]")
     from stepdistill.students import smollm2_gguf
-    from test_local_teachers import _free_port
+    from stepdistill.testing.llama_server import llama_server
 
     student = load_pretrained("smollm2-135m-instruct")
     feats = _feats(student, "step-by-step", n=6)
-    port = _free_port()
-    with open(tmp_path / "server.log", "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()),
-                                   "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "1024",
-                                   "--logits_all", "true"], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
-                        break
-                except OSError:
-                    assert time.monotonic() < deadline, "llama_cpp.server did not answer within 120 s"
-                    time.sleep(0.5)
-            kd = KDConfig(teacher="smollm2", base_url=f"http://127.0.0.1:{port}/v1", cache=str(tmp_path / "c"),
-                          top_k=5, temperature=1.0, concurrency=2)
-            remote = server_topk(kd, student, feats)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    with llama_server(smollm2_gguf(), tmp_path / "server.log", "--n_ctx", "1024", "--logits_all", "true") as url:
+        kd = KDConfig(teacher="smollm2", base_url=url, cache=str(tmp_path / "c"), top_k=5, temperature=1.0, concurrency=2)
+        remote = server_topk(kd, student, feats)
     local = _compute_topk(kd, student, False, feats, batch_size=4)
     agree = total = 0
     for i, f in enumerate(feats):
