@@ -16,6 +16,20 @@ Columns: test accuracy, parameters, size on disk and ms per prediction (batch 16
 
     python bench/whitebox.py                            # both tasks (about 1-2 hours on 2 CPU cores)
     python bench/whitebox.py --tasks quickstart --steps 60   # a quicker look
+    python bench/whitebox.py --kd --seeds 0 1 2         # the KD table (below; about an hour)
+
+The KD table (`--kd`, quickstart task): the same pruned student, steps, data and seeds for every
+row, the test item the unit of each paired test (report.compare: a sign-flip permutation over
+items, seeds averaged within each item), wall time per row:
+
+  standard                       gold labels, no teacher (the reference)
+  off-policy KD                  on-policy with lmbda 0: teacher-forced generalised JSD (beta 0.5)
+  on-policy KD, lmbda 0.5 / 1.0  the same loss on the student's own samples, half / all batches
+  step-by-step + off-policy KD   two tasks, alpha 0.5, each with the teacher-forced JSD
+  step-by-step + on-policy KD    the same, lmbda 0.5: the student also writes its own rationale
+  top-20 cache KD                forward KL over the local teacher's top 20 (kd.cache)
+  server-logprob KD              the same teacher as GGUF behind llama.cpp's server (kd.base_url)
+  cross-tokenizer KD (ULD)       gemma-3-270m (262k tokens) fine-tuned on the labels, as teacher
 """
 
 from __future__ import annotations
@@ -54,7 +68,13 @@ def main() -> None:
     p.add_argument("--work", default="runs/bench-whitebox", help="where the runs go (reused when present)")
     p.add_argument("--out", default=str(HERE / "results" / "whitebox"))
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--kd", action="store_true", help="the KD table (quickstart task) instead of the main tables")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--kd: training seeds per row")
     args = p.parse_args()
+    if args.kd:
+        import whitebox_kd  # bench/whitebox_kd.py
+
+        return whitebox_kd.main(args)
 
     from stepdistill import api
     from stepdistill.evaluation import load_trained

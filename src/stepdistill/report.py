@@ -93,7 +93,7 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
     for student, fraction in keys:
         methods = sorted(m for s, f, m in by if (s, f) == (student, fraction))
         for ma, mb in itertools.combinations(methods, 2):
-            c = _compare(by[(student, fraction, ma)], by[(student, fraction, mb)])
+            c = compare(by[(student, fraction, ma)], by[(student, fraction, mb)])
             if c:
                 out.append({"student": student, "fraction": fraction, "fraction_b": fraction, "a": ma, "b": mb, **c})
     # the paper's data-efficiency claim: rationales on less data against each baseline on its most
@@ -103,7 +103,7 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
         for student, fraction, m in sorted(by):
             most = max((f for s, f, b in by if s == student and b == other), default=None)
             if m == mine and most is not None and fraction < most:
-                c = _compare(by[(student, fraction, mine)], by[(student, most, other)])
+                c = compare(by[(student, fraction, mine)], by[(student, most, other)])
                 if c:
                     out.append({"student": student, "fraction": fraction, "fraction_b": most, "a": mine, "b": other, **c})
     for c, adjusted in zip(out, holm([c["p"] for c in out])):
@@ -114,7 +114,7 @@ def comparisons(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _compare(A: dict[int, dict[str, bool]], B: dict[int, dict[str, bool]]) -> dict[str, Any] | None:
+def compare(A: dict[int, dict[str, bool]], B: dict[int, dict[str, bool]]) -> dict[str, Any] | None:
     """One comparison over the seeds and test items both sides have (None: none shared)."""
     seeds = sorted(set(A) & set(B))
     if not seeds:
