@@ -32,11 +32,15 @@ def test_quickstart_tiny_runs_every_stage(tmp_path, capsys):
     _cli("quickstart", "--size", "tiny", "--out", tmp_path / "qs")
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
-    assert [r["model"].split(",")[-1].strip() for r in summary["rows"][1:]] == ["standard", "step-by-step"]
+    assert [r["model"].split(",")[-1].strip() for r in summary["rows"][1:]] == ["standard", "distill", "label-rationale"]
     teacher, *students = summary["rows"]
     assert all(s["params"] < teacher["params"] / 3 for s in students)
     assert all(0 <= r["accuracy"] <= 1 and r["ms"] > 0 for r in summary["rows"])
-    assert "ms/prediction" in out and (tmp_path / "qs" / "student-step-by-step" / "model" / "config.json").is_file()
+    assert "ms/prediction" in out and (tmp_path / "qs" / "student-label-rationale" / "model" / "config.json").is_file()
+    assert "One seed, 8 test problems" in out and summary["seeds"] == 1
+    # equal steps, the teacher's right answers only for distill and label-rationale, the same problems for both
+    standard, distill, label_rationale = students
+    assert distill["items"] == label_rationale["items"] <= standard["items"] == 16
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/sbs")

@@ -151,7 +151,7 @@ def world_size() -> int:
 MARKER = ".stepdistill-run.json"  # written by stepdistill alone, first, into every folder it makes
 OUTPUT_KINDS = ("annotate", "train", "eval", "sweep", "quickstart", "export", "prune")
 _QUICKSTART_ENTRIES = {"annotate-train", "annotate-test", "student-standard", "student-step-by-step",
-                       "summary.json", "table.txt"}
+                       "student-distill", "student-label-rationale", "summary.json", "table.txt"}
 
 
 def new_marker(kind: str) -> dict[str, Any]:
