@@ -10,6 +10,7 @@ averaged over the seeds; bootstrap interval over items). Rows resume: a finished
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
@@ -65,6 +66,7 @@ def main(args) -> None:
     import os
 
     from stepdistill import api, deploy
+    from stepdistill.files import read_jsonl
     from stepdistill.pruning import cut_layers
     from stepdistill.report import compare, verdict_of
     from stepdistill.students import smollm2_gguf
@@ -105,7 +107,7 @@ def main(args) -> None:
         if not (e / "metrics.json").is_file():
             api.evaluate({"task": TASK, "model": str(run), "split": "test", "max_new_tokens": 24}, e, overwrite=True)
         m = json.loads((e / "metrics.json").read_text())
-        m["correct"] = {p["id"]: bool(p["correct"]) for p in map(json.loads, open(e / "predictions.jsonl"))}
+        m["correct"] = {p["id"]: bool(p["correct"]) for p in read_jsonl(e / "predictions.jsonl")}
         return m
 
     # the teachers: SmolLM2-135M and gemma-3-270m, each fine-tuned on the gold labels (seed 42)
@@ -128,7 +130,7 @@ def main(args) -> None:
         for spec in specs:
             per_seed, secs = {}, []
             for seed in args.seeds:
-                method = json.loads(json.dumps(spec["method"]))
+                method = copy.deepcopy(spec["method"])
                 if spec.get("cache"):  # the row's top-k cache, shared by its seeds (the same training sequences)
                     method["kd"]["cache"] = str(d / f"cache-{spec['tag']}-{url.rsplit(':', 1)[1].split('/')[0]}")
                 run = train(d / f"{spec['tag']}-s{seed}", str(student_base), method, seed)
