@@ -60,6 +60,27 @@ def test_a_llama_cpp_checkout_without_the_converter_is_a_clear_error(tmp_path, m
         converter()
 
 
+def test_a_4_bit_quantisation_without_llama_cpp_python_names_the_install(tmp_path, monkeypatch):
+    import sys
+
+    from stepdistill import gguf_student
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now raises ImportError
+    monkeypatch.setattr(gguf_student, "converter", lambda: pytest.fail("converted before the check"))
+    with pytest.raises(StepDistillError, match=r"pip install 'stepdistill\[llamacpp\]', or choose f16 or q8_0"):
+        gguf_student.convert(tmp_path, tmp_path / "m.q4_k_m.gguf", "q4_k_m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_offers_every_quantisation_export_makes():
+    from stepdistill.cli import build_parser
+    from stepdistill.gguf_student import QUANTS
+
+    export = build_parser()._subparsers._group_actions[0].choices["export"]
+    quant = next(a for a in export._actions if a.dest == "quant")
+    assert tuple(quant.choices) == QUANTS
+
+
 def test_vocab_decoding_needs_the_transformers_engine():
     with pytest.raises(StepDistillError, match="use --label-decoding generate with --engine llamacpp"):
         check_engine("llamacpp", "vocab")
@@ -98,8 +119,13 @@ def test_a_causal_student_as_gguf_predicts_on_llama_cpp_what_it_predicts_on_tran
     _cli("train", *data, "--method", "standard", "--student", student, "--max-steps", 4, "--batch-size", 4,
          "--set", "limit=40", "--set", "training.val_size=4", "--set", "training.learning_rate=1e-3", "--out", run)
     out = tmp_path / "export"
-    _cli("export", "--model", run, "--out", out, "--format", "gguf", "--quant", "f16", "--quant", "q8_0")
-    assert {p.name for p in out.glob("*.gguf")} == {"export.f16.gguf", "export.q8_0.gguf"}
+    _cli("export", "--model", run, "--out", out, "--format", "gguf", "--quant", "f16", "--quant", "q8_0",
+         "--quant", "q4_k_m")  # q4_k_m: llama.cpp's quantiser, from the converter's f16
+    assert {p.name for p in out.glob("*.gguf")} == {"export.f16.gguf", "export.q8_0.gguf", "export.q4_k_m.gguf"}
+    from gguf import GGUFReader
+
+    kinds = {t.tensor_type.name for t in GGUFReader(out / "export.q4_k_m.gguf").tensors}
+    assert "Q4_K" in kinds, kinds  # the matrices are 4-bit, not the f16 copy renamed
     assert "FROM ./export.f16.gguf" in (out / "Modelfile").read_text()
     assert "## GGUF: llama.cpp, Ollama, LM Studio" in (out / "README.md").read_text()
     problems = tmp_path / "problems.jsonl"
@@ -109,11 +135,11 @@ def test_a_causal_student_as_gguf_predicts_on_llama_cpp_what_it_predicts_on_tran
     problems.write_text("".join(json.dumps({"input": e.input}) + "\n" for e in test))
     preds = {}
     for engine in (["--engine", "transformers", "--dtype", "float32"], ["--engine", "llamacpp", "--quant", "f16"],
-                   ["--engine", "llamacpp", "--quant", "q8_0"]):
+                   ["--engine", "llamacpp", "--quant", "q8_0"], ["--engine", "llamacpp", "--quant", "q4_k_m"]):
         dest = tmp_path / f"{engine[1]}-{engine[3]}.jsonl"
         _cli("predict", "--model", out, "--input", problems, "--out", dest, *engine)
         preds[engine[3]] = [json.loads(line)["prediction"] for line in dest.read_text().splitlines()]
     # f16 weights are the float32 student's up to rounding: the greedy labels of a model this small agree
     same = sum(a == b for a, b in zip(preds["f16"], preds["float32"]))
     assert same >= 10, (preds["f16"], preds["float32"])
-    assert len(preds["q8_0"]) == 12 and all(isinstance(p, str) for p in preds["q8_0"])
+    assert all(len(preds[q]) == 12 and all(isinstance(p, str) for p in preds[q]) for q in ("q8_0", "q4_k_m"))

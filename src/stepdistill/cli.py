@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors",
                    help="gguf: also a GGUF file per --quant (llama.cpp's converter) and an Ollama Modelfile")
-    p.add_argument("--quant", action="append", choices=["f32", "f16", "bf16", "q8_0"],
-                   help="GGUF quantisation, repeatable (default q8_0)")
+    p.add_argument("--quant", action="append", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m"],
+                   help="GGUF quantisation, repeatable (default q8_0); q4_*/q5_k_m by llama.cpp's quantiser (needs llama-cpp-python)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p = sub.add_parser("predict", help="label every record of a JSONL/CSV file with a trained student")
     p.add_argument("--model", required=True, help="training run, model folder or exported folder")

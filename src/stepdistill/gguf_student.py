@@ -9,7 +9,12 @@
   carries them): fetched once with `pip download` into `$STEPDISTILL_HOME/llama.cpp/<version>`,
   or taken from a llama.cpp checkout named by STEPDISTILL_LLAMA_CPP. It runs in a subprocess of
   this Python (it needs torch, transformers, numpy, sentencepiece where the tokenizer does).
-  Quantisations: the converter's own, f32, f16, bf16 and q8_0.
+  Quantisations: the converter's own, f32, f16, bf16 and q8_0; and llama.cpp's quantiser's 4- and
+  5-bit types (q4_0, q4_k_m, q5_k_m), applied to the converter's f16 output through
+  llama-cpp-python (`llama_model_quantize`, what the `llama-quantize` tool calls), so they need it
+  installed (`pip install 'stepdistill[llamacpp]'`). q4_1 is not offered: on the quickstart's
+  4-layer student the file it wrote dequantises (gguf-py) within 2% of the f16 weights, yet
+  llama.cpp 0.3.36 generated nonsense from it where q4_0 and q4_k_m kept 16 of 20 answers.
 - **The engine** (`LlamaCppModel`) stands where a transformers model stands in
   evaluation.predict: it takes the same token ids (the student's tokenizer encodes, so a prompt
   is byte for byte the one the transformers student reads) and decodes greedily (top-k 1) until
@@ -18,6 +23,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -31,7 +37,10 @@ from stepdistill.errors import StepDistillError
 from stepdistill.runs import home
 
 CONVERTER_VERSION = "0.3.36"  # llama-cpp-python, whose sdist vendors llama.cpp's converter
-QUANTS = ("f32", "f16", "bf16", "q8_0")
+CONVERTER_QUANTS = ("f32", "f16", "bf16", "q8_0")
+QUANTISER_QUANTS = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+                    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
+QUANTS = CONVERTER_QUANTS + tuple(QUANTISER_QUANTS)
 _VENDORED = "vendor/llama.cpp/"
 _NEEDED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 
@@ -88,6 +97,24 @@ def convert(model_dir: Path, out_file: Path, quant: str) -> Path:
     """`model_dir` (a transformers causal model folder) as one GGUF file at `out_file`."""
     if quant not in QUANTS:
         raise StepDistillError(f"unknown GGUF quantisation {quant!r}: choose one of {', '.join(QUANTS)}")
+    if quant in QUANTISER_QUANTS:
+        try:
+            import llama_cpp
+        except ImportError:
+            raise StepDistillError(f"GGUF {quant} is made by llama.cpp's quantiser, which comes with llama-cpp-python: "
+                                   "pip install 'stepdistill[llamacpp]', or choose f16 or q8_0") from None
+        with tempfile.TemporaryDirectory(dir=out_file.parent) as tmp:
+            f16 = convert(model_dir, Path(tmp) / "f16.gguf", "f16")
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, QUANTISER_QUANTS[quant])
+            params.nthread = os.cpu_count() or 1
+            # llama.cpp writes the output file in place: into the temp folder, then renamed
+            staged = Path(tmp) / out_file.name
+            if llama_cpp.llama_model_quantize(str(f16).encode(), str(staged).encode(), ctypes.byref(params)) != 0:
+                raise StepDistillError(f"llama.cpp's quantiser failed on {model_dir.name} ({quant}): its log above "
+                                       "says why; f16 and q8_0 need only the converter")
+            staged.replace(out_file)
+        return out_file
     script = converter()
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # its own gguf-py, which it was written with
     cmd = [sys.executable, str(script), str(model_dir), "--outtype", quant, "--outfile", str(out_file)]
