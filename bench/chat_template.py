@@ -14,7 +14,6 @@ steps, then scored on the test split by greedy decoding. The comparison's unit i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -34,6 +33,7 @@ def main() -> None:
     args = p.parse_args()
 
     from stepdistill import api
+    from stepdistill.files import read_jsonl
     from stepdistill.quickstart import SIZES, cut_student
     from stepdistill.report import compare, verdict_of
     from stepdistill.students import smollm2_gguf
@@ -57,7 +57,7 @@ def main() -> None:
             e = run / "eval-test"
             if not (e / "metrics.json").is_file():
                 api.evaluate({"task": {"name": "quickstart"}, "model": str(run), "split": "test"}, e, overwrite=True)
-            per_seed[seed] = {r["id"]: bool(r["correct"]) for r in map(json.loads, open(e / "predictions.jsonl"))}
+            per_seed[seed] = {r["id"]: bool(r["correct"]) for r in read_jsonl(e / "predictions.jsonl")}
         scored[template] = per_seed
         accs = [100 * sum(c.values()) / len(c) for c in per_seed.values()]
         rows.append({"chat_template": template, "accuracy_per_seed": [round(a, 1) for a in accs],

@@ -183,15 +183,21 @@ def _gguf_dir(args) -> Path:
     return Path(args.work) / ("gguf-" + str(Path(args.student).resolve()).strip("/").replace("/", "_"))
 
 
+def _row_gguf(name: str, args) -> Path:
+    """The GGUF file a `student on llama.cpp, GGUF <quant>` row loads."""
+    from stepdistill.gguf_student import gguf_file
+
+    return gguf_file(_gguf_dir(args), name.rsplit(" ", 1)[1])
+
+
 def _file_mb(name: str, args) -> float:
     """The size of what the row loads: the teacher's GGUF, the student's GGUF, or its weights folder."""
-    from stepdistill.gguf_student import gguf_file
     from stepdistill.students import model_folder, smollm2_gguf
 
     if name.startswith("teacher"):
         files = [smollm2_gguf()]
     elif "GGUF" in name:
-        files = [gguf_file(_gguf_dir(args), name.rsplit(" ", 1)[1])]
+        files = [_row_gguf(name, args)]
     else:
         files = [f for f in model_folder(Path(args.student)).iterdir() if f.suffix in (".safetensors", ".bin")]
     return round(sum(f.stat().st_size for f in files) / 1e6, 1)
@@ -257,7 +263,7 @@ def _student(name: str, args):
     from stepdistill.students import count_parameters
 
     if "GGUF" in name:
-        student, info = load_trained(_gguf_dir(args), engine="llamacpp", quant=name.rsplit(" ", 1)[1])
+        student, info = load_trained(_row_gguf(name, args), engine="llamacpp")
     else:
         student, info = load_trained(args.student, dtype="bfloat16" if "bf16" in name else "float32")
     if "max_label_tokens" not in info or "label_vocab" not in info:
@@ -281,10 +287,7 @@ def _student(name: str, args):
         predict.llm = lambda: student.model.llm
         from gguf import GGUFReader
 
-        from stepdistill.gguf_student import gguf_file
-
-        path = gguf_file(_gguf_dir(args), name.rsplit(" ", 1)[1])
-        return predict, lambda: int(sum(t.n_elements for t in GGUFReader(path).tensors)), limit
+        return predict, lambda: int(sum(t.n_elements for t in GGUFReader(_row_gguf(name, args)).tensors)), limit
     return predict, lambda: count_parameters(student.model)[1], limit
 
 
