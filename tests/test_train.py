@@ -178,3 +178,37 @@ def test_bf16_autocast_trains_and_saves_fp32(tmp_path):
     assert m["steps"] == 4
     loaded, _ = load_trained(tmp_path / "run")
     assert next(loaded.model.parameters()).dtype == torch.float32  # autocast, not a cast of the weights
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_validation_scores_the_model_the_test_evaluation_loads(bf16, tmp_path, monkeypatch):
+    """training.val_as_test: validation generates with what the saved model will be
+    (LoRA merged, bf16 where training ran in bf16), so its predictions are the test evaluation's
+    on the saved model, and it leaves training's own weights and curve untouched."""
+    from stepdistill.training import trainer as trainer_module
+
+    calls = []
+
+    def recording_predict(student, inputs, **kw):
+        out = predict(student, inputs, **kw)
+        calls.append((student.model, inputs, kw, out))
+        return out
+
+    monkeypatch.setattr(trainer_module, "predict", recording_predict)
+    records, exs = _records(SBS, 8)
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    runs = {}
+    for as_test in (True, False):
+        student = apply_lora(llama_student(), lora)
+        cfg = TrainingConfig(max_steps=6, eval_steps=6, batch_size=4, bf16=bf16, learning_rate=1e-2,
+                             val_as_test=as_test)
+        runs[as_test] = fit(student, SBS, cfg, records, exs[:6], FakeTask(), tmp_path / str(as_test), progress=False)
+        model, inputs, kw, out = calls[-1]
+        if as_test:
+            assert not hasattr(model, "peft_config") and kw["batch_size"] == 32
+            assert next(model.parameters()).dtype == (torch.bfloat16 if bf16 else torch.float32)
+            loaded, _ = load_trained(tmp_path / "True", dtype="bfloat16" if bf16 else "float32")
+            assert predict(loaded, inputs, **kw) == out  # validation saw what the test evaluation sees
+        else:
+            assert hasattr(model, "peft_config") and kw["batch_size"] == 4  # the training weights themselves
+    assert runs[True]["train_loss"] == runs[False]["train_loss"]  # the copy changes nothing in training

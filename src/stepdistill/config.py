@@ -30,6 +30,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "training.fast_dropout": False,
     "training.fused_loss": False,
     "training.fused_gelu": False,
+    "training.val_as_test": False,
 }
 
 
@@ -392,6 +393,11 @@ class TrainingConfig(_Section):
             v = [t.strip() for t in v.split(",") if t.strip()]
         return [t for t in v if t != "none"] if isinstance(v, list) else v
 
+    val_as_test: bool = Field(
+        False, description="Score validation as the test evaluation scores the saved model: a copy of the student "
+        "with LoRA merged, in bfloat16 where training runs in bf16 (else float32), at least 32 inputs to a batch, so "
+        "model selection sees the test's numerics. Off (default): the training weights as they are, at the training "
+        "batch size; on a 2-core CPU that was the faster (bench/results/validation.md: 0.80x with the copy).")
     val_max_new_tokens: int = Field(
         32, gt=0, description="Longest label generated when scoring validation accuracy (capped by max_target_length; "
         "a chain-of-thought student, method rationale-label, generates up to max_target_length)."

@@ -39,6 +39,8 @@ from stepdistill.training.speedups import use_fast_dropout, use_fused_gelu
 from stepdistill.training.tracking import tracking
 from stepdistill.training.trainer import StepDistillTrainer
 
+VAL_AS_TEST_BATCH = 32  # validation scored as the test (val_as_test): at least the batch the CPU sweeps evaluate at
+
 log = logging.getLogger("stepdistill.training")
 
 
@@ -115,7 +117,8 @@ def build_trainer(
     args = TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=training.batch_size,
-        per_device_eval_batch_size=training.batch_size,
+        # validation scored as the test is (val_as_test) runs at least the evaluation's batch
+        per_device_eval_batch_size=max(training.batch_size, VAL_AS_TEST_BATCH) if training.val_as_test else training.batch_size,
         gradient_accumulation_steps=training.grad_accum,
         num_train_epochs=training.epochs,
         max_steps=training.max_steps,
@@ -171,6 +174,7 @@ def build_trainer(
         fuse_tasks=training.fuse_tasks,
         target_logits_only=training.target_logits_only, fused_loss=training.fused_loss,
         max_label_tokens=longest_label,
+        val_as_test=training.val_as_test,
         label_vocab=label_vocab((method.answer_ids(f) for f in feats), student.tokenizer.eos_token_id),
     )
 

@@ -16,6 +16,7 @@ What the student learns and its loss belong to the method: `compute_loss` asks
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from transformers import Trainer
 
 from stepdistill.evaluation import predict
+from stepdistill.memory import available_memory
 from stepdistill.methods.base import Method
 from stepdistill.methods.batches import LABEL_KEYS, decoder_inputs
 from stepdistill.methods.fused import WeightGradHandoff, linear_cross_entropy, tied_embedding
@@ -48,7 +50,7 @@ class StepDistillTrainer(Trainer):
     def __init__(self, *args, method: Method, student: Student, task: Task | None, val_max_new_tokens: int,
                  teacher: Student | None = None, lengths: list[int] | None = None, fuse_tasks: bool = False,
                  target_logits_only: bool = False, fused_loss: bool = False, max_label_tokens: int | None = None,
-                 label_vocab: list[int] | None = None, **kwargs):
+                 label_vocab: list[int] | None = None, val_as_test: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.method = method
         self.student = student
@@ -71,6 +73,7 @@ class StepDistillTrainer(Trainer):
             teacher.model = place_teacher(self.accelerator, teacher.model, trainable=method.trains_teacher)
         self.task = task
         self.val_max_new_tokens = val_max_new_tokens
+        self.val_as_test = val_as_test
         # per-term losses since the last log line, so a log shows which task is being learned
         self._part_sums: dict[str, torch.Tensor] = {}
         self._part_steps = 0
@@ -256,11 +259,36 @@ class StepDistillTrainer(Trainer):
                         batch_size=self.args.per_device_eval_batch_size, max_new_tokens=self.val_max_new_tokens)
         return self.task.accuracy(preds, examples)
 
+    def validation_model(self) -> torch.nn.Module:
+        """The model validation scores. With `val_as_test`, what the saved model will be and the test
+        evaluation loads: a copy with LoRA merged, in bfloat16 where training runs in bf16 (float32
+        otherwise). The copy is made in float32 and merged before the cast, as the saved model is;
+        where that copy would not fit in free memory (or parameters are sharded), the training
+        weights themselves."""
+        model = self.model
+        if not self.val_as_test or self.is_fsdp_enabled:
+            return model
+        need = sum(p.numel() * p.element_size() for p in model.parameters())
+        free = available_memory(next(model.parameters()).device)
+        if free is not None and 2 * need > free:
+            return model
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float32
+        with torch.no_grad():
+            twin = copy.deepcopy(model)
+            if hasattr(twin, "merge_and_unload"):  # peft: LoRA merged, as fitting saves it
+                twin = twin.merge_and_unload()
+            # accelerate binds its autocast wrapper to the instance: the copy runs its class's forward
+            for name in ("forward", "_original_forward"):
+                twin.__dict__.pop(name, None)
+            return twin.to(dtype).eval()
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         examples: list[Example] = list(eval_dataset if eval_dataset is not None else self.eval_dataset)
         start = time.time()
-        acc = self.accuracy(Student(self.model, self.student.tokenizer, self.student.is_seq2seq, self.student.fmt),
+        model = self.validation_model()
+        acc = self.accuracy(Student(model, self.student.tokenizer, self.student.is_seq2seq, self.student.fmt),
                             examples)
+        del model
         metrics = {f"{metric_key_prefix}_accuracy": acc, f"{metric_key_prefix}_runtime": round(time.time() - start, 3)}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
