@@ -37,7 +37,6 @@ def main() -> None:
 
     from stepdistill import api
     from stepdistill.config import SweepRun, coerce
-    from stepdistill.students import Student
     from stepdistill.sweep import _train_config, cells
     from stepdistill.training.trainer import StepDistillTrainer
 
@@ -55,16 +54,14 @@ def main() -> None:
         examples = list(eval_dataset if eval_dataset is not None else self.eval_dataset)
         row = {"step": self.state.global_step}
         order = ("as_test", "training") if len(rows) % 2 == 0 else ("training", "as_test")
-        batch = self.args.per_device_eval_batch_size
+        kept = self.val_as_test, self.args.per_device_eval_batch_size
         for mode in order:
             self.val_as_test = mode == "as_test"
-            self.args.per_device_eval_batch_size = batch if self.val_as_test else self.args.per_device_train_batch_size
+            self.args.per_device_eval_batch_size = kept[1] if self.val_as_test else self.args.per_device_train_batch_size
             t0 = time.perf_counter()
-            model = self.validation_model()
-            acc = self.accuracy(Student(model, self.student.tokenizer, self.student.is_seq2seq, self.student.fmt),
-                                examples)
+            acc = self.validation_accuracy(examples)
             row[mode] = {"seconds": round(time.perf_counter() - t0, 2), "accuracy": acc}
-        self.val_as_test, self.args.per_device_eval_batch_size = True, batch
+        self.val_as_test, self.args.per_device_eval_batch_size = kept
         rows.append(row)
         print(row, flush=True)
         return real_evaluate(self, eval_dataset, ignore_keys, metric_key_prefix)  # what selection uses

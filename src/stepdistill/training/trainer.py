@@ -282,13 +282,16 @@ class StepDistillTrainer(Trainer):
                 twin.__dict__.pop(name, None)
             return twin.to(dtype).eval()
 
+    def validation_accuracy(self, examples: list[Example]) -> float | None:
+        """The accuracy model selection sees: `accuracy` of `validation_model()`."""
+        model = self.validation_model()
+        return self.accuracy(Student(model, self.student.tokenizer, self.student.is_seq2seq, self.student.fmt),
+                             examples)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         examples: list[Example] = list(eval_dataset if eval_dataset is not None else self.eval_dataset)
         start = time.time()
-        model = self.validation_model()
-        acc = self.accuracy(Student(model, self.student.tokenizer, self.student.is_seq2seq, self.student.fmt),
-                            examples)
-        del model
+        acc = self.validation_accuracy(examples)
         metrics = {f"{metric_key_prefix}_accuracy": acc, f"{metric_key_prefix}_runtime": round(time.time() - start, 3)}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
