@@ -155,6 +155,52 @@ def test_a_grid_run_in_parts_is_collected_into_one_table_without_training(setup,
     assert "## Cells not run" in md and "`standard__student__f1__s2`" in md
 
 
+def test_a_sweep_goes_on_from_another_machines_cells_archive(setup, monkeypatch, tmp_path):
+    """The finished cells packed (no weights) and restored into a fresh folder: the sweep trains
+    only the cells the archive lacks, its table and report hold the restored ones, the archive's
+    bytes depend only on the cells, a cell on disk is never replaced, a restored cell that trained
+    another config is refused, and a file that is not such an archive is one clear error."""
+    from stepdistill.errors import StepDistillError
+    from stepdistill.report import report
+    from stepdistill.sweep import pack_cells
+
+    d, cfg = setup
+    small = {**cfg, "methods": ["standard"], "fractions": [1.0]}
+    first = sweep({**small, "seeds": [0]}, tmp_path / "machine1", echo=lambda _: None)
+    archive = tmp_path / "cells.tar.gz"
+    assert pack_cells(tmp_path / "machine1", archive) == ["standard__student__f1__s0"]
+    weights = [p.name for p in (tmp_path / "machine1").rglob("*.safetensors")]
+    assert weights and archive.stat().st_size < 20_000
+    again = tmp_path / "again.tar.gz"
+    pack_cells(tmp_path / "machine1", again)
+    assert again.read_bytes() == archive.read_bytes()  # fixed times and owners: one sweep, one file
+
+    trained = []
+    real_train = api.train
+    monkeypatch.setattr(api, "train", lambda c, out, **k: (trained.append(Path(out).parent.name), real_train(c, out, **k))[1])
+    lines = []
+    results = sweep({**small, "seeds": [0, 1]}, tmp_path / "machine2", echo=lines.append, cells_from=archive)
+    assert trained == ["standard__student__f1__s1"]  # seed 0 came from the archive
+    assert any("restored 1 finished cell(s)" in line for line in lines)
+    assert [r["status"] for r in results["cells"]] == ["done", "done"]
+    assert results["cells"][0]["accuracy"] == first["cells"][0]["accuracy"]
+    md = (report(tmp_path / "machine2", tmp_path / "rep") / "report.md").read_text()
+    assert "cells.tar.gz" in md and (tmp_path / "rep" / "cells.tar.gz").is_file()
+    assert not any((tmp_path / "machine2" / "cells" / "standard__student__f1__s0").rglob("*.safetensors"))
+
+    kept = tmp_path / "machine2" / "cells" / "standard__student__f1__s0" / "eval" / "metrics.json"
+    kept.write_text(kept.read_text() + " ")
+    mark = kept.read_text()
+    sweep({**small, "seeds": [0, 1]}, tmp_path / "machine2", echo=lambda _: None, cells_from=archive)
+    assert kept.read_text() == mark  # on disk already: untouched
+    with pytest.raises(RunExistsError, match="trained another config"):
+        sweep({**small, "seeds": [0], "training": {**small["training"], "max_steps": 3}}, tmp_path / "machine3",
+              echo=lambda _: None, cells_from=archive)
+    (tmp_path / "notes.tar.gz").write_text("not an archive")
+    with pytest.raises(StepDistillError, match="not a cells archive"):
+        sweep({**small, "seeds": [0]}, tmp_path / "machine4", echo=lambda _: None, cells_from=tmp_path / "notes.tar.gz")
+
+
 def test_a_cells_time_splits_into_steps_validation_test_evaluation_and_the_rest(tmp_path):
     from stepdistill.sweep import cell_timing
 

@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="sweep directory (rerun with the same --out to resume)")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: tabulate the cells already in --out, the rest marked 'not run'")
+    p.add_argument("--cells", metavar="FILE",
+                   help="first restore the finished cells of FILE (a report's cells.tar.gz) that --out lacks, so a "
+                        "sweep goes on from another machine's cells; each is checked against the grid")
     p = sub.add_parser("report", help="a sweep as report.html (self-contained) and report.md, with plots and paired tests")
     p.add_argument("sweep", help="sweep directory (stepdistill sweep --out)")
     p.add_argument("--teacher", help="annotation run of the evaluation split: the teacher's accuracy, latency and cost")
@@ -262,7 +265,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from stepdistill.sweep import sweep
 
-    sweep(_config_dict(args), args.out, collect=args.collect)
+    sweep(_config_dict(args), args.out, collect=args.collect, cells_from=args.cells)
     return 0
 
 

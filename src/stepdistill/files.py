@@ -56,12 +56,13 @@ def fsync_tree(root: str | Path) -> dict[str, int]:
     return sizes
 
 
-def write_text(path: Path, text: str | Iterable[str]) -> None:
+def write_text(path: Path, text: str | bytes | Iterable[str]) -> None:
     """Atomic and durable: write a temp file beside `path`, flush and fsync it, rename it over
     `path`, fsync the folder. A crash (kill -9, power loss) leaves the old file or the new one,
     never half of one; a failed write (full disk, read-only folder) raises one clear
     StepDistillError and leaves the old file and no temp file. `text` may be an iterable of
-    pieces, written as they come (a large file never has to be held in memory)."""
+    pieces, written as they come (a large file never has to be held in memory); bytes are
+    written as they are."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,8 +70,8 @@ def write_text(path: Path, text: str | Iterable[str]) -> None:
     except OSError as e:
         raise write_error(path, e) from e
     try:
-        with os.fdopen(fd, "w") as f:
-            for piece in [text] if isinstance(text, str) else text:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
+            for piece in [text] if isinstance(text, (str, bytes)) else text:
                 f.write(piece)
             f.flush()
             os.fsync(f.fileno())

@@ -30,7 +30,7 @@ import yaml
 from stepdistill.errors import StepDistillError
 from stepdistill.runs import write_json, write_text
 from stepdistill.stats import holm, mcnemar, paired_bootstrap, sign_flip_test
-from stepdistill.sweep import table
+from stepdistill.sweep import pack_cells, table
 
 
 
@@ -463,6 +463,11 @@ def build(sweep_dir: str | Path, teacher_run: str | Path | None = None, cpu_hour
     if missing:
         md += ["## Cells not run", "", "In the grid but not on disk when the sweep was collected (`--collect`): "
                + ", ".join(f"`{c}`" for c in missing) + ".", ""]
+    md += ["## The cells themselves", "", "cells.tar.gz beside this report holds every finished cell's configs, "
+           "training log, metrics and per-item predictions (no weights): what every figure above is computed from. "
+           "`stepdistill sweep --config <the sweep's config> --out DIR --cells cells.tar.gz` restores them into DIR "
+           "on any machine, so the sweep goes on (more seeds, more methods) without retraining them, and "
+           "`stepdistill report DIR` rebuilds this report.", ""]
     text = "\n".join(md) + "\n"
     table_ = {"task": results["task"], "split": results["split"], "summary": results["summary"], "comparisons": comps,
               "teacher": {k: v for k, v in teacher.items() if k != "rows"} if teacher else None,
@@ -579,7 +584,8 @@ def to_html(markdown: str, figs: dict[str, bytes], title: str) -> str:
 
 def report(sweep_dir: str | Path, out: str | Path, *, teacher_run: str | Path | None = None,
            cpu_hour_usd: float | None = None) -> Path:
-    """Write out/report.md, out/report.html, out/results.json (the table) and out/figures/*.png."""
+    """Write out/report.md, out/report.html, out/results.json (the table), out/figures/*.png and
+    out/cells.tar.gz (the finished cells' light files, see `sweep.pack_cells`)."""
     md, page, figs, table_ = build(sweep_dir, teacher_run, cpu_hour_usd)
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -588,4 +594,5 @@ def report(sweep_dir: str | Path, out: str | Path, *, teacher_run: str | Path | 
     write_text(out / "report.md", md)
     write_text(out / "report.html", page)
     write_json(out / "results.json", table_)
+    pack_cells(sweep_dir, out / "cells.tar.gz")
     return out

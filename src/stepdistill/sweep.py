@@ -16,6 +16,11 @@ evaluated on the same test items:
   one GPU, or on several machines) whose cells were copied into one folder.
 - **One table.** results.json and cells.csv (one row per cell) and summary.csv (per method,
   student and fraction: mean, standard error and spread over seeds).
+- **Carried between machines.** `pack_cells` writes the finished cells' light files (configs,
+  training logs, metrics, per-item predictions; no weights) into one small archive, which
+  `stepdistill report` commits beside the report as cells.tar.gz. `--cells FILE` starts a sweep
+  from such an archive: its cells missing from --out are restored (checked against the grid like
+  any cell on disk), not retrained, so a sweep too long for one machine grows seed by seed.
 """
 
 from __future__ import annotations
@@ -101,9 +106,11 @@ def _check_cells_on_disk(cfg: SweepRun, grid: list[dict[str, Any]], folder: Path
         echo(f"note: {len(outside)} cell(s) on disk are outside this grid and not in its results: {', '.join(outside)}")
 
 
-def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, collect: bool = False) -> dict[str, Any]:
+def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, collect: bool = False,
+          cells_from: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) every cell of the grid; write and return the collected results. With
-    `collect`, train nothing: cells not evaluated on disk are recorded as "not run"."""
+    `collect`, train nothing: cells not evaluated on disk are recorded as "not run". With
+    `cells_from` (an archive from `pack_cells`), first restore its cells that --out lacks."""
     from stepdistill import api
 
     cfg = coerce(SweepRun, cfg)
@@ -115,6 +122,10 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
         echo = run.tee(echo)
         echo(f"sweep: {len(grid)} cells ({len(cfg.methods)} methods x {len(cfg.fractions)} fractions x "
              f"{len(cfg.students)} students x {len(cfg.seeds)} seeds) in {run.dir}")
+        if cells_from is not None:
+            restored = restore_cells(cells_from, run.dir / "cells")
+            echo(f"restored {len(restored)} finished cell(s) from {cells_from}" + (f": {', '.join(restored)}" if restored else
+                 " (every cell it holds is on disk already)"))
         _check_cells_on_disk(cfg, grid, run.dir / "cells", echo)
         rows = []
         for i, c in enumerate(grid, start=1):
@@ -177,6 +188,70 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
         echo(f"wrote {run.path('results.json')}, cells.csv, summary.csv" + (f"; {failed} cells failed" if failed else "")
              + (f"; {missing} cells not run (--collect)" if missing else ""))
     return results
+
+
+# what a finished cell keeps when it travels: enough to table, test and report it (the per-item
+# predictions and the learning curve), and to check it against a grid (its configs); no weights
+LIGHT_FILES = ("timing.json", "train/config.yaml", "train/env.json", "train/metrics.json", "train/train_log.jsonl",
+               "eval/config.yaml", "eval/env.json", "eval/metrics.json", "eval/predictions.jsonl")
+
+
+def pack_cells(sweep_dir: str | Path, archive: str | Path) -> list[str]:
+    """Write the finished cells of `sweep_dir` (those whose evaluation is written), their
+    LIGHT_FILES and run markers, to the gzipped tar `archive`; return the cells' names. The
+    bytes depend only on the files' contents (fixed times and owners), so an unchanged sweep
+    packs to an unchanged file."""
+    import gzip
+    import tarfile
+
+    from stepdistill.runs import MARKER
+
+    root = Path(sweep_dir) / "cells"
+    names = sorted(c.name for c in root.iterdir() if (c / "eval" / "metrics.json").is_file()) if root.is_dir() else []
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in names:
+            for rel in (*LIGHT_FILES, f"train/{MARKER}", f"eval/{MARKER}"):
+                f = root / name / rel
+                if f.is_file():
+                    data = f.read_bytes()
+                    info = tarfile.TarInfo(f"cells/{name}/{rel}")
+                    info.size, info.mode = len(data), 0o644
+                    tar.addfile(info, io.BytesIO(data))
+    write_text(Path(archive), buf.getvalue())
+    return names
+
+
+def restore_cells(archive: str | Path, cells_dir: Path) -> list[str]:
+    """Unpack from a `pack_cells` archive each cell that `cells_dir` lacks (a cell already on
+    disk is never touched); return their names. Each cell lands whole or not at all."""
+    import tarfile
+    import tempfile
+
+    from stepdistill.errors import StepDistillError
+
+    archive = Path(archive)
+    try:
+        tar = tarfile.open(archive, mode="r:gz")
+    except (OSError, tarfile.TarError) as e:
+        raise StepDistillError(f"--cells {archive}: not a cells archive ({e}); pass the cells.tar.gz that "
+                               "`stepdistill report` wrote beside a sweep's report") from e
+    restored = []
+    with tar:
+        members = tar.getmembers()
+        bad = [m.name for m in members if not re.fullmatch(r"cells/[^/]+/(train/|eval/)?[^/]+", m.name) or not m.isfile()]
+        if bad:
+            raise StepDistillError(f"--cells {archive}: holds {bad[0]!r}, which no cells archive holds; pass the "
+                                   "cells.tar.gz that `stepdistill report` wrote")
+        cells_dir.mkdir(parents=True, exist_ok=True)
+        for name in sorted({m.name.split("/")[1] for m in members}):
+            if (cells_dir / name).exists():
+                continue
+            with tempfile.TemporaryDirectory(dir=cells_dir, prefix=f".{name}.") as tmp:
+                tar.extractall(tmp, members=[m for m in members if m.name.split("/")[1] == name], filter="data")
+                (Path(tmp) / "cells" / name).rename(cells_dir / name)
+            restored.append(name)
+    return restored
 
 
 def _metrics(d: Path) -> dict[str, Any]:
