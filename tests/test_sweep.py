@@ -196,6 +196,16 @@ def test_a_sweep_goes_on_from_another_machines_cells_archive(setup, monkeypatch,
     with pytest.raises(RunExistsError, match="trained another config"):
         sweep({**small, "seeds": [0], "training": {**small["training"], "max_steps": 3}}, tmp_path / "machine3",
               echo=lambda _: None, cells_from=archive)
+    import io
+    import tarfile
+
+    with tarfile.open(tmp_path / "escape.tar.gz", "w:gz") as tar:  # a crafted archive: a path out of its cell
+        info = tarfile.TarInfo("cells/x/../../../outside.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    with pytest.raises(StepDistillError, match="which no cells archive holds"):
+        sweep({**small, "seeds": [0]}, tmp_path / "machine5", echo=lambda _: None, cells_from=tmp_path / "escape.tar.gz")
+    assert not (tmp_path / "outside.txt").exists()
     (tmp_path / "notes.tar.gz").write_text("not an archive")
     with pytest.raises(StepDistillError, match="not a cells archive"):
         sweep({**small, "seeds": [0]}, tmp_path / "machine4", echo=lambda _: None, cells_from=tmp_path / "notes.tar.gz")

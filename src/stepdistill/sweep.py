@@ -227,19 +227,22 @@ def restore_cells(archive: str | Path, cells_dir: Path) -> list[str]:
     disk is never touched); return their names. Each cell lands whole or not at all."""
     import tarfile
     import tempfile
+    import zlib
 
     from stepdistill.errors import StepDistillError
 
     archive = Path(archive)
     try:
         tar = tarfile.open(archive, mode="r:gz")
-    except (OSError, tarfile.TarError) as e:
+        members = tar.getmembers()  # reads it all: a truncated archive fails here, before anything lands
+    except (OSError, EOFError, zlib.error, tarfile.TarError) as e:
         raise StepDistillError(f"--cells {archive}: not a cells archive ({e}); pass the cells.tar.gz that "
                                "`stepdistill report` wrote beside a sweep's report") from e
     restored = []
     with tar:
-        members = tar.getmembers()
-        bad = [m.name for m in members if not re.fullmatch(r"cells/[^/]+/(train/|eval/)?[^/]+", m.name) or not m.isfile()]
+        bad = [m.name for m in members if not m.isfile()  # a cell's name as `cells` makes it; no links, no ".."
+               or not re.fullmatch(r"cells/[A-Za-z0-9][A-Za-z0-9._-]*/((train|eval)/)?[A-Za-z0-9._-]+", m.name)
+               or "/../" in m.name or m.name.endswith("/..")]
         if bad:
             raise StepDistillError(f"--cells {archive}: holds {bad[0]!r}, which no cells archive holds; pass the "
                                    "cells.tar.gz that `stepdistill report` wrote")
