@@ -145,8 +145,15 @@ def test_trains_predicts_the_label_and_explains(kind, name, tmp_path, monkeypatc
     student, info = load_trained(tmp_path / "run")
     assert (student.fmt.answer_end == "because") == (name == "label-rationale")
     assert (student.fmt.answer_after is not None) == (name == "rationale-label")
+    lengths = []
+    generate = student.model.generate
+    monkeypatch.setattr(student.model, "generate", lambda **kw: (lengths.append((out := generate(**kw)).shape[1]), out)[1])
     preds = predict(student, [e.input for e in exs[:8]], prefix=info["label_prefix"], max_new_tokens=48)
     assert all("because" not in p and "this is" not in p for p in preds)
+    written = predict(student, [e.input for e in exs[:8]], prefix=info["label_prefix"], max_new_tokens=48, extract=False)
+    assert preds == [extract_answer(student.fmt, w) for w in written]  # stopping at "because" changes no label
+    if name == "label-rationale":  # ... and stops the batch once every label is written
+        assert lengths[0] < lengths[1] and all("because" in w for w in written), (lengths, written)
     assert metrics["best_val_accuracy"] >= 0.75, (preds, metrics["val_accuracy"])
     why = explain(student, info, [e.input for e in exs[:4]], limit=8)
     assert any(w for w in why) and not any(w.strip() in ("animal", "plant") for w in why)
