@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 from stepdistill.config import EvalRun, coerce
 from stepdistill.errors import StepDistillError
@@ -25,7 +25,7 @@ from stepdistill.memory import resolve_bf16
 from stepdistill.runs import create_run, write_json, write_jsonl
 from stepdistill.store import read_annotations
 from stepdistill.tasks import get_task, load_examples
-from stepdistill.methods.formatting import Format, decoder_marker, encode_source, extract_answer
+from stepdistill.methods.formatting import Format, LabelWritten, decoder_marker, encode_source, extract_answer
 from stepdistill.students import MODEL_INFO, Student, count_parameters, load_pretrained, model_folder
 
 def load_trained(path: str | Path, *, trust_remote_code: bool = False, dtype: str = "float32",
@@ -152,10 +152,6 @@ def predict(
     assert (fmt.kind == "seq2seq") == student.is_seq2seq, f"format {fmt.kind} does not fit a {student.kind} student"
     marker = decoder_marker(tok, prefix) if student.is_seq2seq and fmt.task_marker == "decoder" else None
     encoded = [encode_source(tok, fmt, "" if marker is not None else prefix, text) for text in inputs]
-    # a label followed by its rationale (answer_end) is complete at the word that ends it: each row
-    # stops there, so the batch stops when every label is written, not at the token limit (the
-    # extracted label is the same: the rest would be cut off)
-    stop_at = fmt.answer_end if extract else None
     out: list[str] = [""] * len(inputs)
     with _eval_mode(model) as device:
         for idx in by_length([len(x) for x in encoded], batch_size):
@@ -164,7 +160,7 @@ def predict(
             if marker is not None:  # the task marker starts the decoder; it is not part of the answer
                 start = [model.config.decoder_start_token_id, *marker]
                 forced["decoder_input_ids"] = torch.tensor([start] * len(idx), device=device)
-            start = len(forced["decoder_input_ids"][0]) if forced else 1 if student.is_seq2seq else ids.shape[1]
+            new_from = len(forced["decoder_input_ids"][0]) if forced else 1 if student.is_seq2seq else ids.shape[1]
             if vocab is not None:
                 new = _greedy_in_vocab(student, ids.to(device), mask.to(device), vocab, max_new_tokens,
                                        forced.get("decoder_input_ids"))
@@ -178,8 +174,8 @@ def predict(
                     num_beams=1,
                     pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id,
-                    **({"stopping_criteria": StoppingCriteriaList([_WrittenText(tok, stop_at, start)])}
-                       if stop_at else {}),
+                    # a batch ends when its labels are written, not at the token limit (see LabelWritten)
+                    stopping_criteria=StoppingCriteriaList([LabelWritten(tok, fmt, new_from)] if extract and fmt.answer_end else []),
                 )
                 if student.is_seq2seq:
                     new = gen[:, len(forced["decoder_input_ids"][0]):] if forced else gen
@@ -188,20 +184,6 @@ def predict(
             for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
                 out[i] = extract_answer(fmt, text) if extract else text.strip()
     return out
-
-
-class _WrittenText(StoppingCriteria):
-    """Stops each row of a generation once its new tokens (from column `start`) decode to text
-    holding `text`. By the decoded text, not by token ids or by transformers' `stop_strings`
-    (which maps the whole vocabulary and fails on tokenizers it cannot map): the test is the one
-    the label's extraction makes, so stopping there changes no extracted label."""
-
-    def __init__(self, tokenizer, text: str, start: int):
-        self.tokenizer, self.text, self.start = tokenizer, text, start
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        written = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
-        return torch.tensor([self.text in w for w in written], dtype=torch.bool, device=input_ids.device)
 
 
 class _RowsOf(torch.nn.Module):

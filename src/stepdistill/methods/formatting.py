@@ -17,6 +17,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Optional
 
+import torch
+from transformers import StoppingCriteria
+
 from stepdistill.methods.losses import IGNORE_INDEX
 
 FORMAT_VERSION = 1  # bump when the token layout below changes; saved next to every trained model
@@ -66,6 +69,21 @@ def extract_answer(fmt: Format, text: str) -> str:
     elif fmt.answer_after:
         text = text.rsplit(fmt.answer_after, 1)[-1].strip().removesuffix(".")
     return text.strip()
+
+
+class LabelWritten(StoppingCriteria):
+    """Stops each row of a label task's generation once its label is complete: its new tokens
+    (from column `start`) decode to text holding `answer_end` (label, then rationale). The test
+    is the one extract_answer cuts at, so stopping there changes no extracted label. By the
+    decoded text: transformers' `stop_strings` maps the whole vocabulary and fails on tokenizers
+    it cannot map."""
+
+    def __init__(self, tokenizer, fmt: Format, start: int):
+        self.tokenizer, self.text, self.start = tokenizer, fmt.answer_end, start
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        written = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([self.text in w for w in written], dtype=torch.bool, device=input_ids.device)
 
 
 def token_ids(tokenizer, text: str, special: bool) -> list[int]:
