@@ -467,7 +467,7 @@ def build(sweep_dir: str | Path, teacher_run: str | Path | None = None, cpu_hour
            "training log, metrics and per-item predictions (no weights): what every figure above is computed from. "
            "`stepdistill sweep --config <the sweep's config> --out DIR --cells cells.tar.gz` restores them into DIR "
            "on any machine, so the sweep goes on (more seeds, more methods) without retraining them, and "
-           "`stepdistill report DIR` rebuilds this report.", ""]
+           "`stepdistill report DIR --out FOLDER` rebuilds this report.", ""]
     text = "\n".join(md) + "\n"
     table_ = {"task": results["task"], "split": results["split"], "summary": results["summary"], "comparisons": comps,
               "teacher": {k: v for k, v in teacher.items() if k != "rows"} if teacher else None,
