@@ -160,7 +160,9 @@ def predict(
             if marker is not None:  # the task marker starts the decoder; it is not part of the answer
                 start = [model.config.decoder_start_token_id, *marker]
                 forced["decoder_input_ids"] = torch.tensor([start] * len(idx), device=device)
-            new_from = len(forced["decoder_input_ids"][0]) if forced else 1 if student.is_seq2seq else ids.shape[1]
+            # the generation's first new column: after the forced marker, the decoder's start (a special
+            # token, dropped when decoded) or the prompt
+            new_from = len(forced["decoder_input_ids"][0]) if forced else 0 if student.is_seq2seq else ids.shape[1]
             if vocab is not None:
                 new = _greedy_in_vocab(student, ids.to(device), mask.to(device), vocab, max_new_tokens,
                                        forced.get("decoder_input_ids"))
@@ -177,10 +179,7 @@ def predict(
                     # a batch ends when its labels are written, not at the token limit (see LabelWritten)
                     stopping_criteria=StoppingCriteriaList([LabelWritten(tok, fmt, new_from)] if extract and fmt.answer_end else []),
                 )
-                if student.is_seq2seq:
-                    new = gen[:, len(forced["decoder_input_ids"][0]):] if forced else gen
-                else:
-                    new = gen[:, ids.shape[1] :]
+                new = gen[:, new_from:]
             for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
                 out[i] = extract_answer(fmt, text) if extract else text.strip()
     return out

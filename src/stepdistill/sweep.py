@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stepdistill.config import SweepRun, coerce
-from stepdistill.runs import create_run, write_json, write_text
+from stepdistill.runs import MARKER, create_run, write_json, write_text
 
 Printer = Callable[[str], None]
 
@@ -193,25 +193,24 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
 # what a finished cell keeps when it travels: enough to table, test and report it (the per-item
 # predictions and the learning curve), and to check it against a grid (its configs); no weights
 LIGHT_FILES = ("timing.json", "train/config.yaml", "train/env.json", "train/metrics.json", "train/train_log.jsonl",
-               "eval/config.yaml", "eval/env.json", "eval/metrics.json", "eval/predictions.jsonl")
+               "eval/config.yaml", "eval/env.json", "eval/metrics.json", "eval/predictions.jsonl",
+               f"train/{MARKER}", f"eval/{MARKER}")  # the run markers: a restored cell is stepdistill's own
 
 
 def pack_cells(sweep_dir: str | Path, archive: str | Path) -> list[str]:
     """Write the finished cells of `sweep_dir` (those whose evaluation is written), their
-    LIGHT_FILES and run markers, to the gzipped tar `archive`; return the cells' names. The
+    LIGHT_FILES, to the gzipped tar `archive`; return the cells' names. The
     bytes depend only on the files' contents (fixed times and owners), so an unchanged sweep
     packs to an unchanged file."""
     import gzip
     import tarfile
-
-    from stepdistill.runs import MARKER
 
     root = Path(sweep_dir) / "cells"
     names = sorted(c.name for c in root.iterdir() if (c / "eval" / "metrics.json").is_file()) if root.is_dir() else []
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in names:
-            for rel in (*LIGHT_FILES, f"train/{MARKER}", f"eval/{MARKER}"):
+            for rel in LIGHT_FILES:
                 f = root / name / rel
                 if f.is_file():
                     data = f.read_bytes()
@@ -240,9 +239,9 @@ def restore_cells(archive: str | Path, cells_dir: Path) -> list[str]:
                                "`stepdistill report` wrote beside a sweep's report") from e
     restored = []
     with tar:
-        bad = [m.name for m in members if not m.isfile()  # a cell's name as `cells` makes it; no links, no ".."
-               or not re.fullmatch(r"cells/[A-Za-z0-9][A-Za-z0-9._-]*/((train|eval)/)?[A-Za-z0-9._-]+", m.name)
-               or "/../" in m.name or m.name.endswith("/..")]
+        # only what pack_cells writes: plain files, a cell's name as `cells` makes it, one of LIGHT_FILES
+        bad = [m.name for m in members if not m.isfile() or not re.fullmatch(r"cells/[A-Za-z0-9][A-Za-z0-9._-]*/.+", m.name)
+               or m.name.split("/", 2)[2] not in LIGHT_FILES]
         if bad:
             raise StepDistillError(f"--cells {archive}: holds {bad[0]!r}, which no cells archive holds; pass the "
                                    "cells.tar.gz that `stepdistill report` wrote")
