@@ -1,5 +1,6 @@
 """`stepdistill train` under torchrun: 2 CPU processes (gloo) train exactly what 1 process with
-twice the gradient accumulation trains (same global batch), and only rank 0 writes the run.
+twice the gradient accumulation trains (same global batch), and only rank 0 writes the run. The
+default training path: the fused output layer and loss run inside DDP's forward.
 Tiny models; about a minute (process start-up dominates), so marked slow."""
 
 import json

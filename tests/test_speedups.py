@@ -291,3 +291,47 @@ def test_the_fused_output_layer_runs_in_the_forwards_precision(bf16, monkeypatch
     trainer.args.save_strategy = "no"
     trainer.train()
     assert seen and all(s == (torch.bfloat16 if bf16 else False) for s in seen)
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_under_ddp_the_fused_output_layer_runs_inside_the_forward_with_the_same_loss_and_gradients(kind, monkeypatch,
+                                                                                                  tmp_path):
+    """Under DDP the fused layer and loss run in the wrapped forward, its losses the forward's
+    logits. Run after the forward (as in one process), DDP with find_unused_parameters (transformers'
+    default) marks the output layer's weight unused, then its gradient marks it ready twice: the step
+    failed. Two steps, so a second step's bookkeeping is exercised too; world size 1 (gloo)."""
+    import torch.distributed as dist
+
+    import stepdistill.training.trainer as tr
+
+    calls = []
+    real = tr.linear_cross_entropy
+    monkeypatch.setattr(tr, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        results = []
+        for wrap in (False, True):
+            trainer = build_trainer(STUDENTS[kind](seed=0), SBS, TrainingConfig(bf16=False, group_by_length=False),
+                                    _records(), [], None, _tmp(), progress=False)
+            model = inner = trainer.model.train()
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+            if wrap:
+                model = torch.nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
+            calls.clear()
+            losses = []
+            for _ in range(2):
+                inner.zero_grad()
+                loss = trainer.compute_loss(model, trainer.data_collator(trainer.train_dataset[:8]))
+                loss.backward()
+                losses.append(loss.item())
+            assert calls  # the fused layer ran, wrapped or not
+            results.append((losses, {n: p.grad.clone() for n, p in inner.named_parameters() if p.grad is not None}))
+    finally:
+        dist.destroy_process_group()
+    (one, one_grads), (ddp, ddp_grads) = results
+    assert ddp == pytest.approx(one, rel=1e-5)
+    assert ddp_grads.keys() == one_grads.keys()
+    for k in one_grads:
+        torch.testing.assert_close(ddp_grads[k], one_grads[k], atol=1e-6, rtol=1e-4, msg=k)

@@ -361,7 +361,7 @@ class TrainingConfig(_Section):
     fused_loss: bool = Field(
         True, description="With target_logits_only, where the model's logits are its output layer's output (T5, "
         "Llama, Qwen, ...): run the output layer and the cross-entropy fused, a block of the vocabulary at a time, "
-        "instead of writing vocabulary-wide float32 logits and their gradient. One process only (not under DDP/FSDP).")
+        "instead of writing vocabulary-wide float32 logits and their gradient. In one process and under DDP; not under FSDP or DeepSpeed.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, slower steps.")
     fast_dropout: Optional[bool] = Field(
         None, description="Dropout masks from 16-bit draws (four per 64-bit random number) instead of one float "

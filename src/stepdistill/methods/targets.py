@@ -43,15 +43,22 @@ def fused_head(model) -> bool:
 
 
 @contextlib.contextmanager
-def output_layer_inputs(model, keep: torch.Tensor):
+def output_layer_inputs(model, keep: torch.Tensor, then=None):
     """Inside, the output layer of `model` computes nothing: a forward pass's logits are an
     empty (0, d) tensor, and the yielded list receives the layer's input at the `keep`
-    positions, (keep.sum(), d), for losses.linear_cross_entropy with the layer's weight and bias."""
+    positions, (keep.sum(), d), for losses.linear_cross_entropy with the layer's weight and bias.
+    With `then`, the layer's output is `then` of that input instead (the fused layer and loss, run
+    inside the forward), and the forward's logits are it: a DDP wrapper that searches the forward's
+    outputs for the parameters it used then finds the layer's weight (and marks it unused, to be
+    marked again by its gradient, if not)."""
     caught: list[torch.Tensor] = []
     head = _head(model)
 
     def catch(hidden: torch.Tensor) -> torch.Tensor:
-        caught.append(hidden[_check(model, hidden, keep)])
+        at = hidden[_check(model, hidden, keep)]
+        if then is not None:
+            return then(at)
+        caught.append(at)
         return hidden[:0, 0]
 
     head.forward = catch  # the instance's forward, for this pass: not even autocast's weight cast runs

@@ -185,12 +185,25 @@ class StepDistillTrainer(Trainer):
         pass after pass, with the output layer run at the `keep` positions only (fused with the loss
         where the model allows it: see target_losses)."""
         inner = self.accelerator.unwrap_model(model)
-        # fused only outside DDP/FSDP wrappers: there the layer's weight would be used outside the
-        # wrapper's forward, which breaks its gradient hooks (DDP marks the tied weight ready twice)
-        fused = self.fused_loss and fused_head(inner) and model is inner
+        # One process: the fused layer runs once for all passes, after them. Under DDP it runs in
+        # each pass's forward, in place of the output layer, its losses the forward's logits: DDP
+        # (find_unused_parameters, transformers' default without gradient checkpointing) marks a
+        # weight its forward's outputs do not reach unused, then its gradient marks it ready twice.
+        # Not under FSDP or DeepSpeed (untested there: the unfused target-only path runs).
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        fused = self.fused_loss and fused_head(inner) and (model is inner or ddp)
+        head = inner.get_output_embeddings() if fused else None
+
+        def layer_and_loss(hidden: torch.Tensor, targets: torch.Tensor, give=None) -> torch.Tensor:
+            with self.autocast():  # in the forward's precision (after the forward, it is outside its autocast)
+                return linear_cross_entropy(hidden, head.weight, head.bias, targets, handoff=give)
+
         hidden, losses = [], []
         for kw, keep, t in scored:
-            if fused:
+            if fused and ddp:
+                with output_layer_inputs(inner, keep, lambda h, t=t: layer_and_loss(h, t)):
+                    losses.append(model(**kw).logits)
+            elif fused:
                 with output_layer_inputs(inner, keep) as caught:
                     model(**kw)
                 hidden += caught
@@ -198,12 +211,9 @@ class StepDistillTrainer(Trainer):
                 with logits_at(inner, keep):
                     logits = model(**kw).logits
                 losses.append(torch.nn.functional.cross_entropy(logits.float(), t, reduction="none"))
-        if not fused:
+        if not fused or ddp:
             return torch.cat(losses)
-        head = inner.get_output_embeddings()
-        with self.autocast():  # in the forward's precision: the layer runs outside it
-            return linear_cross_entropy(torch.cat(hidden), head.weight, head.bias, torch.cat([t for _, _, t in scored]),
-                                        handoff=handoff)
+        return layer_and_loss(torch.cat(hidden), torch.cat([t for _, _, t in scored]), handoff)
 
     def embed(self, model, ids: list[torch.Tensor], handoff: WeightGradHandoff | None = None
               ) -> list[dict[str, torch.Tensor]]:
