@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stepdistill import api, cli
 from stepdistill.data import nested_subset
@@ -104,11 +105,19 @@ def test_a_resumed_sweep_may_add_seeds_and_methods_and_reuses_only_identical_cel
     calls = []
     real_train = api.train
     monkeypatch.setattr(api, "train", lambda c, o, **k: (calls.append(Path(o).parent.name), real_train(c, o, **k))[1])
-    lines = []
-    grown = sweep({**small, "methods": ["standard"], "seeds": [0, 1]}, out, echo=lines.append)
+    grown = sweep({**small, "methods": ["standard"], "seeds": [0, 1]}, out, echo=lambda _: None)
     assert calls == ["standard__student__f1__s1"]  # seed 0 is reused, not retrained
-    assert [r["cell"] for r in grown["cells"]] == ["standard__student__f1__s0", "standard__student__f1__s1"]
+    # a run naming part of the folder's grid keeps the rest: step-by-step's cell stays in the table
+    assert [(r["cell"], r["status"]) for r in grown["cells"]] == [
+        ("standard__student__f1__s0", "done"), ("standard__student__f1__s1", "done"),
+        ("step-by-step__student__f1__s0", "done"), ("step-by-step__student__f1__s1", "not run")]
     assert grown["cells"][0]["accuracy"] == first["cells"][0]["accuracy"]
+    saved = SweepRun(**yaml.safe_load((out / "config.yaml").read_text()))
+    assert [m.name for m in saved.methods] == ["standard", "step-by-step"] and saved.seeds == [0, 1]
+    # the grid shrinks only by --collect, which names the cells it leaves out
+    lines = []
+    shrunk = sweep({**small, "methods": ["standard"], "seeds": [0, 1]}, out, echo=lines.append, collect=True)
+    assert [r["cell"] for r in shrunk["cells"]] == ["standard__student__f1__s0", "standard__student__f1__s1"]
     assert any("outside this grid" in line and "step-by-step__student__f1__s0" in line for line in lines)
     # the same tag with other options would reuse a cell that trained something else: refused
     with pytest.raises(RunExistsError, match="cell step-by-step__student__f1__s0 on disk trained another config.*alpha"):

@@ -153,9 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="sweep YAML (task, annotations, methods, fractions, students, seeds, training, eval)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set seeds=[0,1,2]")
-    p.add_argument("--out", required=True, help="sweep directory (rerun with the same --out to resume)")
+    p.add_argument("--out", required=True, help="sweep directory (rerun with the same --out to resume; a run "
+                                                 "naming part of its grid trains that part and keeps the rest)")
     p.add_argument("--collect", action="store_true",
-                   help="train nothing: tabulate the cells already in --out, the rest marked 'not run'")
+                   help="train nothing: tabulate exactly this config's grid from the cells in --out, the rest "
+                        "marked 'not run' (how a grid shrinks)")
     p.add_argument("--cells", metavar="FILE",
                    help="first restore the finished cells of FILE (a report's cells.tar.gz) that --out lacks, so a "
                         "sweep goes on from another machine's cells; each is checked against the grid")

@@ -332,7 +332,7 @@ NEVER_CHANGES_RESULTS = ("training.report_to",)
 def config_changes(d: Path, config: BaseModel, may_change: tuple[str, ...] = ()) -> list[str]:
     """The dotted fields in which `config` differs from the one run `d` saved (none where it saved
     none), leaving out `may_change` and the fields that change no result."""
-    saved = _saved_config(d)
+    saved = saved_config(d)
     if saved is None:
         return []
     saved = _with_added_fields(type(config), saved)
@@ -357,7 +357,7 @@ def resumed_config(out: str | Path, config: M) -> M:
 
     >>> cfg = resumed_config("runs/x", cfg)  # then create_run("runs/x", cfg, resume=True)
     """
-    saved = _saved_config(Path(out))
+    saved = saved_config(Path(out))
     if saved is None:
         return config
     now = config.model_dump(mode="json")
@@ -376,7 +376,7 @@ def resumed_config(out: str | Path, config: M) -> M:
     return type(config).model_validate(now) if changed else config
 
 
-def _saved_config(d: Path) -> dict | None:
+def saved_config(d: Path) -> dict | None:
     """The config a run directory was started with; None where there is no run (yet) to read."""
     import yaml
 

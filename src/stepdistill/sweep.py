@@ -10,7 +10,8 @@ evaluated on the same test items:
   and every training seed (the paper's code drew a new subset per seed).
 - **Resumable.** A cell whose evaluation is written is never run again; a cell stopped while
   training resumes from its last checkpoint. A failed cell is recorded (cells/<cell>/error.txt)
-  and the sweep goes on.
+  and the sweep goes on. A run into the folder that names part of its grid (`--set
+  "methods=[distill]" --set "seeds=[3]"`) trains that part and keeps the rest in the results.
 - **Collectable.** `--collect` trains nothing: it gathers the cells already on disk into the
   table and marks the rest "not run", for a grid run in parts (several sweeps side by side on
   one GPU, or on several machines) whose cells were copied into one folder.
@@ -77,6 +78,35 @@ def cells(cfg: SweepRun) -> list[dict[str, Any]]:
 GRID_AXES = ("methods", "fractions", "students", "seeds")
 
 
+def folder_grid(cfg: SweepRun, out: str | Path) -> SweepRun:
+    """The grid a sweep into `out` tables and records in its config.yaml: a run that covers part
+    of the grid the folder holds (one method, one seed more) keeps the folder's other cells in the
+    results, so a report made from the folder still compares them. Each axis is the folder's
+    values, then this run's new ones; a method or student under a tag the folder holds takes this
+    run's config (the cell check refuses it where that cell trained another). A grid shrinks only
+    by `--collect`, which tables exactly the grid it is given."""
+    from stepdistill.runs import output_kind, saved_config
+
+    saved = saved_config(Path(out)) if output_kind(out) == "sweep" else None
+    if not saved:
+        return cfg
+    try:
+        old = coerce(SweepRun, {**cfg.model_dump(mode="json"), **{a: saved[a] for a in GRID_AXES if a in saved}})
+    except ValueError:  # a grid the current code no longer reads: this run's grid alone
+        return cfg
+    keys = {"methods": lambda m: _tag(m.tag or _method_tag(m)), "students": lambda s: _tag(Path(s.model).name),
+            "fractions": lambda f: f, "seeds": lambda s: s}
+    merged = {}
+    for axis, key in keys.items():
+        before, now = getattr(old, axis), getattr(cfg, axis)
+        if len({key(x) for x in before}) < len(before) or len({key(x) for x in now}) < len(now):
+            return cfg  # a grid that names one cell twice keeps the numbered names `cells` gives it
+        union = {key(x): x for x in before}
+        union.update({key(x): x for x in now})  # a key already there keeps its place, with this run's config
+        merged[axis] = list(union.values())
+    return cfg.model_copy(update=merged)
+
+
 def _train_config(cfg: SweepRun, c: dict[str, Any]) -> dict[str, Any]:
     """What one cell trains: the sweep's shared settings with the cell's student, method,
     seed and data fraction."""
@@ -114,14 +144,22 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
     from stepdistill import api
 
     cfg = coerce(SweepRun, cfg)
+    todo = {c["name"] for c in cells(cfg)}
+    if not collect:
+        cfg = folder_grid(cfg, out)
     grid = cells(cfg)
+    from stepdistill.runs import config_changes
+
+    if not config_changes(Path(out), cfg, GRID_AXES):  # (else create_run refuses, naming the field)
+        _check_cells_on_disk(cfg, grid, Path(out) / "cells", lambda _: None)  # before config.yaml is rewritten
     # a resumed sweep may grow or shrink its grid (more seeds, another method): each cell already on
     # disk is reused only if it trained exactly what this grid's cell of that name would
     with create_run(out, cfg, command="sweep", resume=True, inputs=(cfg.task.path, cfg.annotations),
                     may_change=GRID_AXES) as run:
         echo = run.tee(echo)
         echo(f"sweep: {len(grid)} cells ({len(cfg.methods)} methods x {len(cfg.fractions)} fractions x "
-             f"{len(cfg.students)} students x {len(cfg.seeds)} seeds) in {run.dir}")
+             f"{len(cfg.students)} students x {len(cfg.seeds)} seeds) in {run.dir}"
+             + (f"; this run trains the {len(todo)} its config names, the folder holds the rest" if len(todo) < len(grid) else ""))
         if cells_from is not None:
             restored = restore_cells(cells_from, run.dir / "cells")
             echo(f"restored {len(restored)} finished cell(s) from {cells_from}" + (f": {', '.join(restored)}" if restored else
@@ -137,7 +175,7 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
                 row.update(_metrics(d), status="done")
                 rows.append(row)
                 continue
-            if collect:
+            if collect or c["name"] not in todo:
                 rows.append({**row, "status": "not run"})
                 continue
             echo(f"[{i}/{len(grid)}] {c['name']}")
@@ -186,7 +224,7 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
         failed = sum(r["status"] == "failed" for r in rows)
         missing = sum(r["status"] == "not run" for r in rows)
         echo(f"wrote {run.path('results.json')}, cells.csv, summary.csv" + (f"; {failed} cells failed" if failed else "")
-             + (f"; {missing} cells not run (--collect)" if missing else ""))
+             + (f"; {missing} cells not run" + (" (--collect)" if collect else "") if missing else ""))
     return results
 
 
