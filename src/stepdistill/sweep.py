@@ -152,7 +152,7 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
 
     if not config_changes(Path(out), cfg, GRID_AXES):  # (else create_run refuses, naming the field)
         _check_cells_on_disk(cfg, grid, Path(out) / "cells", lambda _: None)  # before config.yaml is rewritten
-    # a resumed sweep may grow or shrink its grid (more seeds, another method): each cell already on
+    # a resumed sweep may grow its grid (more seeds, another method; shrink it by --collect): each cell on
     # disk is reused only if it trained exactly what this grid's cell of that name would
     with create_run(out, cfg, command="sweep", resume=True, inputs=(cfg.task.path, cfg.annotations),
                     may_change=GRID_AXES) as run:
