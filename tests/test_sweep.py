@@ -61,6 +61,10 @@ def test_sweep_runs_the_grid_records_failures_and_resumes(setup, monkeypatch):
     summary = {(s["method"], s["fraction"]): s for s in results["summary"]}
     assert summary[("standard", 0.5)]["seeds"] == 2 and summary[("step-by-step", 1.0)]["seeds"] == 2
     assert summary[("step-by-step-decoder", 1.0)]["failed"] == 2 and summary[("step-by-step-decoder", 1.0)]["mean"] is None
+    # a failed cell stays failed in a table that does not run it again
+    collected = sweep(cfg, out, echo=lambda _: None, collect=True)
+    assert [(r["status"], r.get("error")) for r in collected["cells"] if r["status"] != "done"] == [
+        ("failed", r["error"]) for r in failed]
     assert any("| standard |" in line for line in lines)  # the table is printed
     with open(out / "summary.csv") as f:
         assert len(list(csv.DictReader(f))) == 6

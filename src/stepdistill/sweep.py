@@ -175,8 +175,9 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
                 row.update(_metrics(d), status="done")
                 rows.append(row)
                 continue
-            if collect or c["name"] not in todo:
-                rows.append({**row, "status": "not run"})
+            if collect or c["name"] not in todo:  # a cell this run does not train: failed before, or not run
+                error = (d / "error.txt").read_text(errors="replace").split("\n", 1)[0] if (d / "error.txt").is_file() else ""
+                rows.append({**row, "status": "failed", "error": error} if error else {**row, "status": "not run"})
                 continue
             echo(f"[{i}/{len(grid)}] {c['name']}")
             try:
@@ -205,8 +206,8 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
                 raise
             except Exception as e:  # a failed cell is recorded; the sweep goes on
                 d.mkdir(parents=True, exist_ok=True)
-                write_text(d / "error.txt", "".join(traceback.format_exception(e)))
                 row.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+                write_text(d / "error.txt", row["error"] + "\n\n" + "".join(traceback.format_exception(e)))  # summary first
                 echo(f"    failed: {row['error']} (details in {d / 'error.txt'})")
             rows.append(row)
         results = {"task": cfg.task.name, "split": cfg.eval.split, "cells": rows, "summary": summarise(rows)}
