@@ -65,6 +65,10 @@ def test_sweep_runs_the_grid_records_failures_and_resumes(setup, monkeypatch):
     collected = sweep(cfg, out, echo=lambda _: None, collect=True)
     assert [(r["status"], r.get("error")) for r in collected["cells"] if r["status"] != "done"] == [
         ("failed", r["error"]) for r in failed]
+    old_style = out / "cells" / failed[0]["cell"] / "error.txt"  # written before the summary line existed
+    old_style.write_text("Traceback (most recent call last):\n  File \"x.py\"\nValueError: an old failure\n")
+    assert sweep(cfg, out, echo=lambda _: None, collect=True)["cells"][[r["cell"] for r in rows].index(
+        failed[0]["cell"])]["error"] == "ValueError: an old failure"
     assert any("| standard |" in line for line in lines)  # the table is printed
     with open(out / "summary.csv") as f:
         assert len(list(csv.DictReader(f))) == 6

@@ -176,7 +176,8 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
                 rows.append(row)
                 continue
             if collect or c["name"] not in todo:  # a cell this run does not train: failed before, or not run
-                error = (d / "error.txt").read_text(errors="replace").split("\n", 1)[0] if (d / "error.txt").is_file() else ""
+                lines = (d / "error.txt").read_text(errors="replace").strip().splitlines() if (d / "error.txt").is_file() else []
+                error = (lines[-1] if lines[0].startswith("Traceback") else lines[0])[:300] if lines else ""  # older: traceback only
                 rows.append({**row, "status": "failed", "error": error} if error else {**row, "status": "not run"})
                 continue
             echo(f"[{i}/{len(grid)}] {c['name']}")
