@@ -57,13 +57,22 @@ def _method_tag(m) -> str:
             + ("-rat-only" if m.label_only == "drop" and get_method(m).multitask else ""))  # where it acts
 
 
+def _method_key(m) -> str:
+    """The name a method takes in cell names, tables and the union of two grids."""
+    return _tag(m.tag or _method_tag(m))
+
+
+def _student_key(s) -> str:
+    return _tag(Path(s.model).name)
+
+
 def cells(cfg: SweepRun) -> list[dict[str, Any]]:
     """The grid, in run order: student, method, fraction, then seed (so every cell of a row of
     the final table is done before the next row starts)."""
-    method_tags = [_tag(m.tag or _method_tag(m)) for m in cfg.methods]
+    method_tags = [_method_key(m) for m in cfg.methods]
     if len(set(method_tags)) < len(method_tags):  # the same method twice, configured differently
         method_tags = [f"{t}{i}" for i, t in enumerate(method_tags)]
-    student_tags = [_tag(Path(s.model).name) for s in cfg.students]
+    student_tags = [_student_key(s) for s in cfg.students]
     if len(set(student_tags)) < len(student_tags):
         student_tags = [f"{t}{i}" for i, t in enumerate(student_tags)]
     out = []
@@ -94,8 +103,7 @@ def folder_grid(cfg: SweepRun, out: str | Path) -> SweepRun:
         old = coerce(SweepRun, {**cfg.model_dump(mode="json"), **{a: saved[a] for a in GRID_AXES if a in saved}})
     except ValueError:  # a grid the current code no longer reads: this run's grid alone
         return cfg
-    keys = {"methods": lambda m: _tag(m.tag or _method_tag(m)), "students": lambda s: _tag(Path(s.model).name),
-            "fractions": lambda f: f, "seeds": lambda s: s}
+    keys = {"methods": _method_key, "students": _student_key, "fractions": lambda f: f, "seeds": lambda s: s}
     merged = {}
     for axis, key in keys.items():
         before, now = getattr(old, axis), getattr(cfg, axis)
@@ -117,16 +125,18 @@ def _train_config(cfg: SweepRun, c: dict[str, Any]) -> dict[str, Any]:
                          "data_fraction": c["fraction"]}}
 
 
-def _check_cells_on_disk(cfg: SweepRun, grid: list[dict[str, Any]], folder: Path, echo: Printer) -> None:
-    """Before anything runs: every cell of the grid found on disk trained this cell's config (a
-    method whose options changed under the same tag would otherwise reuse the old cell), and the
-    cells on disk that the grid no longer holds are named, since the results will not show them."""
+def _check_cells_on_disk(cfg: SweepRun, grid: list[dict[str, Any]], folder: Path, echo: Printer,
+                         only: set[str] | None = None) -> None:
+    """Before anything runs: every cell of the grid found on disk (or those named in `only`) trained
+    this cell's config (a method whose options changed under the same tag would otherwise reuse the
+    old cell), and the cells on disk that the grid no longer holds are named, since the results will
+    not show them."""
     from stepdistill.config import TrainRun
     from stepdistill.errors import RunExistsError
     from stepdistill.runs import config_changes
 
     names = {c["name"] for c in grid}
-    for c in grid:
+    for c in (c for c in grid if only is None or c["name"] in only):
         changed = config_changes(folder / c["name"] / "train", coerce(TrainRun, _train_config(cfg, c)))
         if changed:
             raise RunExistsError(f"cell {c['name']} on disk trained another config than this sweep's cell of that "
@@ -150,8 +160,11 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
     grid = cells(cfg)
     from stepdistill.runs import config_changes
 
-    if not config_changes(Path(out), cfg, GRID_AXES):  # (else create_run refuses, naming the field)
-        _check_cells_on_disk(cfg, grid, Path(out) / "cells", lambda _: None)  # before config.yaml is rewritten
+    if config_changes(Path(out), cfg, GRID_AXES):  # create_run refuses below, naming the field
+        checked = False
+    else:  # before config.yaml is rewritten
+        _check_cells_on_disk(cfg, grid, Path(out) / "cells", lambda _: None)
+        checked = True
     # a resumed sweep may grow its grid (more seeds, another method; shrink it by --collect): each cell on
     # disk is reused only if it trained exactly what this grid's cell of that name would
     with create_run(out, cfg, command="sweep", resume=True, inputs=(cfg.task.path, cfg.annotations),
@@ -160,11 +173,12 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
         echo(f"sweep: {len(grid)} cells ({len(cfg.methods)} methods x {len(cfg.fractions)} fractions x "
              f"{len(cfg.students)} students x {len(cfg.seeds)} seeds) in {run.dir}"
              + (f"; this run trains the {len(todo)} its config names, the folder holds the rest" if len(todo) < len(grid) else ""))
+        restored = []
         if cells_from is not None:
             restored = restore_cells(cells_from, run.dir / "cells")
             echo(f"restored {len(restored)} finished cell(s) from {cells_from}" + (f": {', '.join(restored)}" if restored else
                  " (every cell it holds is on disk already)"))
-        _check_cells_on_disk(cfg, grid, run.dir / "cells", echo)
+        _check_cells_on_disk(cfg, grid, run.dir / "cells", echo, only=set(restored) if checked else None)
         rows = []
         for i, c in enumerate(grid, start=1):
             d = run.dir / "cells" / c["name"]
