@@ -300,6 +300,8 @@ def test_under_ddp_the_fused_output_layer_runs_inside_the_forward_with_the_same_
     logits. Run after the forward (as in one process), DDP with find_unused_parameters (transformers'
     default) marks the output layer's weight unused, then its gradient marks it ready twice: the step
     failed. Two steps, so a second step's bookkeeping is exercised too; world size 1 (gloo)."""
+    import gc
+
     import torch.distributed as dist
 
     import stepdistill.training.trainer as tr
@@ -328,6 +330,10 @@ def test_under_ddp_the_fused_output_layer_runs_inside_the_forward_with_the_same_
                 losses.append(loss.item())
             assert calls  # the fused layer ran, wrapped or not
             results.append((losses, {n: p.grad.clone() for n, p in inner.named_parameters() if p.grad is not None}))
+            # the DDP wrapper (its Reducer holds the process group) goes before the group does: freed after
+            # destroy_process_group, the group's destructor waited on its gloo thread for ever (seen in CI)
+            del model, inner, trainer
+            gc.collect()
     finally:
         dist.destroy_process_group()
     (one, one_grads), (ddp, ddp_grads) = results
