@@ -160,11 +160,10 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
     grid = cells(cfg)
     from stepdistill.runs import config_changes
 
-    if config_changes(Path(out), cfg, GRID_AXES):  # create_run refuses below, naming the field
-        checked = False
-    else:  # before config.yaml is rewritten
+    # where a non-grid field changed, create_run refuses below, naming the field
+    checked = not config_changes(Path(out), cfg, GRID_AXES)
+    if checked:  # before config.yaml is rewritten
         _check_cells_on_disk(cfg, grid, Path(out) / "cells", lambda _: None)
-        checked = True
     # a resumed sweep may grow its grid (more seeds, another method; shrink it by --collect): each cell on
     # disk is reused only if it trained exactly what this grid's cell of that name would
     with create_run(out, cfg, command="sweep", resume=True, inputs=(cfg.task.path, cfg.annotations),
