@@ -3,6 +3,8 @@ one forward pass, the output layer at target tokens only, length-grouped batches
 encoder run once per input (task marker on the decoder side). Tiny models, fp32."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,11 +48,11 @@ def _loss_and_grads(make, training, method=SBS, records=None):
     return float(loss), parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _tmp():
-    import tempfile
-    from pathlib import Path
+_TMP = tempfile.TemporaryDirectory(prefix="stepdistill-test-speedups-")  # removed, with all below it, at exit
 
-    return Path(tempfile.mkdtemp())
+
+def _tmp():
+    return Path(tempfile.mkdtemp(dir=_TMP.name))
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])
