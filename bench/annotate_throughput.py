@@ -129,7 +129,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--out", default=str(HERE / "results" / "annotate_throughput"))
     args = p.parse_args()
-    os.environ.setdefault("STEPDISTILL_HOME", tempfile.mkdtemp())
+    if "STEPDISTILL_HOME" not in os.environ:  # a home of its own, removed when the benchmark exits
+        home = tempfile.TemporaryDirectory(prefix="annotate-bench-home-")
+        os.environ["STEPDISTILL_HOME"] = home.name
 
     server, url = (None, args.url) if args.url else start_server(args.latency)
     rows = []
