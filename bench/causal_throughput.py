@@ -282,7 +282,8 @@ def write(result: dict, out: Path) -> None:
              "| set-up | row | examples/s | vs reference | useful GFLOP/s | of the peak (precision) | peak memory (MB) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['setup']} | {r['row']} | {r['examples_per_s']:.2f} | {r['speedup']:.2f}x | "
+        vs = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"  # no reference row run
+        lines.append(f"| {r['setup']} | {r['row']} | {r['examples_per_s']:.2f} | {vs} | "
                      f"{r['useful_gflop_per_s']} | {100 * r['peak_fraction']:.0f}% ({r['precision']}) | {r['peak_mb']} |")
     lines += ["", "Training loss by step, first repeat:", ""]
     for r in result["rows"]:
