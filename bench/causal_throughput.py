@@ -43,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import write_results  # bench/common.py (the script's folder is on sys.path)
+from common import PeakMemory, write_results  # bench/common.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).parent
 SHARED = HERE.parent.parent / "shared" / "data" / "sbs"
@@ -160,10 +160,12 @@ def run_row(records: list, setup: str, name: str, out: Path) -> dict:
     training = TrainingConfig(max_steps=steps, batch_size=BATCH, learning_rate=LR, logging_steps=1, seed=SEED,
                               max_input_length=MAX_IN, max_target_length=MAX_OUT, **overrides)
     method = MethodConfig(name=method_name, alpha=ALPHA)
-    fmt = get_method(method).shape_format(make_format(s, training))
-    feats = get_method(method).features(s.tokenizer, fmt, records)
-    trainer = (reference_trainer(s, feats, steps, d) if spec is None
-               else build_trainer(s, method, training, records, [], None, d, progress=False))
+    if spec is None:  # the reference trains on step-by-step's own rows, made as build_trainer makes them
+        feats = get_method(method).features(s.tokenizer, make_format(s, training), records)
+        trainer = reference_trainer(s, feats, steps, d)
+    else:
+        trainer = build_trainer(s, method, training, records, [], None, d, progress=False)
+        feats = trainer.train_dataset
     trainer.args.save_strategy = "no"
     t0 = time.perf_counter()
     trainer.train()
@@ -246,26 +248,9 @@ def matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
 def measured(records: list, setup: str, name: str, out: Path) -> dict:
     """One row trained in this process (a fresh one, so no row inherits another's memory), with
     its peak resident memory above the process just before (MB), sampled every 5 ms."""
-    import threading
-
-    import psutil
-
-    proc, peak, done = psutil.Process(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.005)
-
-    base = proc.memory_info().rss
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
+    with PeakMemory() as mem:
         r = run_row(records, setup, name, out)
-    finally:
-        done.set()
-        t.join()
-    return {**r, "peak_mb": round((peak[0] - base) / 1e6, 1)}
+    return {**r, "peak_mb": mem.mb}
 
 
 def write(result: dict, out: Path) -> None:

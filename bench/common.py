@@ -1,8 +1,10 @@
-"""What the benchmarks share: writing results, and whether llama.cpp is installed."""
+"""What the benchmarks share: writing results, peak memory, and whether llama.cpp is installed."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 
@@ -39,6 +41,29 @@ def write_results(result: dict, out: Path, lines: list[str]) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled every 5 ms."""
+
+    def __enter__(self):
+        import psutil
+
+        self.proc, self.peak, self.done = psutil.Process(), 0, threading.Event()
+        self.base = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.done.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.mb = round((self.peak - self.base) / 1e6, 1)
 
 
 def has_llama_cpp() -> bool:

@@ -38,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import has_llama_cpp, write_results  # bench/common.py (the script's folder is on sys.path)
+from common import PeakMemory, has_llama_cpp, write_results  # bench/common.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).parent
 ROWS = ["teacher, few-shot CoT (transformers)", "teacher, few-shot CoT (llama.cpp)",
@@ -100,29 +100,6 @@ def main() -> None:
               "batch1_problems": args.batch1, "batch32_problems": args.batch32, "rows": rows}
     write(result, Path(args.out))
 
-
-
-class PeakMemory:
-    """Peak resident memory above the level at entry, sampled every 5 ms."""
-
-    def __enter__(self):
-        import psutil
-
-        self.proc, self.peak, self.done = psutil.Process(), 0, threading.Event()
-        self.base = self.proc.memory_info().rss
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while not self.done.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
-        self.mb = round((self.peak - self.base) / 1e6, 1)
 
 
 def run_row(name: str, args) -> dict:

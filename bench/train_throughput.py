@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import write_results  # bench/common.py (the script's folder is on sys.path)
+from common import PeakMemory, write_results  # bench/common.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).parent
 SHARED = HERE.parent.parent / "shared" / "data" / "sbs"
@@ -313,26 +313,9 @@ def reference_trainer(setup: Setup, steps: int, out: Path):
 def memory_probe(setup: Setup, name: str, work: Path) -> float:
     """Peak resident memory while one row trains 5 steps, above the process just before (MB):
     sampled every 5 ms in a thread (ru_maxrss would count the set-up's own peak)."""
-    import threading
-
-    import psutil
-
-    proc, peak, done = psutil.Process(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.005)
-
-    base = proc.memory_info().rss
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
+    with PeakMemory() as mem:
         run_row(setup, name, 5, work / "probe")
-    finally:
-        done.set()
-        t.join()
-    return round((peak[0] - base) / 1e6, 1)
+    return mem.mb
 
 
 def slug(name: str) -> str:
