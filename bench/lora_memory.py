@@ -34,10 +34,10 @@ import sys
 import time
 from pathlib import Path
 
+from causal_throughput import SETUPS  # the LoRA set-up whose memory this takes apart
 from common import PeakMemory, write_results  # bench/common.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).parent
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROWS = {  # name: LoRA dropout (None: full fine-tuning)
     "full fine-tuning": None,
     "LoRA r 16, dropout 0.05": 0.05,
@@ -87,7 +87,7 @@ def measure(name: str, precision: str, batch: int, length: int) -> dict:
     from stepdistill.students import load_student
 
     dropout = ROWS[name]
-    lora = None if dropout is None else {"r": 16, "alpha": 32, "target_modules": PROJ, "dropout": dropout}
+    lora = None if dropout is None else {**SETUPS["lora"], "dropout": dropout}
     torch.manual_seed(0)
     model = load_student(StudentConfig(model="smollm2-135m-instruct", lora=lora)).model
     model.train()
