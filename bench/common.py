@@ -1,4 +1,4 @@
-"""What the benchmarks share: writing results, peak memory, and whether llama.cpp is installed."""
+"""What the benchmarks share: writing results, the CPU and its matmul peak, peak memory, and whether llama.cpp is installed."""
 
 from __future__ import annotations
 
@@ -28,6 +28,42 @@ def cpu() -> dict:
         pass
     return {"model": name, "cores": os.cpu_count(), "flags": {f: f in flags for f in CPU_FLAGS},
             "python": platform.python_version()}
+
+
+def matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of the best of `repeats` n x n x n matmuls in `dtype` (torch's own kernels)."""
+    import torch
+
+    a = torch.randn(n, n, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, dtype=getattr(torch, dtype))
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+class MatmulPeaks:
+    """The machine's matmul peak in float32 and bfloat16, probed several times in a run (its speed
+    drifts with other tenants, by up to 2x): `probe()` between rows, `best` the highest seen."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+
+    def probe(self) -> None:
+        for dtype, seen in self.seen.items():
+            seen.append(matmul_peak(dtype))
+        print("matmul peak: " + ", ".join(f"{k} {v[-1] / 1e9:.0f} GFLOP/s" for k, v in self.seen.items()), flush=True)
+
+    @property
+    def best(self) -> dict[str, float]:
+        return {k: max(v) for k, v in self.seen.items()}
+
+    def as_json(self) -> dict:
+        return {"matmul_peak_gflop_per_s": {k: round(v / 1e9, 1) for k, v in self.best.items()},
+                "matmul_probes_gflop_per_s": {k: [round(x / 1e9, 1) for x in v] for k, v in self.seen.items()}}
 
 
 def write_results(result: dict, out: Path, lines: list[str]) -> None:

@@ -17,11 +17,16 @@ alpha 0.5, AdamW at 5e-4, the same number of optimizer steps for every row:
   stepdistill default       TrainingConfig's defaults (on this CPU: all of the above but the
                             decoder marker, which changes the formulation and is opt-in)
 
-Rows run in one process, alternating, `--repeats` times; examples/s is the median. Peak memory
-is measured per row in a separate short process (ru_maxrss above the loaded model). Quality at
-equal examples: after the same steps, every row's model is scored by one float32 function on
-held-out SVAMP test items: the reference's loss (alpha * label + (1 - alpha) * rationale) and
-label accuracy (greedy).
+Rows run in one process, alternating, `--repeats` times; examples/s is the median. Useful FLOP/s:
+3 x the forward matmul FLOPs of the paper's step on real tokens only (each example's two tasks
+run one at a time, unpadded, under torch's FlopCounterMode: encoder, decoder, cross-attention and
+the vocabulary projection at target positions), over the row's seconds; the same work for every
+row, so the rows differ by their seconds alone. The peak is measured in the same run by a matmul
+probe (2048^3, float32 and bfloat16) before every repeat and at the end, the best kept; each row's
+fraction is of the peak of the precision its matmuls run in. Peak memory is measured per row in a
+separate short process (resident memory sampled every 5 ms, above the process before). Quality at equal examples: after the
+same steps, every row's model is scored by one float32 function on held-out SVAMP test items: the
+reference's loss (alpha * label + (1 - alpha) * rationale) and label accuracy (greedy).
 
     python bench/train_throughput.py                 # about 30 minutes on 2 CPU cores
     python bench/train_throughput.py --train-examples 80 --repeats 1 --held-out 32   # a quick look
@@ -39,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import PeakMemory, write_results  # bench/common.py (the script's folder is on sys.path)
+from common import MatmulPeaks, PeakMemory, write_results  # bench/common.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).parent
 SHARED = HERE.parent.parent / "shared" / "data" / "sbs"
@@ -84,9 +89,13 @@ def main() -> None:
         print(json.dumps({"peak_mb": memory_probe(setup, args.memory_probe, work)}))
         return
 
+    peaks = MatmulPeaks()
+
+    flops = setup.useful_flops()  # one epoch's, the same for every row
     rows = [r for r in ROWS if not args.rows or r in args.rows]
     runs: dict[str, list[dict]] = {r: [] for r in rows}
     for rep in range(args.repeats):
+        peaks.probe()
         for name in rows:  # alternating: drift in the machine's speed hits every row alike
             r = run_row(setup, name, args.steps, work / "runs" / f"{rep}")
             if rep == 0:
@@ -95,25 +104,33 @@ def main() -> None:
                 r.pop("model"), r.pop("marker")
             runs[name].append(r)
             print(f"repeat {rep + 1}/{args.repeats} {name}: {r['examples_per_s']:.2f} ex/s", flush=True)
+    peaks.probe()
+    peak = peaks.best
     ref_name = next(iter(ROWS))
     ref = statistics.median(x["examples_per_s"] for x in runs[ref_name]) if ref_name in runs else None
     table = []
     for name in rows:
         eps = [x["examples_per_s"] for x in runs[name]]
         first = runs[name][0]
-        peak = json.loads(subprocess.run(
+        mem = json.loads(subprocess.run(
             [sys.executable, __file__, "--memory-probe", name, "--work", str(work)],
             check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])["peak_mb"]
+        seconds = statistics.median(x["seconds"] for x in runs[name])
+        precision = row_precision(name)
         table.append({"row": name, "examples_per_s": round(statistics.median(eps), 2),
                       "examples_per_s_all": [round(e, 2) for e in eps],
                       "speedup": round(statistics.median(eps) / ref, 2) if ref else None,
-                      "peak_mb": peak, "train_loss_curve": first["curve"],
+                      "useful_gflop_per_s": round(flops / seconds / 1e9, 1), "precision": precision,
+                      "peak_fraction": round(flops / seconds / peak[precision], 3),
+                      "peak_mb": mem, "train_loss_curve": first["curve"],
                       "held_out_loss": first["held_out_loss"], "held_out_label_loss": first["held_out_label_loss"],
                       "held_out_accuracy": first["held_out_accuracy"]})
     result = {"benchmark": "train_throughput", "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
               "command": "python " + " ".join(sys.argv), "steps": args.steps, "repeats": args.repeats,
               "batch_size": BATCH, "alpha": ALPHA, "learning_rate": LR, "held_out": args.held_out,
-              "train_examples": len(setup.records), "model": setup.model_desc, "rows": table}
+              "train_examples": len(setup.records), "model": setup.model_desc, "useful_gflop_per_epoch":
+              round(flops / 1e9, 1), **peaks.as_json(),
+              "rows": table}
     write(result, Path(args.out))
 
 
@@ -158,6 +175,27 @@ class Setup:
 
         torch.manual_seed(SEED)
         return load_pretrained(str(self.t5), kind="seq2seq")
+
+    def useful_flops(self) -> int:
+        """3 x the forward matmul FLOPs of one epoch of the paper's step on real tokens: each
+        example's label task and rationale task, unpadded, one at a time (FlopCounterMode counts
+        the encoder, decoder, cross-attention and the vocabulary projection at target positions)."""
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from stepdistill.methods.formatting import Format
+
+        student = self.student()
+        model, fmt = student.model.eval(), Format(kind="seq2seq")
+        total = 0
+        with torch.no_grad():
+            for r in self.records:
+                for prefix, target in (("predict: ", r.label), ("explain: ", r.rationale)):
+                    batch = features(student, fmt, prefix, [(r.input, target)])
+                    with FlopCounterMode(display=False) as counter:
+                        model(**batch)
+                    total += counter.get_total_flops()
+        return 3 * total
 
     def quality(self, model_dir: Path, marker: str, n: int) -> dict:
         """The reference's loss in float32 on held-out items, and label accuracy (greedy)."""
@@ -318,22 +356,38 @@ def memory_probe(setup: Setup, name: str, work: Path) -> float:
     return mem.mb
 
 
+def row_precision(name: str) -> str:
+    """The precision a row's matmuls run in: bfloat16 where its bf16 setting resolves on (TrainingConfig's
+    default, auto, is on only where this CPU has fast bf16)."""
+    from stepdistill.config import TrainingConfig
+    from stepdistill.memory import resolve_bf16
+
+    spec = ROWS[name]
+    bf16 = TrainingConfig(**spec[0]).bf16 if spec is not None else False
+    return "bfloat16" if resolve_bf16(bf16) else "float32"
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")[:60]
 
 
 def write(result: dict, out: Path) -> None:
+    pk = result["matmul_peak_gflop_per_s"]
     lines = ["# Step-by-step training throughput: the paper's two-pass step vs stepdistill", "",
              f"{result['machine']}. Command: `{result['command']}`", "",
              f"{result['model']}; SVAMP train with PaLM rationales ({result['train_examples']} examples), batch "
              f"{result['batch_size']}, alpha {result['alpha']}, AdamW lr {result['learning_rate']}, {result['steps']} "
              f"optimizer steps per row (one epoch); examples/s is the median of {result['repeats']} alternating repeats. "
              f"Held-out: {result['held_out']} SVAMP test items after training, scored by one float32 function.", "",
-             "| row | examples/s | vs reference | peak memory (MB) | held-out loss | held-out label loss | "
-             "held-out accuracy |", "|---|---:|---:|---:|---:|---:|---:|"]
+             f"Useful work: {result['useful_gflop_per_epoch']} GFLOP an epoch (3 x the paper step's forward matmuls on "
+             f"real tokens); matmul peak, the best of the probes before each repeat and at the end: float32 {pk['float32']} GFLOP/s, bfloat16 "
+             f"{pk['bfloat16']} GFLOP/s.", "",
+             "| row | examples/s | vs reference | useful GFLOP/s | of the peak (precision) | peak memory (MB) | "
+             "held-out loss | held-out label loss | held-out accuracy |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         acc = "-" if r["held_out_accuracy"] is None else f"{100 * r['held_out_accuracy']:.1f}%"
-        lines.append(f"| {r['row']} | {r['examples_per_s']:.2f} | {r['speedup']:.2f}x | {r['peak_mb']} | "
+        lines.append(f"| {r['row']} | {r['examples_per_s']:.2f} | {r['speedup']:.2f}x | {r['useful_gflop_per_s']} | "
+                     f"{100 * r['peak_fraction']:.0f}% ({r['precision']}) | {r['peak_mb']} | "
                      f"{r['held_out_loss']} | {r['held_out_label_loss']} | {acc} |")
     lines += ["", "Training loss (logged every 5 steps), first repeat:", ""]
     for r in result["rows"]:
