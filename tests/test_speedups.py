@@ -127,6 +127,19 @@ def test_bf16_default_follows_the_hardware(monkeypatch):
     assert resolve_bf16(None) is True
 
 
+def test_bf16_asked_for_on_a_cpu_without_fast_bf16_is_kept_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("pathlib.Path.read_text", lambda self: "flags : fpu avx2 avx512f")
+    with caplog.at_level("WARNING", logger="stepdistill"):
+        assert resolve_bf16(True) is True  # a config that asks for bf16 gets it: it may be reproducing a bf16 run
+    assert "emulated" in caplog.text and "training.bf16: auto" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr("pathlib.Path.read_text", lambda self: "flags : fpu avx2 amx_bf16")
+    with caplog.at_level("WARNING", logger="stepdistill"):
+        assert resolve_bf16(True) is True and resolve_bf16(False) is False
+    assert caplog.text == ""
+
+
 # --- encode once: the task marker on the decoder side ----------------------------------------
 
 

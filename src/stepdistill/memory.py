@@ -33,18 +33,27 @@ log = logging.getLogger(__name__)
 
 def resolve_bf16(bf16: bool | None) -> bool:
     """training.bf16, or (None) whether this machine has fast bf16: a GPU that supports it, or a
-    CPU with AVX512-BF16 / AMX (elsewhere CPU bf16 is emulated, and slower than float32)."""
-    if bf16 is not None:
-        return bf16
+    CPU with AVX512-BF16 / AMX (elsewhere CPU bf16 is emulated, and slower than float32). bf16
+    asked for on a CPU without them is kept, with a warning: it reproduces a bf16 run, slowly."""
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported() if bf16 is None else bf16
+    fast = _cpu_has_fast_bf16()
+    if bf16 and not fast:
+        log.warning("training.bf16 is true, but this CPU has no AVX512-BF16 or AMX: bf16 is emulated here and "
+                    "slower than float32 (the benchmark's T5 trained at 0.42x, bench/results/train_throughput_fp32cpu.md); "
+                    "set training.bf16: auto for speed, keep true only to reproduce a bf16 run")
+    return fast if bf16 is None else bf16
+
+
+def _cpu_has_fast_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
 
 GiB = 1024**3
 INFERENCE_FACTOR = 1.2  # weights + buffers, allocator slack, the transient copies of loading
