@@ -139,6 +139,14 @@ def test_bf16_asked_for_on_a_cpu_without_fast_bf16_is_kept_with_a_warning(monkey
         assert resolve_bf16(True) is True and resolve_bf16(False) is False
     assert caplog.text == ""
 
+    def unreadable(self):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr("pathlib.Path.read_text", unreadable)  # not Linux: nothing known, nothing claimed
+    with caplog.at_level("WARNING", logger="stepdistill"):
+        assert resolve_bf16(True) is True and resolve_bf16(None) is False
+    assert caplog.text == ""
+
 
 # --- encode once: the task marker on the decoder side ----------------------------------------
 

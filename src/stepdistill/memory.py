@@ -40,18 +40,19 @@ def resolve_bf16(bf16: bool | None) -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported() if bf16 is None else bf16
     fast = _cpu_has_fast_bf16()
-    if bf16 and not fast:
+    if bf16 and fast is False:
         log.warning("training.bf16 is true, but this CPU has no AVX512-BF16 or AMX: bf16 is emulated here and "
                     "slower than float32 (the benchmark's T5 trained at 0.42x, bench/results/train_throughput_fp32cpu.md); "
                     "set training.bf16: auto for speed, keep true only to reproduce a bf16 run")
-    return fast if bf16 is None else bf16
+    return bool(fast) if bf16 is None else bf16
 
 
-def _cpu_has_fast_bf16() -> bool:
+def _cpu_has_fast_bf16() -> bool | None:
+    """Whether /proc/cpuinfo lists AVX512-BF16 or AMX-BF16; None where it cannot be read (not Linux)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return None
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
