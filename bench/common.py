@@ -30,19 +30,26 @@ def cpu() -> dict:
             "python": platform.python_version()}
 
 
-def matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of the best of `repeats` n x n x n matmuls in `dtype` (torch's own kernels)."""
+def matmul_rate(m: int, k: int, n: int, dtype: str = "float32", repeats: int = 10, a_transposed: bool = False) -> float:
+    """FLOP/s of the best of `repeats` (m x k) @ (k x n) matmuls in `dtype` (torch's own kernels);
+    `a_transposed`: the left operand is a transposed view, as a backward pass's often is."""
     import torch
 
-    a = torch.randn(n, n, dtype=getattr(torch, dtype))
-    b = torch.randn(n, n, dtype=getattr(torch, dtype))
+    dt = getattr(torch, dtype)
+    a = torch.randn(k, m, dtype=dt).t() if a_transposed else torch.randn(m, k, dtype=dt)
+    b = torch.randn(k, n, dtype=dt)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * m * k * n / best
+
+
+def matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
+    """The machine's matmul peak in `dtype`: an n x n x n product's FLOP/s."""
+    return matmul_rate(n, n, n, dtype, repeats)
 
 
 class MatmulPeaks:

@@ -86,26 +86,17 @@ def shapes(tokens: int = 1200) -> None:
     """The step's matmul shapes timed alone (GFLOP/s, best of 10), beside a 2048^3 probe: the
     vocabulary projection's forward block and its two backward products, and the body's layers
     (about 1,200 token rows a step: 8 examples, two tasks, encoder and decoder)."""
-    from common import matmul_peak
+    from common import matmul_peak, matmul_rate
 
-    def rate(m, k, n, t_a=False):
-        a, b = (torch.randn(k, m).t() if t_a else torch.randn(m, k)), torch.randn(k, n)
-        a @ b
-        best = min(_timed(lambda: a @ b) for _ in range(10))
-        return 2 * m * k * n / best / 1e9
+    def rate(*shape, **kw) -> float:  # GFLOP/s
+        return matmul_rate(*shape, **kw) / 1e9
 
     vocab, d, ff, targets = 49152, 256, 1024, 600  # SmolLM2's vocabulary; about 600 target tokens a step
     print(f"matmul peak (2048^3): {matmul_peak('float32') / 1e9:.0f} GFLOP/s; the step's shapes alone: "
           f"vocabulary forward block {rate(4864, d, targets):.0f}, its input gradient "
-          f"{rate(targets, vocab, d, t_a=True):.0f}, its weight gradient {rate(vocab, targets, d):.0f}; body "
+          f"{rate(targets, vocab, d, a_transposed=True):.0f}, its weight gradient {rate(vocab, targets, d):.0f}; body "
           f"({tokens} tokens) {d}->{ff} {rate(tokens, d, ff):.0f}, {ff}->{d} {rate(tokens, ff, d):.0f}, "
           f"{d}->{d} {rate(tokens, d, d):.0f} GFLOP/s")
-
-
-def _timed(f) -> float:
-    t0 = time.perf_counter()
-    f()
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
