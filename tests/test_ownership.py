@@ -2,7 +2,7 @@
 
 Each test is a finding from a careless- and hostile-user review: on the code before the run-folder
 marker it deleted, overwrote or crashed; now each is one line, exit 1, and every byte the user had
-is still there. A folder is stepdistill's only when it carries the marker `runs.MARKER` of the
+is still there. A folder is stepdistill's only when it carries the marker `ownership.MARKER` of the
 command's own kind (or, for runs written before the marker, the files that command wrote).
 """
 
@@ -18,7 +18,8 @@ from stepdistill import cli
 from stepdistill.config import AnnotateRun, build
 from stepdistill.errors import RunExistsError
 from stepdistill.quickstart import quickstart
-from stepdistill.runs import MARKER, create_run, output_kind
+from stepdistill.ownership import MARKER, output_kind
+from stepdistill.runs import create_run
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import SHARED  # noqa: E402

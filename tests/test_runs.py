@@ -7,7 +7,8 @@ import yaml
 
 from stepdistill.config import AnnotateRun, TrainRun, build
 from stepdistill.errors import RunExistsError
-from stepdistill.runs import create_run, resumed_config
+from stepdistill.resuming import config_changes, resumed_config
+from stepdistill.runs import create_run
 
 
 def _cfg(split="train"):
@@ -91,3 +92,19 @@ def test_resume_of_a_run_older_than_a_field_goes_on_as_it_began(tmp_path):
     # An explicit setting is never overridden, and a new run is untouched.
     assert resumed_config(d, _train_cfg(group_by_length=True)).training.group_by_length is True
     assert resumed_config(tmp_path / "new", _train_cfg()).training.group_by_length is True
+
+
+def test_resume_accepts_a_changed_speed_only_field_and_logs_what_the_run_began_with(tmp_path):
+    """The exact speed-ups compute the paper step's loss and gradients with either value
+    (tests/test_speedups.py), so a resume, and a sweep's cell on disk, may differ in them; any
+    other changed training field is still refused by name."""
+    d = tmp_path / "run"
+    create_run(d, _train_cfg(fuse_tasks=True, fused_gelu=True), command="train").close()
+    assert config_changes(d, _train_cfg(fuse_tasks=None, fused_gelu=False, target_logits_only=False)) == []
+    create_run(d, _train_cfg(fuse_tasks=None, fused_gelu=False), command="train", resume=True).close()
+    log = (d / "log.txt").read_text()
+    assert "training.fuse_tasks (was True)" in log and "training.fused_gelu (was True)" in log
+    assert yaml.safe_load((d / "config.yaml").read_text())["training"]["fuse_tasks"] is None
+    for changed in ({"group_by_length": False}, {"fast_dropout": False}, {"bf16": True}):
+        with pytest.raises(RunExistsError, match=f"differs in training.{next(iter(changed))}"):
+            create_run(d, _train_cfg(fuse_tasks=None, fused_gelu=False, **changed), command="train", resume=True)

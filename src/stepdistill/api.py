@@ -23,7 +23,8 @@ from stepdistill.config import TrainRun, coerce
 from stepdistill.data import keep_correct, nested_subset, note_gold_verified, split_validation
 from stepdistill.errors import StepDistillError
 from stepdistill.evaluation import evaluate  # noqa: F401  (the third stage, beside predict())
-from stepdistill.runs import create_run, resumed_config, world_size, write_json
+from stepdistill.resuming import resumed_config
+from stepdistill.runs import create_run, world_size, write_json
 from stepdistill.store import read_annotations
 from stepdistill.tasks import get_task, load_examples, split_base
 

@@ -22,7 +22,8 @@ import yaml
 from stepdistill.errors import StepDistillError
 from stepdistill.gguf_student import CONVERTER_VERSION, QUANTS, check_engine, convert, modelfile
 from stepdistill.evaluation import decoding_vocab, explain, label_token_limit, load_trained, predict
-from stepdistill.runs import MARKER, claim_output, fsync_tree, output_kind, write_error, write_jsonl, write_marker
+from stepdistill.ownership import MARKER, claim_output, output_kind, write_marker
+from stepdistill.runs import fsync_tree, write_error, write_jsonl
 from stepdistill.students import MODEL_INFO, model_folder
 from stepdistill.tasks.io import iter_records
 

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stepdistill.config import SweepRun, coerce
-from stepdistill.runs import MARKER, create_run, write_json, write_text
+from stepdistill.ownership import MARKER
+from stepdistill.runs import create_run, write_json, write_text
 
 Printer = Callable[[str], None]
 
@@ -94,7 +95,8 @@ def folder_grid(cfg: SweepRun, out: str | Path) -> SweepRun:
     values, then this run's new ones; a method or student under a tag the folder holds takes this
     run's config (the cell check refuses it where that cell trained another). A grid shrinks only
     by `--collect`, which tables exactly the grid it is given."""
-    from stepdistill.runs import output_kind, saved_config
+    from stepdistill.resuming import saved_config
+    from stepdistill.ownership import output_kind
 
     saved = saved_config(Path(out)) if output_kind(out) == "sweep" else None
     if not saved:
@@ -133,7 +135,7 @@ def _check_cells_on_disk(cfg: SweepRun, grid: list[dict[str, Any]], folder: Path
     not show them."""
     from stepdistill.config import TrainRun
     from stepdistill.errors import RunExistsError
-    from stepdistill.runs import config_changes
+    from stepdistill.resuming import config_changes
 
     names = {c["name"] for c in grid}
     for c in (c for c in grid if only is None or c["name"] in only):
@@ -158,7 +160,7 @@ def sweep(cfg: SweepRun | dict, out: str | Path, *, echo: Printer = print, colle
     if not collect:
         cfg = folder_grid(cfg, out)
     grid = cells(cfg)
-    from stepdistill.runs import config_changes
+    from stepdistill.resuming import config_changes
 
     # where a non-grid field changed, create_run refuses below, naming the field
     checked = not config_changes(Path(out), cfg, GRID_AXES)

@@ -16,7 +16,7 @@ from stepdistill.pruning.layers import Strategy, decoder_layers, keep_layers, se
 from stepdistill.pruning.magnitude import MAGNITUDE_NOTE, prune_magnitude, sparsity_report
 from stepdistill.pruning.measuring import latency, measure, table
 from stepdistill.pruning.structured import Importance, plan_structured, prune_structured, taylor_batches
-from stepdistill.runs import MARKER, new_marker, protected_path
+from stepdistill.ownership import MARKER, new_marker, protected_path
 
 
 # --- the whole pipeline, as the CLI runs it -------------------------------------------------
