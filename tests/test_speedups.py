@@ -294,6 +294,17 @@ def test_fused_gelu_swaps_pythons_tanh_gelu_for_the_same_function_and_is_on_by_d
         assert any(isinstance(m, GELUTanh) for m in s.model.modules()) is fused
 
 
+def test_fuse_tasks_default_is_on_for_encoder_decoder_students_and_off_for_causal_ones():
+    """Stacked in one pass, a causal student's label rows are padded to the rationale rows' width:
+    slower and more memory than a pass per task (docs/performance.md); an encoder-decoder student
+    shares one encoder pass. An explicit setting is kept either way."""
+    for kind, want in (("t5", True), ("llama", False)):
+        for setting, expected in ((None, want), (True, True), (False, False)):
+            trainer = build_trainer(STUDENTS[kind](seed=0), SBS, TrainingConfig(bf16=False, fuse_tasks=setting),
+                                    _records(), [], None, _tmp(), progress=False)
+            assert trainer.fuse_tasks is expected, (kind, setting)
+
+
 @pytest.mark.parametrize("bf16", [True, False])
 def test_the_fused_output_layer_runs_in_the_forwards_precision(bf16, monkeypatch):
     """accelerate puts bf16 autocast around the student's forward only; the fused output layer

@@ -354,7 +354,10 @@ class TrainingConfig(_Section):
         None, description="bfloat16 autocast; default (null): on where the hardware has fast bf16 (a GPU that supports "
         "it, a CPU with AVX512-BF16 or AMX: 2-3x faster matmuls), off elsewhere.")
     group_by_length: bool = Field(True, description="Batches of examples of similar length (less padding), order still shuffled.")
-    fuse_tasks: bool = Field(True, description="step-by-step: the label and the rationale task in one forward pass.")
+    fuse_tasks: Optional[bool] = Field(
+        None, description="step-by-step: both tasks in fewer forward passes (the same loss and gradients). Default (null): "
+        "on for encoder-decoder students (one encoder pass for both tasks), off for causal ones, where stacking the "
+        "tasks pads the label rows to the rationale rows' width: slower and more memory (docs/performance.md).")
     target_logits_only: bool = Field(
         True, description="Compute the output layer only at target tokens (not at padding or, for causal students, "
         "the prompt): most of a small student's step is its vocabulary projection.")

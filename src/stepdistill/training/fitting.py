@@ -171,7 +171,7 @@ def build_trainer(
                                label_token_limit({"max_label_tokens": longest_label})),
         teacher=teacher,
         lengths=[feature_length(f) for f in feats] if training.group_by_length else None,
-        fuse_tasks=training.fuse_tasks,
+        fuse_tasks=student.is_seq2seq if training.fuse_tasks is None else training.fuse_tasks,
         target_logits_only=training.target_logits_only, fused_loss=training.fused_loss,
         max_label_tokens=longest_label,
         val_as_test=training.val_as_test,
