@@ -212,3 +212,38 @@ def test_validation_scores_the_model_the_test_evaluation_loads(bf16, tmp_path, m
         else:
             assert hasattr(model, "peft_config") and kw["batch_size"] == 4  # the training weights themselves
     assert runs[True]["train_loss"] == runs[False]["train_loss"]  # the copy changes nothing in training
+
+
+def test_lora_adapters_start_from_the_runs_seed_so_a_rerun_repeats_it(tmp_path):
+    """LoRA's A matrices are drawn when the adapters are made. They came from whatever state torch's
+    generator was in (on SmolLM2 two runs of one config and seed parted at step 2), and now come from
+    training.seed: the same config trains the same adapters after any other use of the generator."""
+    from stepdistill import api
+    from tiny_models import llama_student
+
+    data = tmp_path / "data.jsonl"
+    from stepdistill.tasks import get_task
+
+    problems = get_task("quickstart").load("train")[:12]
+    data.write_text("".join(json.dumps({"input": e.input, "label": e.label}) + "\n" for e in problems))
+    s = llama_student(0)
+    s.model.save_pretrained(tmp_path / "student")
+    s.tokenizer.save_pretrained(tmp_path / "student")
+
+    def adapters(out, seed):
+        api.train({"task": {"name": "svamp", "path": str(data)}, "method": {"name": "standard"},
+                   "student": {"model": str(tmp_path / "student"),
+                               "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
+                   "training": {"max_steps": 2, "batch_size": 4, "val_fraction": 0.25, "bf16": False, "seed": seed,
+                                "learning_rate": 1e-2}},
+                  tmp_path / out, echo=lambda _: None)
+        from safetensors.torch import load_file
+
+        return load_file(tmp_path / out / "model" / "model.safetensors")  # LoRA merged in
+
+    first = adapters("a", 0)
+    torch.rand(100)  # the generator moved on, as other work in the process moves it
+    again, other = adapters("b", 0), adapters("c", 1)
+    assert first.keys() == again.keys() and first
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)

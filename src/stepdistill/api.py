@@ -91,6 +91,11 @@ def train(cfg: TrainRun | dict, out: str | Path, *, overwrite: bool = False, res
              f"{len(val_ex)} validation examples ({val_from}); student {cfg.student.model}; global batch "
              f"{global_batch} ({tcfg.batch_size} per device x {tcfg.grad_accum} "
              f"accumulation x {world_size()} process{'es' if world_size() > 1 else ''})")
+        # LoRA adapters (and rows added for a new pad token) start random: from the run's seed, not from
+        # whatever state the process's generator is in, so a seed names one run and a rerun repeats it
+        from transformers import set_seed
+
+        set_seed(tcfg.seed)
         student = load_student(cfg.student)
         metrics = fit(student, cfg.method, tcfg, records, val_ex, task, run.dir, resume=resume, tags=tags,
                       tracking_dir=Path(tracking_dir) if tracking_dir else None)
