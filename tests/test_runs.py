@@ -94,17 +94,31 @@ def test_resume_of_a_run_older_than_a_field_goes_on_as_it_began(tmp_path):
     assert resumed_config(tmp_path / "new", _train_cfg()).training.group_by_length is True
 
 
-def test_resume_accepts_a_changed_speed_only_field_and_logs_what_the_run_began_with(tmp_path):
+def test_resume_keeps_the_exact_speed_ups_it_began_with_and_accepts_an_explicit_change(tmp_path):
     """The exact speed-ups compute the paper step's loss and gradients with either value
-    (tests/test_speedups.py), so a resume, and a sweep's cell on disk, may differ in them; any
-    other changed training field is still refused by name."""
+    (tests/test_speedups.py). A resume left at their defaults goes on with the values the run began
+    with (fuse_tasks' default changed on 2026-12-06); a value set explicitly is accepted, as is a
+    sweep's cell on disk made with another, and log.txt names the old values; any other changed
+    training field is still refused by name."""
     d = tmp_path / "run"
-    create_run(d, _train_cfg(fuse_tasks=True, fused_gelu=True), command="train").close()
-    assert config_changes(d, _train_cfg(fuse_tasks=None, fused_gelu=False, target_logits_only=False)) == []
-    create_run(d, _train_cfg(fuse_tasks=None, fused_gelu=False), command="train", resume=True).close()
-    log = (d / "log.txt").read_text()
-    assert "training.fuse_tasks (was True)" in log and "training.fused_gelu (was True)" in log
-    assert yaml.safe_load((d / "config.yaml").read_text())["training"]["fuse_tasks"] is None
+    create_run(d, _train_cfg(fuse_tasks=True, fused_gelu=False), command="train").close()
+    kept = resumed_config(d, _train_cfg())  # today's defaults: fuse_tasks None, fused_gelu True
+    assert kept.training.fuse_tasks is True and kept.training.fused_gelu is False
+    assert resumed_config(d, _train_cfg(fuse_tasks=False)).training.fuse_tasks is False  # explicit: kept as set
+    assert config_changes(d, _train_cfg(fuse_tasks=False, fused_gelu=True, target_logits_only=False)) == []
+    create_run(d, _train_cfg(fuse_tasks=False, fused_gelu=False), command="train", resume=True).close()
+    assert "training.fuse_tasks True -> False" in (d / "log.txt").read_text()
+    assert yaml.safe_load((d / "config.yaml").read_text())["training"]["fuse_tasks"] is False
     for changed in ({"group_by_length": False}, {"fast_dropout": False}, {"bf16": True}):
         with pytest.raises(RunExistsError, match=f"differs in training.{next(iter(changed))}"):
-            create_run(d, _train_cfg(fuse_tasks=None, fused_gelu=False, **changed), command="train", resume=True)
+            create_run(d, _train_cfg(fuse_tasks=False, fused_gelu=False, **changed), command="train", resume=True)
+
+
+def test_a_speed_up_added_after_the_run_began_is_logged_with_the_value_it_ran_with(tmp_path):
+    """The saved config lacks the field: the run ran with ADDED_FIELDS' value, and that is the old
+    value the log names when a resume sets another."""
+    d = tmp_path / "run"
+    _written_before_fields_existed(d, _train_cfg(), "training.fused_gelu")
+    cfg = resumed_config(d, _train_cfg(fused_gelu=True))
+    create_run(d, cfg, command="train", resume=True).close()
+    assert "training.fused_gelu False -> True" in (d / "log.txt").read_text()

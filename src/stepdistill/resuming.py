@@ -22,38 +22,43 @@ from stepdistill.ownership import output_kind
 log = logging.getLogger("stepdistill")
 
 
-# Fields a resume may change in any run (and a sweep's cell on disk may differ in), because no value
-# changes what the run computes: where it reports its curves, and the exact speed-ups, whose every value
-# gives the paper step's loss and gradients to float rounding (tests/test_speedups.py checks each). Not
-# here: group_by_length (other batches), fast_dropout (other masks), bf16 (other numerics).
-NEVER_CHANGES_RESULTS = ("training.report_to", "training.fuse_tasks", "training.target_logits_only",
-                         "training.fused_loss", "training.fused_gelu")
+# Fields a resume may change in any run, because no value changes what the run computes.
+NEVER_CHANGES_RESULTS = ("training.report_to",)
+# The exact speed-ups: every value computes the paper step's loss and gradients, to float rounding, for
+# the same dropout masks (tests/test_speedups.py checks each). With dropout on, fuse_tasks draws the masks
+# over one stacked pass, so a changed value draws other masks, as another seed would. A resume keeps the
+# value the run began with unless its config sets one (`resumed_config`); an explicit change, and a
+# sweep's cell on disk made with another value (a sweep sets every field), are accepted, the old value
+# logged. Not here: group_by_length (other batches), fast_dropout (other masks, from 16-bit draws), bf16
+# (other numerics).
+SPEED_ONLY = ("training.fuse_tasks", "training.target_logits_only", "training.fused_loss", "training.fused_gelu")
 
 
 def is_under(field: str, fields: tuple[str, ...]) -> bool:
     return any(field == f or field.startswith(f + ".") for f in fields)
 
 
-def all_changes(d: Path, config: BaseModel) -> list[str]:
-    """Every dotted field in which `config` differs from the one run `d` saved (none where it saved none)."""
+def all_changes(d: Path, config: BaseModel) -> dict[str, tuple[Any, Any]]:
+    """Every dotted field in which `config` differs from the one run `d` saved, with the saved value
+    (as the current code reads it) and the new one; empty where it saved none."""
     saved = saved_config(d)
     if saved is None:
-        return []
+        return {}
     saved = _with_added_fields(type(config), saved)
     now = config.model_dump(mode="json")
 
-    def diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    def diff(a: Any, b: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
         if isinstance(a, dict) and isinstance(b, dict):
-            return [k for key in sorted(set(a) | set(b)) for k in diff(a.get(key), b.get(key), f"{prefix}{key}.")]
-        return [] if a == b else [prefix.rstrip(".")]
+            return {k: v for key in sorted(set(a) | set(b)) for k, v in diff(a.get(key), b.get(key), f"{prefix}{key}.").items()}
+        return {} if a == b else {prefix.rstrip("."): (a, b)}
 
     return diff(saved, now)
 
 
 def config_changes(d: Path, config: BaseModel, may_change: tuple[str, ...] = ()) -> list[str]:
     """The dotted fields in which `config` differs from the one run `d` saved (none where it saved
-    none), leaving out `may_change` and the fields that change no result."""
-    return [k for k in all_changes(d, config) if not is_under(k, (*may_change, *NEVER_CHANGES_RESULTS))]
+    none), leaving out `may_change`, the fields that change no result and the exact speed-ups."""
+    return [k for k in all_changes(d, config) if not is_under(k, (*may_change, *NEVER_CHANGES_RESULTS, *SPEED_ONLY))]
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -62,7 +67,9 @@ M = TypeVar("M", bound=BaseModel)
 def resumed_config(out: str | Path, config: M) -> M:
     """The config a `--resume` of `out` goes on with. A field its saved config lacks was added to
     stepdistill after the run started: unless `config` sets it, it takes the value the run started
-    with (`config.ADDED_FIELDS`), so the resumed run goes on as it began.
+    with (`config.ADDED_FIELDS`), so the resumed run goes on as it began. An exact speed-up
+    (`SPEED_ONLY`) that `config` does not set keeps the value the run began with, for the same
+    reason (its default may have changed since: fuse_tasks' did on 2026-12-06).
 
     >>> cfg = resumed_config("runs/x", cfg)  # then create_run("runs/x", cfg, resume=True)
     """
@@ -82,7 +89,25 @@ def resumed_config(out: str | Path, config: M) -> M:
             log.info("resume: %s takes %r, the value %s ran with before the field existed", path, old, out)
             now_section[name] = old
             changed = True
+    filled = _with_added_fields(type(config), saved)
+    for path in SPEED_ONLY:
+        *parents, name = path.split(".")
+        saved_section, now_section, model = _section(filled, parents), _section(now, parents), _model_at(config, parents)
+        if saved_section is None or now_section is None or model is None or name not in saved_section:
+            continue
+        if name not in model.model_fields_set and now_section.get(name) != saved_section[name]:
+            log.info("resume: %s stays %r, the value %s began with (the default is now %r)", path,
+                     saved_section[name], out, now_section.get(name))
+            now_section[name] = saved_section[name]
+            changed = True
     return type(config).model_validate(now) if changed else config
+
+
+def _model_at(config: BaseModel, parents: list[str]) -> BaseModel | None:
+    model: Any = config
+    for part in parents:
+        model = getattr(model, part, None)
+    return model if isinstance(model, BaseModel) else None
 
 
 def saved_config(d: Path) -> dict | None:
@@ -119,13 +144,6 @@ def _with_added_fields(model: type[BaseModel], saved: dict) -> dict:
         return model.model_validate(filled).model_dump(mode="json")
     except ValueError:  # written by a version whose fields no longer validate: compare as saved
         return saved
-
-
-def saved_value(d: Path, dotted: str) -> Any:
-    """The value at a dotted field of the config run `d` saved (None where absent)."""
-    *parents, name = dotted.split(".")
-    section = _section(saved_config(d) or {}, parents)
-    return None if section is None else section.get(name)
 
 
 def _section(config: dict, parents: list[str]) -> dict | None:

@@ -35,7 +35,7 @@ from stepdistill.files import (  # noqa: F401  (re-exported: a run's files are w
 )
 from stepdistill.ownership import claim_output, home  # noqa: F401  (home re-exported: the shared state's folder)
 from stepdistill.redaction import redact_secrets
-from stepdistill.resuming import NEVER_CHANGES_RESULTS, all_changes, is_under, saved_value
+from stepdistill.resuming import NEVER_CHANGES_RESULTS, SPEED_ONLY, all_changes, is_under
 
 log = logging.getLogger("stepdistill")
 
@@ -154,26 +154,12 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
     speed: list[str] = []
     if state == "resume":  # --resume continues the same run: a changed config would mix two experiments
         every = all_changes(d, config)
-        changed = [k for k in every if not is_under(k, (*may_change, *NEVER_CHANGES_RESULTS))]
+        changed = [k for k in every if not is_under(k, (*may_change, *NEVER_CHANGES_RESULTS, *SPEED_ONLY))]
         if changed:
             raise RunExistsError(f"--resume refused: the config of {d} differs in {', '.join(changed)}; "
                                  f"resume with the same config, or start a new run with another --out")
-        speed = [f"{k} (was {saved_value(d, k)!r})" for k in every if is_under(k, NEVER_CHANGES_RESULTS)]
-        for p in remove_stale_temp_files(d):
-            log.info("removed %s: a write the interrupted run never finished", p)
-    write_text(d / "config.yaml", f"# written by: stepdistill {command}\n" + to_yaml(config))
-    env = {
-        "command": command,
-        "argv": [redact_secrets(a)[0] for a in sys.argv],  # a key typed on the command line is not kept
-        "versions": _versions(),
-        "git_revision": _git_revision(),
-        "seed": seed,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "status": "running",
-        "host": platform.node(),
-    }
-    write_json(d / "env.json", env)
-    try:
+        speed = [f"{k} {old!r} -> {new!r}" for k, (old, new) in every.items() if is_under(k, SPEED_ONLY)]
+    try:  # opened before config.yaml is rewritten, so the values the run began with are logged first
         handler = _LogFile(d / "log.txt")
     except OSError as e:
         raise write_error(d / "log.txt", e) from e
@@ -181,6 +167,27 @@ def create_run(out: str | Path, config: BaseModel, *, command: str, seed: int | 
     logger = logging.getLogger("stepdistill")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    if speed:  # config.yaml now holds the new values: log.txt keeps what the run began with
-        log.info("resume: changed since the run began, fields that change no result: %s", ", ".join(speed))
+    if state == "resume":
+        if speed:
+            log.info("resume: exact speed-ups changed since the run began (the same loss and gradients): %s",
+                     ", ".join(speed))
+        for p in remove_stale_temp_files(d):
+            log.info("removed %s: a write the interrupted run never finished", p)
+    try:
+        write_text(d / "config.yaml", f"# written by: stepdistill {command}\n" + to_yaml(config))
+        env = {
+            "command": command,
+            "argv": [redact_secrets(a)[0] for a in sys.argv],  # a key typed on the command line is not kept
+            "versions": _versions(),
+            "git_revision": _git_revision(),
+            "seed": seed,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "status": "running",
+            "host": platform.node(),
+        }
+        write_json(d / "env.json", env)
+    except BaseException:
+        logger.removeHandler(handler)
+        handler.close()
+        raise
     return Run(d, handler)
