@@ -83,6 +83,9 @@ def main() -> None:
 
     peaks = MatmulPeaks()
 
+    unknown = sorted(set(args.rows or ()) - set(ROWS))
+    if unknown:  # a renamed row must not silently drop out of a rerun
+        p.error(f"unknown --rows {unknown}; the rows are {list(ROWS)}")
     rows = [r for r in ROWS if not args.rows or r in args.rows]
     table = []
     setup_runs = {}
