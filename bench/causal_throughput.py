@@ -47,7 +47,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import MatmulPeaks, PeakMemory, write_results  # bench/common.py (the script's folder is on sys.path)
+from common import MatmulPeaks, PeakMemory, selected_rows, write_results  # bench/common.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).parent
 SHARED = HERE.parent.parent / "shared" / "data" / "sbs"
@@ -83,10 +83,7 @@ def main() -> None:
 
     peaks = MatmulPeaks()
 
-    unknown = sorted(set(args.rows or ()) - set(ROWS))
-    if unknown:  # a renamed row must not silently drop out of a rerun
-        p.error(f"unknown --rows {unknown}; the rows are {list(ROWS)}")
-    rows = [r for r in ROWS if not args.rows or r in args.rows]
+    rows = selected_rows(p, args.rows, ROWS)
     table = []
     setup_runs = {}
     for setup in args.setups:

@@ -73,6 +73,15 @@ class MatmulPeaks:
                 "matmul_probes_gflop_per_s": {k: [round(x / 1e9, 1) for x in v] for k, v in self.seen.items()}}
 
 
+def selected_rows(parser, asked: list[str] | None, rows) -> list[str]:
+    """The rows `--rows` names, in the table's order (all where it names none); an unknown name is a
+    usage error, so that a renamed row cannot silently drop out of a rerun."""
+    unknown = sorted(set(asked or ()) - set(rows))
+    if unknown:
+        parser.error(f"unknown --rows {unknown}; the rows are {list(rows)}")
+    return [r for r in rows if not asked or r in asked]
+
+
 def write_results(result: dict, out: Path, lines: list[str]) -> None:
     """out.json (every figure, with the CPU it was measured on) and out.md (the table, `lines`, and
     the CPU), and the table printed."""

@@ -44,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import MatmulPeaks, PeakMemory, write_results  # bench/common.py (the script's folder is on sys.path)
+from common import MatmulPeaks, PeakMemory, selected_rows, write_results  # bench/common.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).parent
 SHARED = HERE.parent.parent / "shared" / "data" / "sbs"
@@ -92,7 +92,7 @@ def main() -> None:
     peaks = MatmulPeaks()
 
     flops = setup.useful_flops()  # one epoch's, the same for every row
-    rows = [r for r in ROWS if not args.rows or r in args.rows]
+    rows = selected_rows(p, args.rows, ROWS)
     runs: dict[str, list[dict]] = {r: [] for r in rows}
     for rep in range(args.repeats):
         peaks.probe()
