@@ -80,12 +80,9 @@ def resumed_config(out: str | Path, config: M) -> M:
     changed = False
     for path, old in ADDED_FIELDS.items():
         *parents, name = path.split(".")
-        saved_section, now_section = _section(saved, parents), _section(now, parents)
-        model: Any = config
-        for part in parents:
-            model = getattr(model, part, None)
+        saved_section, now_section, model = _section(saved, parents), _section(now, parents), _model_at(config, parents)
         if (saved_section is not None and name not in saved_section and now_section is not None
-                and isinstance(model, BaseModel) and name not in model.model_fields_set and now_section.get(name) != old):
+                and model is not None and name not in model.model_fields_set and now_section.get(name) != old):
             log.info("resume: %s takes %r, the value %s ran with before the field existed", path, old, out)
             now_section[name] = old
             changed = True
@@ -104,6 +101,7 @@ def resumed_config(out: str | Path, config: M) -> M:
 
 
 def _model_at(config: BaseModel, parents: list[str]) -> BaseModel | None:
+    """The nested config section at `parents` (None where it has none): its fields_set says what was set."""
     model: Any = config
     for part in parents:
         model = getattr(model, part, None)
