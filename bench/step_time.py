@@ -46,12 +46,12 @@ def main() -> None:
         def on_step_end(self, *a, **k):
             marks.append((time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
             if prof is not None and len(marks) == 5:
-                prof.__enter__()
+                prof.start()
 
     trainer.add_callback(Mark())
     trainer.train()
     if prof is not None:
-        prof.__exit__(None, None, None)
+        prof.stop()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     (t0, f0), (t1, f1) = marks[4], marks[-1]
     n = len(marks) - 5
